@@ -1,0 +1,1 @@
+"""Triton kernels for NVFP4 (installed as `nvfp4_ext.kernels`); importable without Triton."""

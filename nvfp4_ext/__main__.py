@@ -1,0 +1,3 @@
+from nvfp4_ext.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Checkpoint discovery, lazy tensor reading, validation and `nvfp4-ext inspect`."""

@@ -1,0 +1,1 @@
+"""DiffusionGemma denoising: schedule, policies, fused statistics and a reference driver (pure torch)."""
