@@ -1,0 +1,251 @@
+"""Tiny random models built locally from transformers' config classes, for tests, benchmarks and the demo.
+
+Nothing is downloaded: weights come from a seeded random init, the tokenizer is a word-level vocabulary
+(`w0`, `w1`, ...) with Gemma-style special tokens and a trivial chat template. Every builder writes a
+Hugging Face directory (config.json, model.safetensors, tokenizer files, generation_config.json) that
+transformers, vLLM and `nvfp4-ext quantize` read like a real checkpoint. Needs `transformers` (dev extra).
+
+Shapes keep every quantized dimension a multiple of 16 (NVFP4 blocks), MoE widths a multiple of 32 at TP=2,
+and head_dim >= 32 (vLLM's CPU attention rejects smaller heads).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "TINY_BUILDERS",
+    "build_tiny_diffusion_gemma",
+    "build_tiny_gemma4_moe",
+    "build_tiny_qwen3_dense",
+    "build_tiny_qwen3_moe",
+    "write_tokenizer",
+]
+
+SPECIAL_TOKENS = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<|turn>": 105, "<turn|>": 106}
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|turn> {{ m['content'] }} <turn|> {% endfor %}"
+    "{% if add_generation_prompt %}<|turn> {% endif %}"
+)
+
+
+def write_tokenizer(out_dir: str | os.PathLike, vocab_size: int) -> None:
+    """Write a word-level fast tokenizer: token i is `w{i}` except the Gemma-style specials."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    for text, idx in SPECIAL_TOKENS.items():
+        vocab.pop(f"w{idx}", None)
+        vocab[text] = idx
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        chat_template=CHAT_TEMPLATE,
+    )
+    tokenizer.save_pretrained(out_dir)
+
+
+def _save(model: torch.nn.Module, out_dir: str | os.PathLike, dtype: torch.dtype, vocab_size: int) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.to(dtype).save_pretrained(out, safe_serialization=True)
+    write_tokenizer(out, vocab_size)
+    return out
+
+
+def build_tiny_gemma4_moe(
+    out_dir: str | os.PathLike, *, seed: int = 0, dtype: torch.dtype = torch.bfloat16, vocab_size: int = 512
+) -> Path:
+    """Gemma 4 text MoE (`Gemma4ForCausalLM`): DiffusionGemma's backbone with gelu_tanh experts stored as fused
+    3-D `experts.gate_up_proj` / `experts.down_proj`, sliding + full attention, untied embeddings (a tied tiny
+    Gemma 4 degenerates into repeating its last input token)."""
+    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+
+    config = Gemma4TextConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        layer_types=["sliding_attention", "full_attention"],
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        sliding_window=16,
+        max_position_embeddings=512,
+        enable_moe_block=True,
+        num_experts=8,
+        top_k_experts=2,
+        moe_intermediate_size=32,
+        tie_word_embeddings=False,
+        final_logit_softcapping=30.0,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    config.architectures = ["Gemma4ForCausalLM"]
+    torch.manual_seed(seed)
+    return _save(Gemma4ForCausalLM(config).eval(), out_dir, dtype, vocab_size)
+
+
+def build_tiny_qwen3_moe(
+    out_dir: str | os.PathLike, *, seed: int = 0, dtype: torch.dtype = torch.bfloat16, vocab_size: int = 512
+) -> Path:
+    """Qwen3-MoE: silu experts stored per expert (`experts.{e}.gate_proj|up_proj|down_proj`)."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config = Qwen3MoeConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=64,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    config.architectures = ["Qwen3MoeForCausalLM"]
+    torch.manual_seed(seed)
+    return _save(Qwen3MoeForCausalLM(config).eval(), out_dir, dtype, vocab_size)
+
+
+def build_tiny_qwen3_dense(
+    out_dir: str | os.PathLike, *, seed: int = 0, dtype: torch.dtype = torch.bfloat16, vocab_size: int = 512
+) -> Path:
+    """Dense Qwen3: fused qkv and gate_up shards in vLLM, the common dense NVFP4 case."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    config.architectures = ["Qwen3ForCausalLM"]
+    torch.manual_seed(seed)
+    return _save(Qwen3ForCausalLM(config).eval(), out_dir, dtype, vocab_size)
+
+
+def build_tiny_diffusion_gemma(
+    out_dir: str | os.PathLike,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    vocab_size: int = 4096,
+    hidden_size: int = 128,
+    num_layers: int = 4,
+    canvas_length: int = 16,
+    max_new_tokens: int = 32,
+) -> Path:
+    """DiffusionGemma (`DiffusionGemmaForBlockDiffusion`) after shared/reference/diffusiongemma.md §e: tied
+    embeddings (they also tie encoder and decoder), full layers with k_eq_v, a 1-layer vision tower (the HF
+    constructor needs one), and the generation_config keys vLLM's sampler requires."""
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
+        DiffusionGemmaGenerationConfig,
+        EntropyBoundSamplerConfig,
+    )
+
+    layer_types = ["sliding_attention", "full_attention"] * (num_layers // 2)
+    text_config = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        layer_types=layer_types,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        global_head_dim=32,
+        num_global_key_value_heads=1,
+        sliding_window=16,
+        max_position_embeddings=4096,
+        num_experts=8,
+        top_k_experts=2,
+        moe_intermediate_size=hidden_size // 2,
+        use_bidirectional_attention="vision",
+        final_logit_softcapping=30.0,
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0},
+        },
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=1,
+    )
+    vision_config = dict(
+        model_type="gemma4_vision",
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=8,
+        patch_size=16,
+        pooling_kernel_size=3,
+        position_embedding_size=64,
+    )
+    special = vocab_size - 96  # image tokens sit near the top of the vocabulary, clear of `w{i}` prompts
+    config = DiffusionGemmaConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        canvas_length=canvas_length,
+        image_token_id=special,
+        boi_token_id=special + 1,
+        eoi_token_id=special + 2,
+        eos_token_id=[1, 106],
+    )
+    config.architectures = ["DiffusionGemmaForBlockDiffusion"]
+    torch.manual_seed(seed)
+    model = DiffusionGemmaForBlockDiffusion(config).eval()
+    model.generation_config = DiffusionGemmaGenerationConfig(
+        max_new_tokens=max_new_tokens,
+        max_denoising_steps=48,
+        sampler_config=EntropyBoundSamplerConfig(entropy_bound=0.1),
+        t_min=0.4,
+        t_max=0.8,
+        stability_threshold=1,
+        confidence_threshold=0.005,
+        bos_token_id=2,
+        pad_token_id=0,
+        eos_token_id=[1, 106],
+    )
+    return _save(model, out_dir, dtype, vocab_size)
+
+
+TINY_BUILDERS = {
+    "gemma4-moe": build_tiny_gemma4_moe,
+    "qwen3-moe": build_tiny_qwen3_moe,
+    "qwen3-dense": build_tiny_qwen3_dense,
+    "diffusion-gemma": build_tiny_diffusion_gemma,
+}
+
+
+def describe(out_dir: str | os.PathLike) -> dict:
+    """config.json of a built model (convenience for tests and the demo)."""
+    return json.loads((Path(out_dir) / "config.json").read_text())
