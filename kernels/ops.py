@@ -1,0 +1,176 @@
+"""Public entry points of `nvfp4_ext.kernels`: run the Triton kernel or the pure-torch reference per call.
+
+`backend="auto"` runs the reference on CPU tensors and, on CUDA, follows `nvfp4_ext.dispatch.select_backend`
+(our Triton kernels on sm_80+, `torch._scaled_mm` for FP8 layers on sm_89+). `backend="triton"` forces the
+kernel; with `TRITON_INTERPRET=1` it also accepts CPU tensors, which is how the interpreter tests run it.
+Triton is imported only when a Triton backend actually runs, so this module loads on any machine.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+import torch
+
+from nvfp4_ext.dispatch import LayerKind, select_backend
+from nvfp4_ext.format import F8E4M3_MAX
+
+from .reference import Activation, fp8_gemm_ref, nvfp4_gemm_ref, nvfp4_moe_ref
+
+__all__ = ["BackendChoice", "Fp8BackendChoice", "fp8_gemm", "interpreter_enabled", "nvfp4_gemm", "nvfp4_moe"]
+
+BackendChoice = Literal["auto", "triton", "torch"]
+Fp8BackendChoice = Literal["auto", "triton", "torch", "scaled_mm"]
+
+
+def interpreter_enabled() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (read at call time, as Triton itself does)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _resolve(backend: str, kind: LayerKind, device: torch.device, allowed: tuple[str, ...]) -> str:
+    """The concrete backend for one call; raises instead of silently falling back."""
+    if backend not in allowed:
+        raise ValueError(f"expected backend in {allowed}, got {backend!r}")
+    if backend == "auto":
+        if device.type != "cuda":
+            return "torch"
+        chosen = select_backend(kind, torch.cuda.get_device_capability(device))
+        # Weight-only kernels have no FlashInfer variant: a forced "flashinfer" still means our Triton kernel.
+        return "triton" if chosen == "flashinfer" else chosen
+    if backend == "triton" and device.type != "cuda" and not interpreter_enabled():
+        raise RuntimeError(
+            f"backend='triton' needs CUDA tensors (got device {device}); set TRITON_INTERPRET=1 before "
+            "importing triton to run the Triton kernels on CPU, or use backend='torch'"
+        )
+    return backend
+
+
+def nvfp4_gemm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    global_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    backend: BackendChoice = "auto",
+    config: Any = None,
+) -> torch.Tensor:
+    """y = x @ dequant(W).T (+ bias) for a weight-only (W4A16) NVFP4 linear layer.
+
+    Args:
+        x: [M, K] fp16/bf16/fp32 activations.
+        weight: uint8 [N, K/2]; weight_scale: float8_e4m3fn [N, K/16].
+        global_scale: float32 multiplier, 0-d or [N] (per output row).
+        bias: optional [N].
+        backend: "auto", "triton" or "torch" (the reference).
+        config: a `nvfp4_gemm.GemmConfig` forcing the Triton launch configuration.
+    Returns:
+        [M, N] in x.dtype.
+    """
+    chosen = _resolve(backend, "nvfp4_w4a16_linear", x.device, ("auto", "triton", "torch"))
+    if chosen == "torch":
+        return nvfp4_gemm_ref(x, weight, weight_scale, global_scale, bias)
+    from .nvfp4_gemm import nvfp4_gemm_triton
+
+    return nvfp4_gemm_triton(x, weight, weight_scale, global_scale, bias, config=config)
+
+
+def nvfp4_moe(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w13_scale: torch.Tensor,
+    w13_global: torch.Tensor,
+    w2: torch.Tensor,
+    w2_scale: torch.Tensor,
+    w2_global: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    activation: Activation = "gelu_tanh",
+    *,
+    backend: BackendChoice = "auto",
+    config: Any = None,
+) -> torch.Tensor:
+    """Routed NVFP4 experts (weight-only): see `reference.nvfp4_moe_ref` for the exact math and shapes.
+
+    Args:
+        x: [T, H]; w13: uint8 [E, 2I, H/2] (gate rows first); w13_scale: e4m3 [E, 2I, H/16];
+        w13_global: float32 [E] or [E, 2I]; w2: uint8 [E, H, I/2]; w2_scale: e4m3 [E, H, I/16];
+        w2_global: float32 [E] or [E, H]; topk_weights: float32 [T, k]; topk_ids: int [T, k].
+        activation: "gelu_tanh" or "silu".
+        backend: "auto", "triton" or "torch".
+        config: a `nvfp4_moe.MoeConfig` forcing the Triton launch configuration.
+    Returns:
+        [T, H] in x.dtype.
+    """
+    chosen = _resolve(backend, "nvfp4_w4a16_moe", x.device, ("auto", "triton", "torch"))
+    args = (x, w13, w13_scale, w13_global, w2, w2_scale, w2_global, topk_weights, topk_ids, activation)
+    if chosen == "torch":
+        return nvfp4_moe_ref(*args)
+    from .nvfp4_moe import nvfp4_moe_triton
+
+    return nvfp4_moe_triton(*args, config=config)
+
+
+def fp8_gemm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    backend: Fp8BackendChoice = "auto",
+) -> torch.Tensor:
+    """y = x @ dequant(W).T (+ bias) for an FP8 (e4m3) linear layer.
+
+    "triton" is our W8A16 kernel (activations stay 16-bit); "scaled_mm" quantizes activations per token
+    to e4m3 and runs `torch._scaled_mm` on FP8 tensor cores (sm_89+), so it is W8A8 and not bit-equal to
+    the W8A16 reference. Block-scaled (128x128) weights always take the W8A16 path.
+
+    Args:
+        x: [M, K] activations; weight: float8_e4m3fn [N, K].
+        weight_scale: float32 0-d/[1], [N]/[N, 1] or [ceil(N/128), ceil(K/128)].
+        bias: optional [N].
+        backend: "auto", "triton", "torch" or "scaled_mm".
+    Returns:
+        [M, N] in x.dtype.
+    """
+    chosen = _resolve(backend, "fp8_linear", x.device, ("auto", "triton", "torch", "scaled_mm"))
+    if chosen == "scaled_mm" and _scaled_mm_supports(weight, weight_scale):
+        return _fp8_scaled_mm(x, weight, weight_scale, bias)
+    if chosen == "torch" or (chosen == "scaled_mm" and x.device.type != "cuda"):
+        return fp8_gemm_ref(x, weight, weight_scale, bias)
+    from .fp8_gemm import fp8_gemm_triton
+
+    return fp8_gemm_triton(x, weight, weight_scale, bias)
+
+
+def _scaled_mm_supports(weight: torch.Tensor, weight_scale: torch.Tensor) -> bool:
+    """Per-tensor or per-channel scales and 16-aligned N, K: what `torch._scaled_mm` takes."""
+    n, k = weight.shape
+    per_tensor = weight_scale.numel() == 1
+    per_channel = weight_scale.numel() == n and weight_scale.dim() in (1, 2)
+    return (per_tensor or per_channel) and n % 16 == 0 and k % 16 == 0
+
+
+def _fp8_scaled_mm(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """W8A8 through `torch._scaled_mm` with dynamic per-token activation scales."""
+    n = weight.shape[0]
+    xf = x.float()
+    if weight_scale.numel() == 1:
+        # Tensor-wise scaling needs scalar scales on both sides.
+        x_scale = (xf.abs().amax() / F8E4M3_MAX).clamp(min=1e-12)
+        w_scale = weight_scale.float().reshape(())
+        out_dtype = x.dtype
+    else:
+        # Row-wise scaling: [M, 1] x [1, N] float32 scales, bf16 output (what cuBLASLt supports).
+        x_scale = (xf.abs().amax(dim=1, keepdim=True) / F8E4M3_MAX).clamp(min=1e-12)
+        w_scale = weight_scale.float().reshape(1, n)
+        out_dtype = torch.bfloat16
+    x_fp8 = (xf / x_scale).clamp(-F8E4M3_MAX, F8E4M3_MAX).to(torch.float8_e4m3fn)
+    y = torch._scaled_mm(x_fp8, weight.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=out_dtype)
+    if bias is not None:
+        y = y.float() + bias.float()
+    return y.to(x.dtype)
