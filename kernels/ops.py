@@ -65,14 +65,14 @@ def nvfp4_gemm(
         global_scale: float32 multiplier, 0-d or [N] (per output row).
         bias: optional [N].
         backend: "auto", "triton" or "torch" (the reference).
-        config: a `nvfp4_gemm.GemmConfig` forcing the Triton launch configuration.
+        config: a `nvfp4_gemm_kernel.GemmConfig` forcing the Triton launch configuration.
     Returns:
         [M, N] in x.dtype.
     """
     chosen = _resolve(backend, "nvfp4_w4a16_linear", x.device, ("auto", "triton", "torch"))
     if chosen == "torch":
         return nvfp4_gemm_ref(x, weight, weight_scale, global_scale, bias)
-    from .nvfp4_gemm import nvfp4_gemm_triton
+    from .nvfp4_gemm_kernel import nvfp4_gemm_triton
 
     return nvfp4_gemm_triton(x, weight, weight_scale, global_scale, bias, config=config)
 
@@ -100,7 +100,7 @@ def nvfp4_moe(
         w2_global: float32 [E] or [E, H]; topk_weights: float32 [T, k]; topk_ids: int [T, k].
         activation: "gelu_tanh" or "silu".
         backend: "auto", "triton" or "torch".
-        config: a `nvfp4_moe.MoeConfig` forcing the Triton launch configuration.
+        config: a `nvfp4_moe_kernel.MoeConfig` forcing the Triton launch configuration.
     Returns:
         [T, H] in x.dtype.
     """
@@ -108,7 +108,7 @@ def nvfp4_moe(
     args = (x, w13, w13_scale, w13_global, w2, w2_scale, w2_global, topk_weights, topk_ids, activation)
     if chosen == "torch":
         return nvfp4_moe_ref(*args)
-    from .nvfp4_moe import nvfp4_moe_triton
+    from .nvfp4_moe_kernel import nvfp4_moe_triton
 
     return nvfp4_moe_triton(*args, config=config)
 
@@ -140,7 +140,7 @@ def fp8_gemm(
         return _fp8_scaled_mm(x, weight, weight_scale, bias)
     if chosen == "torch" or (chosen == "scaled_mm" and x.device.type != "cuda"):
         return fp8_gemm_ref(x, weight, weight_scale, bias)
-    from .fp8_gemm import fp8_gemm_triton
+    from .fp8_gemm_kernel import fp8_gemm_triton
 
     return fp8_gemm_triton(x, weight, weight_scale, bias)
 

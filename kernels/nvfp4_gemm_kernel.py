@@ -1,0 +1,279 @@
+"""NVFP4 weight-only (W4A16) GEMM in Triton: y = x @ dequant(W).T, dequantizing W in registers.
+
+Reference: `nvfp4_ext.kernels.reference.nvfp4_gemm_ref`.
+
+Why it is shaped this way
+  * On Ampere/Ada/Hopper there are no FP4 tensor cores, so decode (M <= 16) is bound by reading weights:
+    4.5 bits/weight instead of 16 is the whole win (<= 3.56x over BF16). The kernel streams packed bytes
+    with wide loads and does the E2M1 decode on CUDA cores while the next tiles are in flight.
+  * e2m1 * e4m3 block scale has at most 6 significant bits and lies in [2**-10, 2688], so it is exact in
+    both fp16 and bf16: the tensor-core operand carries no rounding error. The per-row global scale (fused
+    qkv / gate_up shards keep theirs) is applied once to the fp32 accumulator in the epilogue.
+  * The packed byte j of a row holds K-elements 2j (low nibble) and 2j+1 (high nibble). Rather than
+    interleaving the nibbles in registers, the kernel does two K/2 dots: even x columns with the low
+    nibbles, odd x columns with the high nibbles.
+  * Decode has few output tiles (N=2816 / 64 = 44 < 132 SMs on H100), so small M splits K across programs
+    (split-K) that atomically add fp32 partials (summation order, hence the last fp32 bit, may vary between
+    runs); large M uses big tiles and no split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from nvfp4_ext.format import NVFP4_BLOCK_SIZE
+
+__all__ = ["DIFFUSIONGEMMA_GEMM_SHAPES", "GemmConfig", "nvfp4_gemm_triton", "select_gemm_config", "shipped_configs"]
+
+
+# ----------------------------------------------------------------------------------------------- configs
+@dataclass(frozen=True, slots=True)
+class GemmConfig:
+    """One launch configuration of `_nvfp4_gemm_kernel` (block_k counts unpacked K elements)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "block_k"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"expected {name} to be a power of two >= 16, got {value}")
+        if self.block_k < 2 * NVFP4_BLOCK_SIZE:
+            raise ValueError(f"expected block_k >= {2 * NVFP4_BLOCK_SIZE}, got {self.block_k}")
+        if self.split_k < 1:
+            raise ValueError(f"expected split_k >= 1, got {self.split_k}")
+
+
+# DiffusionGemma (TP=1) linear layers as (name, N, K). Attention: 16 query heads, 8 sliding / 2 global KV
+# heads, head dim 256 (sliding) / 512 (global, K = V so no v_proj); dense MLP 2112; vocab 262144.
+DIFFUSIONGEMMA_GEMM_SHAPES: tuple[tuple[str, int, int], ...] = (
+    ("qkv_sliding", 16 * 256 + 2 * 8 * 256, 2816),
+    ("qk_global", 16 * 512 + 2 * 512, 2816),
+    ("o_sliding", 2816, 16 * 256),
+    ("o_global", 2816, 16 * 512),
+    ("mlp_gate_up", 2 * 2112, 2816),
+    ("mlp_down", 2816, 2112),
+    ("lm_head", 262144, 2816),
+)
+
+# Three shapes of work: a decode tile (split-K fills the GPU), a mid-batch tile and a prefill tile. Each is
+# spill-free on sm_80/sm_90/sm_100 (tests/test_kernels_aot.py); `nvfp4-ext kernels-report` prints the table.
+_DECODE = GemmConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4)
+_MID = GemmConfig(block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=3)
+_PREFILL = GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
+_TARGET_PROGRAMS = 264  # two waves on a 132-SM H100; also > 1 wave on A100 (108 SMs)
+
+
+def _split_k_for(n: int, k: int, block_n: int, block_k: int) -> int:
+    """Smallest power-of-two split that gives ~two waves of programs while keeping >= 2 K-steps each."""
+    tiles = triton.cdiv(n, block_n)
+    split = 1
+    while tiles * split < _TARGET_PROGRAMS and k // (2 * split) >= 2 * block_k:
+        split *= 2
+    return split
+
+
+def select_gemm_config(m: int, n: int, k: int) -> GemmConfig:
+    """The launch configuration for one (M, N, K): by M bucket, with split-K sized from N and K."""
+    if m <= 16:
+        base = _DECODE
+    elif m <= 64:
+        base = _MID
+    else:
+        return _PREFILL
+    split = _split_k_for(n, k, base.block_n, base.block_k)
+    return GemmConfig(base.block_m, base.block_n, base.block_k, split, base.num_warps, base.num_stages)
+
+
+def shipped_configs() -> list[tuple[str, int, GemmConfig]]:
+    """(shape name, M bucket, config) for every DiffusionGemma shape and M bucket; the AOT tests compile these."""
+    rows = []
+    for name, n, k in DIFFUSIONGEMMA_GEMM_SHAPES:
+        for m in (1, 16, 64, 256):
+            rows.append((f"{name} N={n} K={k}", m, select_gemm_config(m, n, k)))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ kernel
+@triton.jit
+def _e2m1_halves(codes):
+    """E2M1 codes (int32, 0..15) -> value * 2 as float32: magnitudes {0,1,2,3,4,6,8,12}, bit 3 = sign."""
+    exponent = (codes >> 1) & 3
+    mantissa = codes & 1
+    magnitude = tl.where(exponent == 0, mantissa, ((2 + mantissa) << exponent) >> 1)
+    value = magnitude.to(tl.float32)
+    return tl.where((codes & 8) != 0, -value, value)
+
+
+@triton.jit
+def _e4m3_to_float(raw):
+    """float8_e4m3fn bytes (loaded as uint8: sm_80 has no e4m3 type) -> float32, subnormals included.
+
+    Shifting the 7 magnitude bits left by 7 lands them in fp16's exponent/mantissa fields, which gives the
+    e4m3 value * 2**-8 (fp16 subnormals cover e4m3's); the sign moves from bit 7 to bit 15.
+    """
+    raw = raw.to(tl.int32)
+    bits = ((raw & 0x7F) << 7) | ((raw & 0x80) << 8)
+    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * 256.0
+
+
+@triton.jit
+def _nvfp4_gemm_kernel(
+    # Pointers
+    x_ptr, w_ptr, scale_ptr, global_ptr, bias_ptr, out_ptr,
+    # Matrix dimensions
+    M, N, K, k_per_split,
+    # Strides (elements)
+    stride_xm, stride_wn, stride_sn, stride_om, stride_on,
+    # Meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    tl.static_assert(BLOCK_K % 32 == 0, "BLOCK_K must hold whole pairs of 16-element scale blocks")
+    HALF_K: tl.constexpr = BLOCK_K // 2
+    SCALES_K: tl.constexpr = BLOCK_K // 16
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // num_pid_n
+    pid_n = pid % num_pid_n
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_j = tl.arange(0, HALF_K)  # packed byte within the K tile
+    offs_s = tl.arange(0, SCALES_K)  # scale block within the K tile
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    accumulator = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        # Activations: even and odd K columns, upcast right after the load (the interpreter needs fp32).
+        cols_even = k0 + 2 * offs_j
+        mask_x = mask_m[:, None] & (cols_even[None, :] < k_end)
+        x_row = x_ptr + offs_m[:, None] * stride_xm + cols_even[None, :]
+        x_even = tl.load(x_row, mask=mask_x, other=0.0).to(tl.float32).to(DOT_DTYPE)
+        x_odd = tl.load(x_row + 1, mask=mask_x, other=0.0).to(tl.float32).to(DOT_DTYPE)
+
+        # Weights as [HALF_K, BLOCK_N]: packed bytes, contiguous along K.
+        bytes_k = k0 // 2 + offs_j
+        mask_w = (bytes_k[:, None] < k_end // 2) & mask_n[None, :]
+        packed = tl.load(w_ptr + offs_n[None, :] * stride_wn + bytes_k[:, None], mask=mask_w, other=0)
+        packed = packed.to(tl.int32)
+        blocks_k = k0 // 16 + offs_s
+        mask_s = (blocks_k[:, None] < k_end // 16) & mask_n[None, :]
+        raw_scale = tl.load(scale_ptr + offs_n[None, :] * stride_sn + blocks_k[:, None], mask=mask_s, other=0)
+        # Halves * 0.5 * e4m3 scale, exact in fp16/bf16; eight packed bytes share one scale block.
+        block_scale = tl.reshape(_e4m3_to_float(raw_scale) * 0.5, (SCALES_K, 1, BLOCK_N))
+        w_low = tl.reshape(_e2m1_halves(packed & 0xF), (SCALES_K, 8, BLOCK_N)) * block_scale
+        w_high = tl.reshape(_e2m1_halves(packed >> 4), (SCALES_K, 8, BLOCK_N)) * block_scale
+        w_low = tl.reshape(w_low, (HALF_K, BLOCK_N)).to(DOT_DTYPE)
+        w_high = tl.reshape(w_high, (HALF_K, BLOCK_N)).to(DOT_DTYPE)
+
+        accumulator = tl.dot(x_even, w_low, accumulator, input_precision="ieee")
+        accumulator = tl.dot(x_odd, w_high, accumulator, input_precision="ieee")
+
+    # Epilogue: per-row global multiplier, then bias and the output dtype (or an fp32 split-K partial).
+    row_global = tl.load(global_ptr + offs_n, mask=mask_n, other=0.0)
+    accumulator = accumulator * row_global[None, :]
+    out_offsets = offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    mask_out = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            accumulator += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + out_offsets, accumulator.to(out_ptr.dtype.element_ty), mask=mask_out)
+    else:
+        # fp32 atomics resolve in L2: far cheaper than a [SPLIT_K, M, N] workspace round trip through DRAM.
+        tl.atomic_add(out_ptr + out_offsets, accumulator, mask=mask_out)
+
+
+# ---------------------------------------------------------------------------------------------- launcher
+_DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def _check_inputs(x, weight, weight_scale, global_scale, bias) -> tuple[int, int, int]:
+    if x.dim() != 2 or x.dtype not in _DOT_DTYPES:
+        raise ValueError(f"expected x as a 2-D fp16/bf16/fp32 tensor, got {x.dtype} {tuple(x.shape)}")
+    m, k = x.shape
+    if k % NVFP4_BLOCK_SIZE:
+        raise ValueError(f"expected K to be a multiple of {NVFP4_BLOCK_SIZE}, got K={k}")
+    if x.stride(1) != 1:
+        raise ValueError(f"expected x with unit stride along K, got strides {x.stride()}")
+    if weight.dtype != torch.uint8 or weight.dim() != 2 or weight.shape[1] != k // 2:
+        raise ValueError(f"expected weight uint8 [N, {k // 2}], got {weight.dtype} {tuple(weight.shape)}")
+    n = weight.shape[0]
+    if not weight.is_contiguous():
+        raise ValueError("expected a contiguous weight, got a strided view")
+    expected_scale = (n, k // NVFP4_BLOCK_SIZE)
+    if weight_scale.dtype != torch.float8_e4m3fn or tuple(weight_scale.shape) != expected_scale:
+        raise ValueError(
+            f"expected weight_scale float8_e4m3fn {list(expected_scale)}, got {weight_scale.dtype} "
+            f"{list(weight_scale.shape)}"
+        )
+    if not weight_scale.is_contiguous():
+        raise ValueError("expected a contiguous weight_scale, got a strided view")
+    if global_scale.numel() not in (1, n):
+        raise ValueError(f"expected global_scale 0-d or [{n}], got shape {list(global_scale.shape)}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"expected bias [{n}], got shape {list(bias.shape)}")
+    for name, tensor in (("weight", weight), ("weight_scale", weight_scale), ("global_scale", global_scale)):
+        if tensor.device != x.device:
+            raise ValueError(f"expected {name} on {x.device}, got {tensor.device}")
+    return m, n, k
+
+
+def nvfp4_gemm_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    global_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    config: GemmConfig | None = None,
+) -> torch.Tensor:
+    """Launch `_nvfp4_gemm_kernel`.
+
+    Args:
+        x: [M, K] fp16/bf16 (fp32 for tests) activations, unit stride along K; K a multiple of 16.
+        weight: uint8 [N, K/2]; weight_scale: float8_e4m3fn [N, K/16]; both contiguous.
+        global_scale: float32 multiplier, 0-d or [N].
+        bias: optional [N].
+        config: force a launch configuration (default `select_gemm_config(M, N, K)`).
+    Returns:
+        [M, N] in x.dtype.
+    Raises:
+        ValueError: a dtype, shape, stride or device mismatch, naming the argument.
+    """
+    m, n, k = _check_inputs(x, weight, weight_scale, global_scale, bias)
+    config = config or select_gemm_config(m, n, k)
+    row_global = global_scale.to(torch.float32).reshape(-1).expand(n).contiguous()
+    k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), config.block_k) * config.block_k
+    split_k = triton.cdiv(k, k_per_split)
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    target = out if split_k == 1 else torch.zeros((m, n), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), split_k)
+    _nvfp4_gemm_kernel[grid](
+        x, weight, weight_scale.view(torch.uint8), row_global, bias if bias is not None else row_global, target,
+        m, n, k, k_per_split,
+        x.stride(0), weight.stride(0), weight_scale.stride(0), target.stride(0), target.stride(1),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        DOT_DTYPE=_DOT_DTYPES[x.dtype], HAS_BIAS=bias is not None, SPLIT_K=split_k,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    if split_k == 1:
+        return out
+    if bias is not None:
+        target += bias.float()
+    return target.to(x.dtype)
