@@ -1,0 +1,216 @@
+"""Per-position statistics of a denoising step, naive and fused (memory-lean), in pure torch.
+
+From the decoder's final hidden states h [R, H] and the tied embedding E [V, H], a step needs, for the
+tempered distribution z = softcap(h E^T) / T of every row:
+  argmax(z), a sample (Gumbel-max: argmax(z + g)), the entropy, the top probability, and the
+  self-conditioning soft embedding softmax(z) E * sqrt(H).
+`denoise_stats_ref` computes them from materialized [R, V] logits (the naive path and the oracle).
+`fused_denoise_stats` walks the vocabulary in chunks with an online max / sum, so the largest temporary is
+[R, chunk] instead of [R, V] (DiffusionGemma: V = 262144, 256 rows -> 268 MB per fp32 tensor).
+
+The Gumbel noise is a counter-based hash of (seed, row, vocab index), so it does not depend on the chunking
+and the Triton kernel (`nvfp4_ext.kernels.denoise_stats`) draws the same noise as this torch path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+__all__ = [
+    "DEFAULT_CHUNK",
+    "DenoiseStats",
+    "categorical_entropy",
+    "denoise_stats_ref",
+    "fused_denoise_stats",
+    "gumbel_noise",
+    "softcap",
+]
+
+DEFAULT_CHUNK = 2048
+_MASK32 = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class DenoiseStats:
+    """Statistics of one step for R rows (positions).
+
+    Attributes:
+        argmax: [R] int64, argmax of the tempered logits (the committed canvas).
+        sample: [R] int64, a sample of softmax(z) (Gumbel-max with the given noise).
+        entropy: [R] float32, entropy of softmax(z) in nats.
+        top_prob: [R] float32, max of softmax(z).
+        soft_embedding: [R, H] float32, softmax(z) @ E * embed_scale, or None when not requested.
+    """
+
+    argmax: torch.Tensor
+    sample: torch.Tensor
+    entropy: torch.Tensor
+    top_prob: torch.Tensor
+    soft_embedding: torch.Tensor | None = None
+
+
+def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """HF's final-logit softcap in float32: `cap * tanh(x / cap)` (identity when cap is None)."""
+    logits = logits.float()
+    if cap is None:
+        return logits
+    return torch.tanh(logits / cap) * cap
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    # "lowbias32" integer hash (bijective on 32 bits). int64 holds the products; only the low 32 bits are
+    # kept, which equals uint32 wrap-around arithmetic in the Triton kernel.
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def gumbel_noise(seed: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel noise g[r, c] = -log(-log(u)), u a hash of (seed, rows[r], cols[c]) in (0, 1).
+
+    Args:
+        seed: any int (only its low 32 bits matter).
+        rows: [R] int64 global row ids; cols: [C] int64 vocabulary ids.
+    Returns:
+        [R, C] float32 noise, identical however the vocabulary is chunked.
+    """
+    seed_key = _mix32(torch.tensor(seed & _MASK32, dtype=torch.int64, device=rows.device))
+    row_key = _mix32(seed_key ^ rows.to(torch.int64))
+    bits = _mix32(row_key[:, None] ^ cols.to(torch.int64)[None, :])
+    u = ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
+    return -torch.log(-torch.log(u))
+
+
+def categorical_entropy(z: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(z) over the last dim with exactly the ops of `torch.distributions.Categorical`
+    (HF's acceptance and stopping use it, so the HF-exact driver must reproduce its rounding)."""
+    log_p = z - z.logsumexp(dim=-1, keepdim=True)
+    probs = torch.softmax(log_p, dim=-1)
+    return -(torch.clamp(log_p, min=torch.finfo(log_p.dtype).min) * probs).sum(-1)
+
+
+def _as_row_tensor(temperature: float | torch.Tensor, rows: int, device: torch.device) -> torch.Tensor:
+    if isinstance(temperature, torch.Tensor):
+        return temperature.to(device=device, dtype=torch.float32).expand(rows)
+    return torch.full((rows,), float(temperature), dtype=torch.float32, device=device)
+
+
+def denoise_stats_ref(
+    logits: torch.Tensor,
+    temperature: float | torch.Tensor,
+    *,
+    noise: torch.Tensor | None = None,
+    embed_weight: torch.Tensor | None = None,
+    embed_scale: float | None = None,
+) -> DenoiseStats:
+    """The naive statistics from materialized (already softcapped) logits.
+
+    Args:
+        logits: [R, V] softcapped logits (any float dtype; computed in float32).
+        temperature: a float or [R] tensor.
+        noise: [R, V] Gumbel noise for the sample; None samples argmax(z) (i.e. no noise).
+        embed_weight: [V, H] tied embedding for the soft embedding (skipped when None).
+        embed_scale: multiplier of the soft embedding (sqrt(H) for DiffusionGemma); required with embed_weight.
+    """
+    temps = _as_row_tensor(temperature, logits.shape[0], logits.device)
+    z = logits.float() / temps[:, None]
+    log_p = torch.log_softmax(z, dim=-1)
+    probs = log_p.exp()
+    entropy = -(probs * log_p).sum(-1)
+    sample = (z + noise.float()).argmax(-1) if noise is not None else z.argmax(-1)
+    soft = None
+    if embed_weight is not None:
+        if embed_scale is None:
+            raise ValueError("embed_scale is required with embed_weight")
+        soft = (probs @ embed_weight.float()) * embed_scale
+    return DenoiseStats(z.argmax(-1), sample, entropy, probs.max(-1).values, soft)
+
+
+def fused_denoise_stats(
+    hidden: torch.Tensor,
+    embed_weight: torch.Tensor,
+    temperature: float | torch.Tensor,
+    *,
+    seed: int,
+    row_ids: torch.Tensor | None = None,
+    cap: float | None = 30.0,
+    embed_scale: float | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+    backend: Literal["torch", "triton"] = "torch",
+) -> DenoiseStats:
+    """Unembedding + softcap + statistics without materializing [R, V] logits or probabilities.
+
+    Args:
+        hidden: [R, H] final decoder hidden states (model dtype).
+        embed_weight: [V, H] tied embedding / lm_head weight (model dtype).
+        temperature: a float or [R] tensor (> 0).
+        seed: seed of the counter-based Gumbel noise.
+        row_ids: [R] int64 global row ids for the noise (default arange(R)).
+        cap: final logit softcap (30 for DiffusionGemma; None disables it).
+        embed_scale: when given, also return softmax(z) @ E * embed_scale (the self-conditioning input).
+        chunk_size: vocabulary rows per chunk; bounds the temporaries to [R, chunk_size].
+        backend: "torch" (any device) or "triton" (the kernel in nvfp4_ext.kernels.denoise_stats).
+    Returns:
+        `DenoiseStats`; equals `denoise_stats_ref(softcap(h E^T), T, noise=gumbel_noise(...))` within fp32
+        rounding.
+    """
+    if hidden.dim() != 2 or embed_weight.dim() != 2 or hidden.shape[1] != embed_weight.shape[1]:
+        raise ValueError(f"expected hidden [R, H] and embed_weight [V, H], got {tuple(hidden.shape)} and "
+                         f"{tuple(embed_weight.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    rows, device = hidden.shape[0], hidden.device
+    if row_ids is None:
+        row_ids = torch.arange(rows, device=device, dtype=torch.int64)
+    temps = _as_row_tensor(temperature, rows, device)
+    if backend == "triton":
+        from nvfp4_ext.kernels.denoise_stats import denoise_stats_triton
+
+        return denoise_stats_triton(hidden, embed_weight, temps, seed=seed, row_ids=row_ids, cap=cap,
+                                    embed_scale=embed_scale)
+    if backend != "torch":
+        raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
+
+    vocab = embed_weight.shape[0]
+    run_max = torch.full((rows,), -torch.inf, device=device)
+    run_arg = torch.zeros(rows, dtype=torch.int64, device=device)
+    noisy_max = torch.full((rows,), -torch.inf, device=device)
+    noisy_arg = torch.zeros(rows, dtype=torch.int64, device=device)
+    exp_sum = torch.zeros(rows, device=device)  # sum exp(z - run_max)
+    centered = torch.zeros(rows, device=device)  # sum exp(z - run_max) * (z - run_max)
+    soft = torch.zeros(rows, hidden.shape[1], device=device) if embed_scale is not None else None
+    for start in range(0, vocab, chunk_size):
+        weight = embed_weight[start:start + chunk_size]
+        cols = torch.arange(start, start + weight.shape[0], device=device)
+        z = softcap(hidden @ weight.T, cap).div_(temps[:, None])
+        noisy = z + gumbel_noise(seed, row_ids, cols)
+        chunk_noisy, chunk_noisy_arg = noisy.max(dim=-1)
+        del noisy
+        better = chunk_noisy > noisy_max
+        noisy_max = torch.where(better, chunk_noisy, noisy_max)
+        noisy_arg = torch.where(better, chunk_noisy_arg + start, noisy_arg)
+        chunk_max, chunk_arg = z.max(dim=-1)
+        # Strictly greater keeps the first index on ties, like torch.argmax over the full row.
+        better = chunk_max > run_max
+        new_max = torch.where(better, chunk_max, run_max)
+        run_arg = torch.where(better, chunk_arg + start, run_arg)
+        shift = run_max - new_max  # <= 0; -inf on the first chunk, where the old sums are 0
+        alpha = torch.exp(shift)
+        old_term = torch.where(exp_sum > 0, centered + shift * exp_sum, torch.zeros_like(exp_sum))
+        run_max = new_max
+        z.sub_(run_max[:, None])  # z - max, <= 0
+        weights = torch.exp(z)
+        centered = alpha * old_term + (weights * z).sum(-1)
+        exp_sum = alpha * exp_sum + weights.sum(-1)
+        if soft is not None:
+            soft = soft * alpha[:, None] + weights @ weight.float()
+    entropy = torch.log(exp_sum) - centered / exp_sum
+    if soft is not None:
+        soft = soft / exp_sum[:, None] * embed_scale
+    return DenoiseStats(run_arg, noisy_arg, entropy, 1.0 / exp_sum, soft)
