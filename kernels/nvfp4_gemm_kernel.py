@@ -6,12 +6,9 @@ Why it is shaped this way
   * On Ampere/Ada/Hopper there are no FP4 tensor cores, so decode (M <= 16) is bound by reading weights:
     4.5 bits/weight instead of 16 is the whole win (<= 3.56x over BF16). The kernel streams packed bytes
     with wide loads and does the E2M1 decode on CUDA cores while the next tiles are in flight.
-  * e2m1 * e4m3 block scale has at most 6 significant bits and lies in [2**-10, 2688], so it is exact in
-    both fp16 and bf16: the tensor-core operand carries no rounding error. The per-row global scale (fused
-    qkv / gate_up shards keep theirs) is applied once to the fp32 accumulator in the epilogue.
-  * The packed byte j of a row holds K-elements 2j (low nibble) and 2j+1 (high nibble). Rather than
-    interleaving the nibbles in registers, the kernel does two K/2 dots: even x columns with the low
-    nibbles, odd x columns with the high nibbles.
+  * The tile decode (`nvfp4_tile.py`) yields tensor-core operands that are exact in fp16/bf16, split into
+    even-K and odd-K halves (two K/2 dots per step). The per-row global scale (fused qkv / gate_up shards
+    keep theirs) is applied once to the fp32 accumulator in the epilogue.
   * Decode has few output tiles (N=2816 / 64 = 44 < 132 SMs on H100), so small M splits K across programs
     (split-K) that atomically add fp32 partials (summation order, hence the last fp32 bit, may vary between
     runs); large M uses big tiles and no split.
@@ -26,6 +23,8 @@ import triton
 import triton.language as tl
 
 from nvfp4_ext.format import NVFP4_BLOCK_SIZE
+
+from .nvfp4_tile import load_activation_pair, load_nvfp4_tile_pair
 
 __all__ = ["DIFFUSIONGEMMA_GEMM_SHAPES", "GemmConfig", "nvfp4_gemm_triton", "select_gemm_config", "shipped_configs"]
 
@@ -105,28 +104,6 @@ def shipped_configs() -> list[tuple[str, int, GemmConfig]]:
 
 # ------------------------------------------------------------------------------------------------ kernel
 @triton.jit
-def _e2m1_halves(codes):
-    """E2M1 codes (int32, 0..15) -> value * 2 as float32: magnitudes {0,1,2,3,4,6,8,12}, bit 3 = sign."""
-    exponent = (codes >> 1) & 3
-    mantissa = codes & 1
-    magnitude = tl.where(exponent == 0, mantissa, ((2 + mantissa) << exponent) >> 1)
-    value = magnitude.to(tl.float32)
-    return tl.where((codes & 8) != 0, -value, value)
-
-
-@triton.jit
-def _e4m3_to_float(raw):
-    """float8_e4m3fn bytes (loaded as uint8: sm_80 has no e4m3 type) -> float32, subnormals included.
-
-    Shifting the 7 magnitude bits left by 7 lands them in fp16's exponent/mantissa fields, which gives the
-    e4m3 value * 2**-8 (fp16 subnormals cover e4m3's); the sign moves from bit 7 to bit 15.
-    """
-    raw = raw.to(tl.int32)
-    bits = ((raw & 0x7F) << 7) | ((raw & 0x80) << 8)
-    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * 256.0
-
-
-@triton.jit
 def _nvfp4_gemm_kernel(
     # Pointers
     x_ptr, w_ptr, scale_ptr, global_ptr, bias_ptr, out_ptr,
@@ -140,7 +117,6 @@ def _nvfp4_gemm_kernel(
 ):
     tl.static_assert(BLOCK_K % 32 == 0, "BLOCK_K must hold whole pairs of 16-element scale blocks")
     HALF_K: tl.constexpr = BLOCK_K // 2
-    SCALES_K: tl.constexpr = BLOCK_K // 16
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -149,39 +125,20 @@ def _nvfp4_gemm_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_j = tl.arange(0, HALF_K)  # packed byte within the K tile
-    offs_s = tl.arange(0, SCALES_K)  # scale block within the K tile
     mask_m = offs_m < M
     mask_n = offs_n < N
+    x_rows = x_ptr + offs_m[:, None] * stride_xm
 
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     accumulator = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
-        # Activations: even and odd K columns, upcast right after the load (the interpreter needs fp32).
-        cols_even = k0 + 2 * offs_j
-        mask_x = mask_m[:, None] & (cols_even[None, :] < k_end)
-        x_row = x_ptr + offs_m[:, None] * stride_xm + cols_even[None, :]
-        x_even = tl.load(x_row, mask=mask_x, other=0.0).to(tl.float32).to(DOT_DTYPE)
-        x_odd = tl.load(x_row + 1, mask=mask_x, other=0.0).to(tl.float32).to(DOT_DTYPE)
-
-        # Weights as [HALF_K, BLOCK_N]: packed bytes, contiguous along K.
-        bytes_k = k0 // 2 + offs_j
-        mask_w = (bytes_k[:, None] < k_end // 2) & mask_n[None, :]
-        packed = tl.load(w_ptr + offs_n[None, :] * stride_wn + bytes_k[:, None], mask=mask_w, other=0)
-        packed = packed.to(tl.int32)
-        blocks_k = k0 // 16 + offs_s
-        mask_s = (blocks_k[:, None] < k_end // 16) & mask_n[None, :]
-        raw_scale = tl.load(scale_ptr + offs_n[None, :] * stride_sn + blocks_k[:, None], mask=mask_s, other=0)
-        # Halves * 0.5 * e4m3 scale, exact in fp16/bf16; eight packed bytes share one scale block.
-        block_scale = tl.reshape(_e4m3_to_float(raw_scale) * 0.5, (SCALES_K, 1, BLOCK_N))
-        w_low = tl.reshape(_e2m1_halves(packed & 0xF), (SCALES_K, 8, BLOCK_N)) * block_scale
-        w_high = tl.reshape(_e2m1_halves(packed >> 4), (SCALES_K, 8, BLOCK_N)) * block_scale
-        w_low = tl.reshape(w_low, (HALF_K, BLOCK_N)).to(DOT_DTYPE)
-        w_high = tl.reshape(w_high, (HALF_K, BLOCK_N)).to(DOT_DTYPE)
-
-        accumulator = tl.dot(x_even, w_low, accumulator, input_precision="ieee")
-        accumulator = tl.dot(x_odd, w_high, accumulator, input_precision="ieee")
+        x_even, x_odd = load_activation_pair(x_rows, mask_m[:, None], k0, k_end, HALF_K, DOT_DTYPE)
+        w_even, w_odd = load_nvfp4_tile_pair(
+            w_ptr, scale_ptr, offs_n, mask_n, k0, k_end, stride_wn, stride_sn, BLOCK_N, HALF_K, DOT_DTYPE
+        )
+        accumulator = tl.dot(x_even, w_even, accumulator, input_precision="ieee")
+        accumulator = tl.dot(x_odd, w_odd, accumulator, input_precision="ieee")
 
     # Epilogue: per-row global multiplier, then bias and the output dtype (or an fp32 split-K partial).
     row_global = tl.load(global_ptr + offs_n, mask=mask_n, other=0.0)

@@ -1,0 +1,79 @@
+"""Triton device functions shared by the NVFP4 kernels: E2M1/E4M3 decoding and loading a dequantized tile.
+
+Reference for the decode: `nvfp4_ext.format.dequantize_nvfp4`. The tile loader returns W^T for `tl.dot`
+split into even-K and odd-K halves, because packed byte j of a row holds K-elements 2j (low nibble) and
+2j+1 (high nibble): pairing them with the even and odd activation columns avoids interleaving nibbles in
+registers. Every operand value is e2m1 * e4m3 block scale, which has at most 6 significant bits and lies in
+[2**-10, 2688], so it is exact in fp16 and bf16; global scales are applied to the fp32 accumulator.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = ["e2m1_halves", "e4m3_to_float", "load_activation_pair", "load_nvfp4_tile_pair"]
+
+
+@triton.jit
+def e2m1_halves(codes):
+    """E2M1 codes (int32, 0..15) -> 2 * value as float32: magnitudes {0,1,2,3,4,6,8,12}, bit 3 = sign."""
+    exponent = (codes >> 1) & 3
+    mantissa = codes & 1
+    magnitude = tl.where(exponent == 0, mantissa, ((2 + mantissa) << exponent) >> 1)
+    value = magnitude.to(tl.float32)
+    return tl.where((codes & 8) != 0, -value, value)
+
+
+@triton.jit
+def e4m3_to_float(raw):
+    """float8_e4m3fn bytes (loaded as uint8: sm_80 has no e4m3 type) -> float32, subnormals included.
+
+    Shifting the 7 magnitude bits left by 7 lands them in fp16's exponent/mantissa fields, which gives the
+    e4m3 value * 2**-8 (fp16 subnormals cover e4m3's); the sign moves from bit 7 to bit 15.
+    """
+    raw = raw.to(tl.int32)
+    bits = ((raw & 0x7F) << 7) | ((raw & 0x80) << 8)
+    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * 256.0
+
+
+@triton.jit
+def load_activation_pair(row_ptrs, mask_rows, k0, k_end, HALF_K: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """Activation columns k0 + 2j and k0 + 2j + 1 (j < HALF_K) of the rows at `row_ptrs` [BLOCK_M, 1].
+
+    Values are upcast to fp32 right after the load (the interpreter computes bf16 wrongly), then cast to the
+    tensor-core operand dtype. k_end is even, so the odd column is in range whenever the even one is.
+    """
+    cols_even = k0 + 2 * tl.arange(0, HALF_K)
+    mask = mask_rows & (cols_even[None, :] < k_end)
+    ptrs = row_ptrs + cols_even[None, :]
+    x_even = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32).to(DOT_DTYPE)
+    x_odd = tl.load(ptrs + 1, mask=mask, other=0.0).to(tl.float32).to(DOT_DTYPE)
+    return x_even, x_odd
+
+
+@triton.jit
+def load_nvfp4_tile_pair(
+    w_ptr, scale_ptr, offs_n, mask_n, k0, k_end, stride_wn, stride_sn,
+    BLOCK_N: tl.constexpr, HALF_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    """Dequantized W^T for K-columns [k0, k0 + 2*HALF_K) of rows `offs_n`, as (even-K, odd-K) [HALF_K, BLOCK_N].
+
+    `w_ptr` / `scale_ptr` point at one weight matrix (uint8 [N, K/2] and e4m3-as-uint8 [N, K/16]); the
+    packed bytes are loaded contiguous along K so they vectorize. Values carry the block scale but not the
+    global scale.
+    """
+    SCALES_K: tl.constexpr = HALF_K // 8
+    bytes_k = k0 // 2 + tl.arange(0, HALF_K)
+    mask_w = (bytes_k[:, None] < k_end // 2) & mask_n[None, :]
+    packed = tl.load(w_ptr + offs_n[None, :] * stride_wn + bytes_k[:, None], mask=mask_w, other=0).to(tl.int32)
+    blocks_k = k0 // 16 + tl.arange(0, SCALES_K)
+    mask_s = (blocks_k[:, None] < k_end // 16) & mask_n[None, :]
+    raw_scale = tl.load(scale_ptr + offs_n[None, :] * stride_sn + blocks_k[:, None], mask=mask_s, other=0)
+    # e2m1 decodes to twice its value, so the scale carries the 0.5; eight packed bytes share one block.
+    block_scale = tl.reshape(e4m3_to_float(raw_scale) * 0.5, (SCALES_K, 1, BLOCK_N))
+    w_low = tl.reshape(e2m1_halves(packed & 0xF), (SCALES_K, 8, BLOCK_N)) * block_scale
+    w_high = tl.reshape(e2m1_halves(packed >> 4), (SCALES_K, 8, BLOCK_N)) * block_scale
+    w_low = tl.reshape(w_low, (HALF_K, BLOCK_N)).to(DOT_DTYPE)
+    w_high = tl.reshape(w_high, (HALF_K, BLOCK_N)).to(DOT_DTYPE)
+    return w_low, w_high
