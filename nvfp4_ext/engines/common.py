@@ -1,0 +1,248 @@
+"""Engine-agnostic layer logic shared by the vLLM and SGLang adapters (no engine imports here).
+
+  * global-scale assembly: fused qkv / gate_up shards keep their OWN NVFP4 global scale, carried as one float32
+    multiplier per output row ([N]), so a fused layer computes exactly what its unfused shards compute (the
+    engines' built-in methods take the max over shards and lose precision);
+  * tensor-parallel checks: packed nibbles and 16-element block scales can only be split on block boundaries;
+  * backend choice per layer kind (logged once per process) and the forward paths that call
+    `nvfp4_ext.kernels` (torch reference on CPU, our Triton kernels on CUDA, FlashInfer FP4 on sm >= 100);
+  * checks that every scale tensor a method created was filled from the checkpoint (NaN sentinels).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from nvfp4_ext.dispatch import Backend, LayerKind, select_backend
+from nvfp4_ext.errors import CheckpointError, ConfigError
+from nvfp4_ext.format import NVFP4_BLOCK_SIZE, GlobalScaleConvention, global_multiplier
+
+__all__ = [
+    "BACKENDS_USED",
+    "assert_loaded",
+    "backend_for",
+    "check_nvfp4_partition",
+    "fp8_linear_forward",
+    "nvfp4_linear_forward",
+    "nvfp4_moe_forward",
+    "per_row_global",
+    "per_shard_global",
+    "working_tp_sizes",
+]
+
+logger = logging.getLogger("nvfp4_ext")
+
+# (layer kind, backend) pairs chosen in this process, in order; logged once each.
+BACKENDS_USED: dict[str, str] = {}
+
+
+# ------------------------------------------------------------------------------------------- global scales
+def per_shard_global(stored: torch.Tensor, convention: GlobalScaleConvention) -> torch.Tensor:
+    """Stored per-shard global scales -> float32 dequantization multipliers (same shape)."""
+    return global_multiplier(stored.detach().float(), convention)
+
+
+def per_row_global(
+    stored: torch.Tensor, shard_sizes: Sequence[int], convention: GlobalScaleConvention
+) -> torch.Tensor:
+    """Expand one stored global scale per fused shard into one multiplier per output row.
+
+    Args:
+        stored: [num_shards] float32 global scales as the checkpoint stores them.
+        shard_sizes: output rows of each shard in this partition (e.g. [q, k, v] or [gate, up]).
+        convention: "modelopt" (multiplier) or "compressed_tensors" (divisor).
+    Returns:
+        float32 [sum(shard_sizes)]: row r of shard s gets shard s's multiplier, exactly.
+    """
+    if stored.numel() != len(shard_sizes):
+        raise ValueError(f"expected {len(shard_sizes)} shard global scales, got shape {tuple(stored.shape)}")
+    multipliers = per_shard_global(stored.reshape(-1), convention)
+    sizes = torch.tensor(list(shard_sizes), device=multipliers.device)
+    return multipliers.repeat_interleave(sizes).contiguous()
+
+
+# ------------------------------------------------------------------------------------- tensor parallelism
+def working_tp_sizes(full_size: int, candidates: Iterable[int] = (1, 2, 4, 8, 16)) -> list[int]:
+    """Tensor-parallel sizes that split `full_size` into whole 16-element NVFP4 blocks."""
+    return [
+        tp for tp in candidates if full_size % tp == 0 and (full_size // tp) % NVFP4_BLOCK_SIZE == 0
+    ]
+
+
+def check_nvfp4_partition(layer: str, what: str, full_size: int, size_per_partition: int) -> None:
+    """Refuse a tensor-parallel split that cuts an NVFP4 block (packed nibbles + 16-element scales).
+
+    Args:
+        layer: the layer's name, for the message.
+        what: the split dimension ("input features (K)" of a row-parallel linear, "expert intermediate size").
+        full_size: the unsplit dimension.
+        size_per_partition: this rank's share.
+    Raises:
+        ConfigError: the share is not a multiple of 16, naming the layer and the TP sizes that work.
+    """
+    if size_per_partition % NVFP4_BLOCK_SIZE == 0:
+        return
+    tp = max(1, round(full_size / max(size_per_partition, 1)))
+    working = working_tp_sizes(full_size)
+    raise ConfigError(
+        f"layer {layer}: tensor parallel size {tp} splits its {what} of {full_size} into {size_per_partition} "
+        f"per rank, which is not a multiple of the NVFP4 block size {NVFP4_BLOCK_SIZE}; use "
+        f"--tensor-parallel-size {max(working) if working else 1} (sizes that work: "
+        f"{', '.join(map(str, working)) or 'none'})"
+    )
+
+
+# -------------------------------------------------------------------------------------------- loading
+def assert_loaded(layer_name: str, params: dict[str, torch.Tensor], method: str) -> None:
+    """Raise if a scale parameter still holds its NaN sentinel, i.e. the checkpoint never filled it.
+
+    Args:
+        layer_name: the layer's prefix, used to name the tensor.
+        params: parameter name -> tensor, the scale parameters the method created.
+        method: the quantization method, for the message.
+    Raises:
+        CheckpointError: naming the first missing tensor.
+    """
+    for name, tensor in params.items():
+        missing = torch.isnan(tensor.detach().float())
+        if bool(missing.any()):
+            where = ""
+            if missing.dim() >= 1 and missing.shape[0] > 1:
+                first = int(missing.reshape(missing.shape[0], -1).any(-1).nonzero()[0])
+                where = f" (first missing slice: index {first} of dim 0)"
+            raise CheckpointError(
+                f"the checkpoint does not provide this {method} scale tensor{where}; it is required for "
+                "NVFP4 layers (re-export the checkpoint, or exclude the layer from quantization)",
+                tensor=f"{layer_name}.{name}",
+            )
+        if name.endswith(("global_scale", "scale_2", "input_scale")):
+            bad = ~torch.isfinite(tensor.detach().float()) | (tensor.detach().float() <= 0)
+            if bool(bad.any()):
+                raise CheckpointError(
+                    f"global/input scales must be finite and positive, got {tensor.detach().float().tolist()}",
+                    tensor=f"{layer_name}.{name}",
+                )
+
+
+# ------------------------------------------------------------------------------------------- dispatch
+def backend_for(kind: LayerKind, device: torch.device) -> Backend:
+    """The backend for a layer kind on `device`, logged once per kind and process."""
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    backend = select_backend(kind, capability)
+    if kind not in BACKENDS_USED:
+        BACKENDS_USED[kind] = backend
+        logger.info("nvfp4_ext: %s layers run on the %s backend", kind, backend)
+    return backend
+
+
+def _flatten(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    return x.reshape(-1, x.shape[-1]), tuple(x.shape[:-1])
+
+
+def nvfp4_linear_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    global_per_row: torch.Tensor,
+    bias: torch.Tensor | None,
+    backend: Backend,
+    input_global: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = x @ dequant(W).T (+ bias) for an NVFP4 linear layer with per-row global multipliers.
+
+    Args:
+        x: [..., K]; weight: uint8 [N, K/2]; weight_scale: e4m3 [N, K/16]; global_per_row: float32 [N].
+        bias: optional [N].
+        backend: from `backend_for`: "torch"/"triton" run weight-only (W4A16); "flashinfer" runs W4A4 on
+            FP4 tensor cores with the static `input_global` multiplier (GPU only).
+        input_global: float32 multiplier of the activations (W4A4 only).
+    Returns:
+        [..., N] in x.dtype.
+    """
+    flat, lead = _flatten(x)
+    if backend == "flashinfer":
+        out = _flashinfer_nvfp4_linear(flat, weight, weight_scale, global_per_row, bias, input_global)
+    else:
+        from nvfp4_ext.kernels import nvfp4_gemm
+
+        out = nvfp4_gemm(flat, weight, weight_scale, global_per_row, bias, backend=backend)
+    return out.reshape(*lead, out.shape[-1])
+
+
+def _flashinfer_nvfp4_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    global_per_row: torch.Tensor,
+    bias: torch.Tensor | None,
+    input_global: torch.Tensor | None,
+) -> torch.Tensor:
+    """W4A4 GEMM with FlashInfer (sm >= 100). The per-row weight global is applied to the output columns,
+    which is exact: it is constant along K. GPU-only; the CPU tests cover only its dispatch."""
+    import flashinfer
+
+    if input_global is None:
+        raise ConfigError("FlashInfer W4A4 needs the layer's input_scale (static activation global scale)")
+    x_global_inv = (1.0 / input_global.float()).reshape(1)
+    x_fp4, x_sf = flashinfer.fp4_quantize(x, x_global_inv)
+    w_sf = flashinfer.nvfp4_block_scale_interleave(weight_scale.view(torch.uint8))
+    out = flashinfer.mm_fp4(
+        x_fp4, weight.t(), x_sf, w_sf.t(), input_global.float().reshape(1), torch.bfloat16, backend="cutlass"
+    )
+    out = out.float() * global_per_row.float()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+def nvfp4_moe_forward(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w13_scale: torch.Tensor,
+    w13_global: torch.Tensor,
+    w2: torch.Tensor,
+    w2_scale: torch.Tensor,
+    w2_global: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    activation: str,
+    backend: Backend,
+) -> torch.Tensor:
+    """Routed NVFP4 experts through `nvfp4_ext.kernels.nvfp4_moe` (weight-only on every backend here).
+
+    Args:
+        x: [T, H]; w13 uint8 [E, 2I, H/2]; w13_scale e4m3 [E, 2I, H/16]; w13_global float32 [E, 2I] per row;
+        w2 uint8 [E, H, I/2]; w2_scale e4m3 [E, H, I/16]; w2_global float32 [E, H];
+        topk_weights float32 [T, k]; topk_ids int [T, k]; activation "gelu_tanh" or "silu".
+        backend: "torch" or "triton" (FlashInfer's FP4 MoE is not wired in: it falls back to "triton").
+    Returns:
+        [T, H] in x.dtype.
+    """
+    from nvfp4_ext.kernels import nvfp4_moe
+
+    chosen = "torch" if backend == "torch" else "triton"
+    return nvfp4_moe(
+        x, w13, w13_scale, w13_global, w2, w2_scale, w2_global, topk_weights, topk_ids, activation,
+        backend=chosen,
+    )
+
+
+def fp8_linear_forward(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, backend: Backend
+) -> torch.Tensor:
+    """y = x @ dequant(W_fp8).T (+ bias); weight_scale per tensor, per row [N] or 128x128 blocks."""
+    from nvfp4_ext.kernels import fp8_gemm
+
+    flat, lead = _flatten(x)
+    chosen = backend if backend in ("torch", "triton", "scaled_mm") else "triton"
+    out = fp8_gemm(flat, weight, weight_scale, bias, backend=chosen)
+    return out.reshape(*lead, out.shape[-1])
+
+
+def ceil_div(a: int, b: int) -> int:
+    """Integer ceil(a / b)."""
+    return math.ceil(a / b)
