@@ -120,6 +120,7 @@ def fp8_gemm(
     bias: torch.Tensor | None = None,
     *,
     backend: Fp8BackendChoice = "auto",
+    config: Any = None,
 ) -> torch.Tensor:
     """y = x @ dequant(W).T (+ bias) for an FP8 (e4m3) linear layer.
 
@@ -132,6 +133,7 @@ def fp8_gemm(
         weight_scale: float32 0-d/[1], [N]/[N, 1] or [ceil(N/128), ceil(K/128)].
         bias: optional [N].
         backend: "auto", "triton", "torch" or "scaled_mm".
+        config: a `nvfp4_gemm_kernel.GemmConfig` forcing the Triton launch configuration.
     Returns:
         [M, N] in x.dtype.
     """
@@ -142,7 +144,7 @@ def fp8_gemm(
         return fp8_gemm_ref(x, weight, weight_scale, bias)
     from .fp8_gemm_kernel import fp8_gemm_triton
 
-    return fp8_gemm_triton(x, weight, weight_scale, bias)
+    return fp8_gemm_triton(x, weight, weight_scale, bias, config=config)
 
 
 def _scaled_mm_supports(weight: torch.Tensor, weight_scale: torch.Tensor) -> bool:
