@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from checkpoint_factory import (
     build_mixed,
     ct_nvfp4_config,
@@ -18,6 +16,8 @@ from checkpoint_factory import (
     nvfp4_tensors,
     write_checkpoint,
 )
+from safetensors.torch import load_file
+
 from nvfp4_ext.checkpoint import safetensors_file
 from nvfp4_ext.checkpoint.reader import Checkpoint
 from nvfp4_ext.checkpoint.validate import validate_checkpoint
@@ -81,9 +81,10 @@ def test_get_reads_only_the_tensor(mixed: Checkpoint, monkeypatch: pytest.Monkey
             reads.append(len(data))
             return data
 
-    monkeypatch.setattr(
-        safetensors_file, "open", lambda *a, **k: CountingFile(builtins.open(*a, **k)), raising=False
-    )
+    def counting_open(*args, **kwargs) -> CountingFile:
+        return CountingFile(builtins.open(*args, **kwargs))  # noqa: SIM115 - closed by CountingFile.__exit__
+
+    monkeypatch.setattr(safetensors_file, "open", counting_open, raising=False)
     name = "model.layers.0.mlp.experts.2.down_proj.weight_scale"
     mixed.get(name)
     assert reads == [mixed.tensor_info(name).nbytes]
