@@ -1,0 +1,351 @@
+"""`quantize_checkpoint`: stream a BF16/FP16/FP32 safetensors checkpoint into an NVFP4 (or mixed) checkpoint.
+
+One input tensor is read, quantized and written at a time into pre-planned output shards (see
+`nvfp4_ext.quantize.io`), inside a temporary directory that is renamed to the destination only when
+everything, configs included, has been written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from nvfp4_ext.errors import CheckpointError, ConfigError
+from nvfp4_ext.format import NVFP4_GLOBAL_DENOM, F8E4M3_MAX, quantize_fp8, stored_global_scale
+from nvfp4_ext.quantize.export_config import compressed_tensors_config, modelopt_configs
+from nvfp4_ext.quantize.io import (
+    DTYPE_TO_TORCH,
+    OutputTensor,
+    ShardWriter,
+    SourceTensor,
+    atomic_output_dir,
+    copy_aux_files,
+    list_source_tensors,
+    write_index,
+)
+from nvfp4_ext.quantize.plan import TensorTask, plan_tasks
+from nvfp4_ext.quantize.scales import SCALE_METHODS, ScaleStats, quantize_weight
+
+__all__ = ["PROVENANCE_FILE", "QuantizeResult", "quantize_checkpoint"]
+
+log = logging.getLogger(__name__)
+
+PROVENANCE_FILE = "nvfp4_ext_quantize.json"
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+
+
+@dataclass
+class QuantizeResult:
+    """Per-tensor error bookkeeping of one run (written into the provenance file)."""
+
+    layers: list[dict] = field(default_factory=list)
+    total: ScaleStats = field(default_factory=ScaleStats)
+
+
+def _reject_quantized(src: Path, config: dict, tensors: Sequence[SourceTensor]) -> None:
+    q = config.get("quantization_config")
+    if isinstance(q, dict):
+        method = q.get("quant_method", "?")
+        algo = q.get("quant_algo") or q.get("format") or ""
+        raise CheckpointError(
+            f"the input is already quantized (quant_method {method!r}{f', {algo}' if algo else ''}); "
+            "quantize the original BF16/FP16/FP32 checkpoint instead",
+            file=str(src / "config.json"),
+        )
+    if (src / "hf_quant_config.json").is_file():
+        raise CheckpointError(
+            "the input is already quantized (ModelOpt hf_quant_config.json present); quantize the original "
+            "BF16/FP16/FP32 checkpoint instead",
+            file=str(src / "hf_quant_config.json"),
+        )
+    for tensor in tensors:
+        if tensor.dtype in ("U8", "F8_E4M3", "F8_E5M2") and tensor.name.endswith((".weight", ".weight_packed")):
+            raise CheckpointError(
+                f"the input looks already quantized ({tensor.dtype} weight); quantize the original checkpoint",
+                file=tensor.file.name,
+                tensor=tensor.name,
+            )
+
+
+def _read_config(src: Path) -> dict:
+    path = src / "config.json"
+    if not path.is_file():
+        raise CheckpointError("config.json not found (expected a Hugging Face model directory)", file=str(src))
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"unreadable config.json: {exc}", file=str(path)) from None
+    if not isinstance(config, dict):
+        raise CheckpointError("config.json is not a JSON object", file=str(path))
+    return config
+
+
+def _shard_plan(tasks: list[TensorTask], max_bytes: int) -> list[list[TensorTask]]:
+    shards: list[list[TensorTask]] = [[]]
+    size = 0
+    for task in tasks:
+        task_bytes = sum(o.nbytes for o in task.outputs)
+        if shards[-1] and size + task_bytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(task)
+        size += task_bytes
+    return shards
+
+
+class _SourceReader:
+    """Keeps at most one input shard open; `get` returns one tensor."""
+
+    def __init__(self) -> None:
+        self._path: Path | None = None
+        self._handle = None
+
+    def get(self, tensor: SourceTensor) -> torch.Tensor:
+        if self._path != tensor.file:
+            self._handle = safe_open(str(tensor.file), framework="pt")
+            self._path = tensor.file
+        try:
+            return self._handle.get_tensor(tensor.name)
+        except Exception as exc:  # safetensors raises its own error types for corrupt data
+            raise CheckpointError(f"cannot read tensor: {exc}", file=tensor.file.name, tensor=tensor.name) from None
+
+
+def _input_scale(amax: dict[str, float], module: str, denom: float) -> torch.Tensor:
+    if module not in amax or amax[module] <= 0:
+        raise ConfigError(
+            f"--calib: no activations reached module {module} during calibration; use a longer or more "
+            "varied calibration text, or --recipe w4a16"
+        )
+    return torch.tensor(amax[module] / denom, dtype=torch.float32)
+
+
+def _nvfp4_tensors(
+    module: str, w: torch.Tensor, task: TensorTask, method: str, fmt: str, amax: dict[str, float], stats: ScaleStats
+) -> list[tuple[str, torch.Tensor]]:
+    q = quantize_weight(w, method, stats=stats)  # type: ignore[arg-type]
+    if fmt == "modelopt":
+        out = [(f"{module}.weight", q.qdata), (f"{module}.weight_scale", q.scale), (f"{module}.weight_scale_2", q.global_scale)]
+        if task.scheme == "nvfp4":
+            out.append((f"{module}.input_scale", _input_scale(amax, module, NVFP4_GLOBAL_DENOM)))
+        return out
+    convention = "compressed_tensors"
+    out = [
+        (f"{module}.weight_packed", q.qdata),
+        (f"{module}.weight_scale", q.scale),
+        (f"{module}.weight_global_scale", stored_global_scale(q.global_scale, convention).reshape(1)),
+    ]
+    if task.scheme == "nvfp4":
+        multiplier = _input_scale(amax, module, NVFP4_GLOBAL_DENOM)
+        out.append((f"{module}.input_global_scale", stored_global_scale(multiplier, convention).reshape(1)))
+    return out
+
+
+def _fp8_tensors(module: str, w: torch.Tensor, task: TensorTask, amax: dict[str, float]) -> list[tuple[str, torch.Tensor]]:
+    if task.scheme == "fp8":
+        q, scale = quantize_fp8(w, "tensor")
+        return [
+            (f"{module}.weight", q),
+            (f"{module}.weight_scale", scale.reshape(())),
+            (f"{module}.input_scale", _input_scale(amax, module, F8E4M3_MAX)),
+        ]
+    q, scale = quantize_fp8(w, "block")
+    return [(f"{module}.weight", q), (f"{module}.weight_scale", scale)]
+
+
+def _process(
+    task: TensorTask, w: torch.Tensor, method: str, fmt: str, amax: dict[str, float], result: QuantizeResult
+) -> list[tuple[str, torch.Tensor]]:
+    if task.action == "copy":
+        return [(task.source.name, w)]
+    stats = ScaleStats()
+    outputs: list[tuple[str, torch.Tensor]] = []
+    if task.action == "linear":
+        pieces = [(task.modules[0], w)]
+    else:
+        split = task.fused
+        assert split is not None
+        rows = w.shape[1] // len(split.projections)
+        pieces = [
+            (split.module(e, proj), w[e, i * rows : (i + 1) * rows])
+            for e in range(split.num_experts)
+            for i, proj in enumerate(split.projections)
+        ]
+    for module, piece in pieces:
+        if task.scheme.startswith("nvfp4"):
+            outputs += _nvfp4_tensors(module, piece, task, method, fmt, amax, stats)
+        else:
+            fp8 = _fp8_tensors(module, piece, task, amax)
+            deq = fp8[0][1].float() * (fp8[1][1] if fp8[1][1].dim() == 0 else _block_expand(fp8[1][1], piece.shape))
+            sse = float((deq - piece.float()).square().sum())
+            stats.add(ScaleStats(sse, sse, float(piece.float().square().sum()), 0, 0))
+            outputs += fp8
+    result.total.add(stats)
+    result.layers.append(
+        {
+            "tensor": task.source.name,
+            "scheme": task.scheme,
+            "shape": list(task.source.shape),
+            "sse": stats.sse,
+            "sse_rtn": stats.sse_rtn,
+            "signal": stats.signal,
+            "blocks_changed": stats.blocks_changed,
+            "blocks": stats.blocks,
+        }
+    )
+    return outputs
+
+
+def _block_expand(scale: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    return scale.repeat_interleave(128, 0).repeat_interleave(128, 1)[: shape[0], : shape[1]]
+
+
+def quantize_checkpoint(
+    src_dir: str | os.PathLike,
+    dst_dir: str | os.PathLike,
+    *,
+    recipe: str = "nvfp4",
+    scales: str = "rtn",
+    exclude: Sequence[str] = (),
+    calib: str | os.PathLike | None = None,
+    output_format: str = "modelopt",
+    force: bool = False,
+    progress: bool = True,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Quantize a Hugging Face safetensors checkpoint to NVFP4 (ModelOpt or compressed-tensors layout).
+
+    Args:
+        src_dir: input model directory (config.json + BF16/FP16/FP32 safetensors, sharded or not).
+        dst_dir: output directory; must not exist unless `force`.
+        recipe: "nvfp4" (W4A4, needs `calib`), "w4a16" (weight-only) or "mixed" (experts NVFP4, attention and
+            dense MLP FP8, the rest source precision; static scales with `calib`, else W4A16 + block FP8).
+        scales: block-scale rule "rtn" (ModelOpt), "four-over-six" or "mse".
+        exclude: extra fnmatch patterns of module names to keep in source precision.
+        calib: text file to calibrate activation scales on (runs the source model with transformers on CPU).
+        output_format: "modelopt" or "compressed-tensors".
+        force: replace an existing `dst_dir`.
+        progress: show a tqdm bar (tensors and bytes).
+        max_shard_bytes: output shard size bound.
+    Returns:
+        The output directory.
+    Raises:
+        ConfigError: bad option (recipe, scales, format, nvfp4 without calib, existing dst).
+        CheckpointError: unreadable or already-quantized input.
+    """
+    src, dst = Path(src_dir), Path(dst_dir)
+    if scales not in SCALE_METHODS:
+        raise ConfigError(f"--scales: unknown rule {scales!r}; expected one of {', '.join(SCALE_METHODS)}")
+    if not src.is_dir():
+        raise CheckpointError("input model directory not found", file=str(src))
+    if dst.absolute() == src.absolute():
+        raise ConfigError("the output directory must differ from the input directory")
+    if dst.exists() and not force:
+        raise ConfigError(f"output directory {dst} already exists (use --force to overwrite it)")
+    if recipe == "nvfp4" and calib is None:
+        raise ConfigError(
+            "--recipe nvfp4 (W4A4) needs activation scales: pass --calib FILE (a text to calibrate on), "
+            "or use --recipe w4a16 for weight-only NVFP4"
+        )
+    config = _read_config(src)
+    tensors = list_source_tensors(src)
+    _reject_quantized(src, config, tensors)
+    tasks = plan_tasks(tensors, recipe=recipe, calibrated=calib is not None, exclude=exclude, output_format=output_format)
+    for task in tasks:
+        if task.reason:
+            log.warning("keeping %s in %s: %s", task.source.name, task.source.dtype, task.reason)
+    amax: dict[str, float] = {}
+    if calib is not None:
+        from nvfp4_ext.quantize.calibrate import collect_activation_amax
+
+        amax = collect_activation_amax(src, calib, {t.name for t in tensors})
+    result = QuantizeResult()
+    shards = _shard_plan(tasks, max_shard_bytes)
+    with atomic_output_dir(dst, force=force) as tmp:
+        _write_shards(shards, tmp, scales, output_format, amax, result, progress)
+        _write_configs(tmp, config, tasks, output_format)
+        _write_provenance(tmp, src, tasks, result, recipe=recipe, scales=scales, output_format=output_format)
+        copy_aux_files(src, tmp)
+    return dst
+
+
+def _write_shards(
+    shards: list[list[TensorTask]],
+    out: Path,
+    method: str,
+    fmt: str,
+    amax: dict[str, float],
+    result: QuantizeResult,
+    progress: bool,
+) -> None:
+    from tqdm.auto import tqdm
+
+    total_bytes = sum(task.source.nbytes for shard in shards for task in shard)
+    count = sum(len(shard) for shard in shards)
+    reader = _SourceReader()
+    written: list[tuple[str, list[OutputTensor]]] = []
+    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="quantize", disable=not progress) as bar:
+        done = 0
+        for index, shard in enumerate(shards):
+            name = f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
+            plan = [o for task in shard for o in task.outputs]
+            writer = ShardWriter(out / name, plan)
+            try:
+                for task in shard:
+                    w = reader.get(task.source)
+                    if tuple(w.shape) != task.source.shape or w.dtype != DTYPE_TO_TORCH[task.source.dtype]:
+                        raise CheckpointError("tensor data does not match its header", tensor=task.source.name)
+                    for out_name, tensor in _process(task, w, method, fmt, amax, result):
+                        writer.write(out_name, tensor)
+                    done += 1
+                    bar.update(task.source.nbytes)
+                    bar.set_postfix_str(f"{done}/{count} tensors", refresh=False)
+            except BaseException:
+                writer.abort()
+                raise
+            writer.close()
+            written.append((name, plan))
+    write_index(out, written)
+
+
+def _write_configs(out: Path, config: dict, tasks: list[TensorTask], fmt: str) -> None:
+    config = dict(config)
+    if fmt == "modelopt":
+        flat, legacy = modelopt_configs(tasks)
+        config["quantization_config"] = flat
+        (out / "hf_quant_config.json").write_text(json.dumps(legacy, indent=2) + "\n")
+    else:
+        config["quantization_config"] = compressed_tensors_config(tasks)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _write_provenance(
+    out: Path, src: Path, tasks: list[TensorTask], result: QuantizeResult, **options: str
+) -> None:
+    fused = {
+        t.fused.source: {
+            "parent": t.fused.parent,
+            "projections": list(t.fused.projections),
+            "num_experts": t.fused.num_experts,
+            "shape": list(t.fused.shape),
+            "dtype": t.fused.dtype,
+        }
+        for t in tasks
+        if t.fused is not None
+    }
+    provenance = {
+        "version": 1,
+        **options,
+        "source": str(src.absolute()),
+        "source_tensors": {t.source.name: {"dtype": t.source.dtype, "shape": list(t.source.shape)} for t in tasks},
+        "fused_experts": fused,
+        "kept": {t.source.name: t.reason for t in tasks if t.reason},
+        "layers": result.layers,
+    }
+    (out / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=1) + "\n")
