@@ -49,16 +49,17 @@ def fused_name(module: str) -> tuple[str, int] | None:
 
 
 def group_fused(modules: list[str] | tuple[str, ...]) -> dict[str, list[str]]:
-    """Group shard modules under their fused name, keeping only groups with more than one shard present.
+    """Group shard modules under their fused name (shards in fused order: q, k, v / gate, up), keeping only
+    groups with more than one shard present.
 
     Per-expert names (`experts.{e}.gate_proj`) are not grouped across experts: each expert is its own group.
     """
-    groups: dict[str, list[str]] = {}
+    groups: dict[str, list[tuple[int, str]]] = {}
     for module in modules:
         fused = fused_name(module)
         if fused is not None:
-            groups.setdefault(fused[0], []).append(module)
-    return {name: shards for name, shards in groups.items() if len(shards) > 1}
+            groups.setdefault(fused[0], []).append((fused[1], module))
+    return {name: [m for _, m in sorted(shards)] for name, shards in groups.items() if len(shards) > 1}
 
 
 # ------------------------------------------------------------------------------------------- patterns
