@@ -29,7 +29,7 @@ __all__ = [
     "softcap",
 ]
 
-DEFAULT_CHUNK = 2048
+DEFAULT_CHUNK = 1024
 _MASK32 = 0xFFFFFFFF
 
 
@@ -63,12 +63,14 @@ def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
 def _mix32(x: torch.Tensor) -> torch.Tensor:
     # "lowbias32" integer hash (bijective on 32 bits). int64 holds the products; only the low 32 bits are
     # kept, which equals uint32 wrap-around arithmetic in the Triton kernel.
+    # In place after the first op: the fused path hashes [rows, chunk] int64 blocks.
     x = x & _MASK32
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _MASK32
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & _MASK32
-    return x ^ (x >> 16)
+    x ^= x >> 16
+    x.mul_(0x7FEB352D).bitwise_and_(_MASK32)
+    x ^= x >> 15
+    x.mul_(0x846CA68B).bitwise_and_(_MASK32)
+    x ^= x >> 16
+    return x
 
 
 def gumbel_noise(seed: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -83,8 +85,11 @@ def gumbel_noise(seed: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Ten
     seed_key = _mix32(torch.tensor(seed & _MASK32, dtype=torch.int64, device=rows.device))
     row_key = _mix32(seed_key ^ rows.to(torch.int64))
     bits = _mix32(row_key[:, None] ^ cols.to(torch.int64)[None, :])
-    u = ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
-    return -torch.log(-torch.log(u))
+    bits >>= 8
+    u = bits.float()
+    del bits
+    u.add_(0.5).mul_(1.0 / (1 << 24))
+    return u.log_().neg_().log_().neg_()
 
 
 def categorical_entropy(z: torch.Tensor) -> torch.Tensor:
@@ -188,7 +193,10 @@ def fused_denoise_stats(
     for start in range(0, vocab, chunk_size):
         weight = embed_weight[start:start + chunk_size]
         cols = torch.arange(start, start + weight.shape[0], device=device)
-        z = softcap(hidden @ weight.T, cap).div_(temps[:, None])
+        z = (hidden @ weight.T).float()
+        if cap is not None:  # HF's softcap, in place to keep one [rows, chunk] buffer
+            z.div_(cap).tanh_().mul_(cap)
+        z.div_(temps[:, None])
         noisy = z + gumbel_noise(seed, row_ids, cols)
         chunk_noisy, chunk_noisy_arg = noisy.max(dim=-1)
         del noisy
