@@ -69,7 +69,7 @@ DIFFUSIONGEMMA_MOE_SHAPE = {"num_experts": 128, "hidden": 2816, "intermediate": 
 # Decode: few tokens per expert, so small M-blocks and narrow gate/up tiles (8 experts x 704/32 tiles = 176
 # programs at M=1). Prefill: many tokens per expert, so bigger M-blocks amortize each weight tile.
 _DECODE = MoeConfig(16, TileConfig(32, 128, num_warps=4, num_stages=4), TileConfig(64, 128, num_warps=4, num_stages=4))
-_MID = MoeConfig(32, TileConfig(64, 128, num_warps=4, num_stages=3), TileConfig(64, 128, num_warps=4, num_stages=3))
+_MID = MoeConfig(32, TileConfig(64, 64, num_warps=4, num_stages=3), TileConfig(64, 128, num_warps=4, num_stages=3))
 _PREFILL = MoeConfig(64, TileConfig(64, 64, num_warps=4, num_stages=3), TileConfig(128, 64, num_warps=8, num_stages=3))
 
 
