@@ -1,0 +1,166 @@
+"""Shared helpers of the vLLM tests: tiny NVFP4 checkpoints (via `nvfp4_ext.quantize`), greedy references.
+
+Holds no tests itself. Engine tests run vLLM in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), float32, eager.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+
+PROMPT_SHORT = "w5 w17 w99 w3 w250"
+# 24 words + BOS: longer than the tiny models' sliding window (16).
+PROMPT_LONG = " ".join(f"w{(i * 37) % 500 + 4}" for i in range(24))
+PROMPTS = [PROMPT_SHORT, PROMPT_LONG]
+MAX_TOKENS = 12
+
+ENGINE_ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def set_engine_env() -> None:
+    for key, value in ENGINE_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def quantize(src: Path, dst: Path, *, output_format: str = "modelopt", recipe: str = "w4a16") -> Path:
+    """NVFP4-quantize a tiny model with the project quantizer."""
+    from nvfp4_ext.quantize import quantize_checkpoint
+
+    return Path(quantize_checkpoint(src, dst, recipe=recipe, output_format=output_format, progress=False))
+
+
+def dequantize(qdir: Path, dst: Path) -> Path:
+    from nvfp4_ext.quantize import dequantize_checkpoint
+
+    return Path(dequantize_checkpoint(qdir, dst))
+
+
+def hf_greedy(model_dir: Path, prompts: list[str], max_tokens: int = MAX_TOKENS) -> list[list[int]]:
+    """transformers float32 greedy continuation token ids (prompt excluded)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    outs = []
+    for prompt in prompts:
+        ids = tok(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            gen = model.generate(
+                ids, max_new_tokens=max_tokens, do_sample=False, eos_token_id=None, pad_token_id=0
+            )
+        outs.append(gen[0, ids.shape[1] :].tolist())
+    return outs
+
+
+def vllm_greedy(llm, prompts: list[str], max_tokens: int = MAX_TOKENS) -> list[list[int]]:
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+def make_llm(model_dir: Path, **kwargs):
+    set_engine_env()
+    from vllm import LLM
+
+    args = dict(
+        model=str(model_dir),
+        quantization="nvfp4_ext",
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=128,
+        max_num_seqs=8,
+        seed=0,
+    )
+    args.update(kwargs)
+    return LLM(**args)
+
+
+# --------------------------------------------------------------------------------------------- server
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_command(model_dir: Path, port: int, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+        "--max-model-len",
+        "128",
+        "--max-num-seqs",
+        "8",
+        *extra,
+    ]
+
+
+def server_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    return env
+
+
+def wait_ready(proc: subprocess.Popen, port: int, timeout: float = 240.0) -> bool:
+    """Poll /health until 200; False if the process exits first or the timeout passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(1.0)
+    return False
+
+
+def post_json(port: int, path: str, body: dict, timeout: float = 60.0) -> tuple[int, dict]:
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, {"error": exc.read().decode(errors="replace")}
+
+
+def stop(proc: subprocess.Popen, timeout: float = 30.0) -> int:
+    """SIGTERM, then SIGKILL after `timeout`; returns the exit code."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    return proc.returncode
