@@ -47,6 +47,7 @@ class Checkpoint:
                     )
                 self._where[name] = shard
         self._modules: list | None = None
+        self._module_index: dict = {}
 
     @classmethod
     def open(cls, model_dir: str | os.PathLike) -> Checkpoint:
@@ -113,13 +114,15 @@ class Checkpoint:
             from nvfp4_ext.checkpoint.modules import resolve_modules
 
             self._modules = resolve_modules(self)
+            self._module_index = {record.name: record for record in self._modules}
         return self._modules
 
     def module(self, name: str):
         """The record of one module (HF name without `.weight`)."""
-        for record in self.modules():
-            if record.name == name:
-                return record
+        self.modules()
+        record = self._module_index.get(name)
+        if record is not None:
+            return record
         raise CheckpointError(
             "no such linear/expert module in the checkpoint", file=str(self.root), tensor=name
         )
