@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from nvfp4_ext.errors import CheckpointError, ConfigError
+from nvfp4_ext.errors import CheckpointError, ConfigError, Nvfp4ExtError
 from nvfp4_ext.format import NVFP4_GLOBAL_DENOM, F8E4M3_MAX, quantize_fp8, stored_global_scale
 from nvfp4_ext.quantize.export_config import compressed_tensors_config, modelopt_configs
 from nvfp4_ext.quantize.io import (
@@ -267,11 +267,14 @@ def quantize_checkpoint(
         amax = collect_activation_amax(src, calib, {t.name for t in tensors})
     result = QuantizeResult()
     shards = _shard_plan(tasks, max_shard_bytes)
-    with atomic_output_dir(dst, force=force) as tmp:
-        _write_shards(shards, tmp, scales, output_format, amax, result, progress)
-        _write_configs(tmp, config, tasks, output_format)
-        _write_provenance(tmp, src, tasks, result, recipe=recipe, scales=scales, output_format=output_format)
-        copy_aux_files(src, tmp)
+    try:
+        with atomic_output_dir(dst, force=force) as tmp:
+            _write_shards(shards, tmp, scales, output_format, amax, result, progress)
+            _write_configs(tmp, config, tasks, output_format)
+            _write_provenance(tmp, src, tasks, result, recipe=recipe, scales=scales, output_format=output_format)
+            copy_aux_files(src, tmp)
+    except OSError as exc:
+        raise Nvfp4ExtError(f"writing the output failed ({exc}); nothing was written to {dst}") from exc
     return dst
 
 
