@@ -176,7 +176,8 @@ def compile_variant(variant: KernelVariant, capability: int, workdir: Path) -> C
     source = ASTSource(fn=variant.fn, signature=variant.signature, constexprs=variant.constexprs,
                        attrs=_divisibility_attrs(variant))
     compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
-                              options={"num_warps": variant.num_warps, "num_stages": variant.num_stages})
+                              options={"num_warps": variant.num_warps, "num_stages": variant.num_stages,
+                                       "enable_fp_fusion": True})
     ptx_path = workdir / f"{variant.fn.__name__}_{capability}.ptx"
     ptx_path.write_text(compiled.asm["ptx"])
     result = subprocess.run([str(_ptxas()), "-v", "--gpu-name", arch, str(ptx_path), "-o", os.devnull],

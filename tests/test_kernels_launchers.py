@@ -1,0 +1,125 @@
+"""Launcher input checks, config selection and token alignment (CPU; no kernel is launched)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") == "1", reason="covered without the interpreter; keeps that run lean"
+)
+pytest.importorskip("triton")
+
+from nvfp4_ext.format import quantize_fp8, quantize_nvfp4  # noqa: E402
+from nvfp4_ext.kernels.fp8_gemm_kernel import fp8_gemm_triton  # noqa: E402
+from nvfp4_ext.kernels.moe_align import moe_align_block_size  # noqa: E402
+from nvfp4_ext.kernels.nvfp4_gemm_kernel import GemmConfig, nvfp4_gemm_triton, select_gemm_config  # noqa: E402
+from nvfp4_ext.kernels.nvfp4_moe_kernel import nvfp4_moe_triton, select_moe_config  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def linear():
+    q = quantize_nvfp4(torch.randn(48, 64))
+    return torch.randn(2, 64, dtype=torch.float16), q
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda x, q: (x.float().double(), q.qdata, q.scale, q.global_scale), "expected x as a 2-D fp16/bf16/fp32"),
+        (lambda x, q: (x[:, :48], q.qdata, q.scale, q.global_scale), r"expected weight uint8 \[N, 24\]"),
+        (lambda x, q: (x, q.qdata.view(torch.int8), q.scale, q.global_scale), "expected weight uint8"),
+        (lambda x, q: (x, q.qdata, q.scale.float(), q.global_scale), "expected weight_scale float8_e4m3fn"),
+        (lambda x, q: (x, q.qdata, q.scale[:, :2], q.global_scale), r"expected weight_scale .*\[48, 4\]"),
+        (lambda x, q: (x, q.qdata, q.scale, torch.ones(3)), r"expected global_scale 0-d or \[48\]"),
+        (lambda x, q: (x.t().contiguous().t(), q.qdata, q.scale, q.global_scale), "unit stride along K"),
+        (lambda x, q: (x[:, :40], q.qdata[:, :20], q.scale, q.global_scale), "multiple of 16"),
+    ],
+)
+def test_nvfp4_gemm_launcher_rejects_bad_inputs(linear, mutate, message):
+    x, q = linear
+    with pytest.raises(ValueError, match=message):
+        nvfp4_gemm_triton(*mutate(x, q))
+
+
+def test_nvfp4_gemm_launcher_rejects_bad_bias_and_config(linear):
+    x, q = linear
+    with pytest.raises(ValueError, match=r"expected bias \[48\]"):
+        nvfp4_gemm_triton(x, q.qdata, q.scale, q.global_scale, torch.zeros(47))
+    with pytest.raises(ValueError, match="expected block_n to be a power of two >= 16, got 48"):
+        GemmConfig(16, 48, 64)
+    with pytest.raises(ValueError, match="expected split_k >= 1"):
+        GemmConfig(16, 64, 64, split_k=0)
+
+
+def test_fp8_launcher_rejects_bad_scales():
+    w, _ = quantize_fp8(torch.randn(48, 64))
+    with pytest.raises(ValueError, match=r"expected weight_scale 0-d, \[48\], \[48, 1\] or \[1, 1\]"):
+        fp8_gemm_triton(torch.randn(2, 64), w, torch.ones(3, 3))
+    with pytest.raises(ValueError, match="expected weight contiguous float8_e4m3fn"):
+        fp8_gemm_triton(torch.randn(2, 64), w.float(), torch.ones(()))
+
+
+def _moe_args(topk_ids, experts=4, hidden=32, inter=16):
+    q13 = quantize_nvfp4(torch.randn(experts, 2 * inter, hidden))
+    q2 = quantize_nvfp4(torch.randn(experts, hidden, inter))
+    x = torch.randn(topk_ids.shape[0], hidden, dtype=torch.float16)
+    weights = torch.ones(topk_ids.shape, dtype=torch.float32)
+    return [x, q13.qdata, q13.scale, q13.global_scale, q2.qdata, q2.scale, q2.global_scale, weights, topk_ids]
+
+
+def test_moe_launcher_rejects_bad_inputs():
+    args = _moe_args(torch.tensor([[0, 4]]))
+    with pytest.raises(ValueError, match=r"expected topk_ids in \[0, 4\), got values in \[0, 4\]"):
+        nvfp4_moe_triton(*args)
+    args = _moe_args(torch.tensor([[0, 1]]))
+    with pytest.raises(ValueError, match="expected activation in"):
+        nvfp4_moe_triton(*args, activation="relu")
+    bad = list(args)
+    bad[4] = args[4][:, :, :4]
+    with pytest.raises(ValueError, match=r"expected w2 contiguous uint8 \[4, 32, 8\]"):
+        nvfp4_moe_triton(*bad)
+    bad = list(args)
+    bad[3] = torch.ones(4, 3)
+    with pytest.raises(ValueError, match=r"expected w13_global \[4\] or \[4, 32\]"):
+        nvfp4_moe_triton(*bad)
+    bad = list(args)
+    bad[7] = torch.ones(1, 3)
+    with pytest.raises(ValueError, match=r"expected topk_weights \[1, 2\]"):
+        nvfp4_moe_triton(*bad)
+
+
+def test_moe_alignment_groups_pairs_by_expert_and_skips_empty_experts():
+    topk_ids = torch.tensor([[3, 1], [3, 3], [1, 6], [3, 0]])
+    align = moe_align_block_size(topk_ids, block_m=4, num_experts=8)
+    pairs = topk_ids.numel()
+    num_padded = int(align.num_padded)
+    # Experts 0 (1 pair), 1 (2), 3 (4), 6 (1): one block each; experts 2, 4, 5, 7 get none.
+    assert num_padded == 4 * 4
+    assert align.expert_ids[:4].tolist() == [0, 1, 3, 6]
+    assert (align.expert_ids[4:] == -1).all()
+    flat = topk_ids.reshape(-1)
+    for block, expert in enumerate(align.expert_ids[:4].tolist()):
+        ids = align.sorted_ids[block * 4:(block + 1) * 4]
+        real = ids[ids < pairs]
+        assert (flat[real.long()] == expert).all()
+        assert sorted(real.tolist()) == sorted((flat == expert).nonzero().flatten().tolist())
+    assert (align.sorted_ids[num_padded:] == pairs).all()
+    # Capacity depends only on shapes: pairs + min(pairs, E) * (block_m - 1), rounded to blocks.
+    assert align.sorted_ids.numel() == 8 + 8 * 3
+
+
+def test_moe_alignment_of_one_decode_token_launches_top_k_blocks():
+    align = moe_align_block_size(torch.arange(8).reshape(1, 8) * 16, block_m=16, num_experts=128)
+    assert align.max_blocks == 8 and int(align.num_padded) == 8 * 16
+
+
+def test_config_selection_buckets():
+    assert select_gemm_config(1, 2816, 2816).block_m == 16
+    assert select_gemm_config(1, 2816, 2816).split_k > 1  # 44 tiles alone would leave SMs idle
+    assert select_gemm_config(1, 262144, 2816).split_k == 1  # the LM head has tiles to spare
+    assert select_gemm_config(2048, 2816, 2816).block_m == 128
+    assert select_moe_config(1, 128, 8).block_m == 16
+    assert select_moe_config(2048, 128, 8).block_m == 64
