@@ -197,3 +197,17 @@ def test_unquantized_checkpoint(tmp_path: Path) -> None:
     assert ckpt.quant_config is None
     (record,) = ckpt.modules()
     assert (record.scheme, record.reason) == ("unquantized", "checkpoint has no quantization config")
+
+
+def test_engines_never_quantize_vision_towers_and_embeddings(tmp_path: Path) -> None:
+    tensors = dense_nvfp4_tensors()
+    tensors["model.vision_tower.encoder.layers.0.mlp.fc1.weight"] = torch.randn(16, 32).bfloat16()
+    tensors["model.encoder.embed_vision.embedding_projection.weight"] = torch.randn(64, 16).bfloat16()
+    ckpt = validate_checkpoint(write_checkpoint(tmp_path / "c", tensors, nvfp4_config(exclude=["lm_head"])))
+    reasons = {r.name: r.reason for r in ckpt.modules() if r.scheme == "unquantized"}
+    assert reasons == {
+        "lm_head": "excluded by pattern 'lm_head'",
+        "model.embed_tokens": "embedding",
+        "model.vision_tower.encoder.layers.0.mlp.fc1": "vision_tower (engines keep it unquantized)",
+        "model.encoder.embed_vision.embedding_projection": "embed_vision (engines keep it unquantized)",
+    }

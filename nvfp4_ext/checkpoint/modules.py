@@ -12,8 +12,8 @@ experts). Its companion tensors, by convention:
 | input_global   | `P.input_scale`          | `P.input_global_scale`       | `P_input_scale`        |
 
 The scheme comes from the quantization config (`QuantConfig.scheme_for`) and must agree with the stored
-tensors; a module the config would quantize but which is stored in float is accepted only when it is an
-embedding (engines never quantize those).
+tensors; a module the config would quantize but which is stored in float is accepted only when engines
+never quantize it anyway (embeddings, vision towers: `kept_unquantized`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,14 @@ from nvfp4_ext.format import FP8_BLOCK, NVFP4_BLOCK_SIZE
 if TYPE_CHECKING:
     from nvfp4_ext.checkpoint.reader import Checkpoint
 
-__all__ = ["AUX_SUFFIXES", "ModuleRecord", "is_embedding", "resolve_modules"]
+__all__ = [
+    "ALWAYS_UNQUANTIZED",
+    "AUX_SUFFIXES",
+    "ModuleRecord",
+    "is_embedding",
+    "kept_unquantized",
+    "resolve_modules",
+]
 
 _ROLE_SUFFIXES: dict[str, tuple[str, ...]] = {
     "weight_scale": ("weight_scale",),
@@ -85,6 +92,22 @@ def is_embedding(module: str) -> bool:
     """Embedding tables (never quantized by engines), e.g. `embed_tokens`, `position_embedding_table`."""
     leaf = module.rsplit(".", 1)[-1]
     return "embed" in leaf and not leaf.endswith(("_proj", "projection"))
+
+
+# Module-path components engines keep unquantized whatever the config says (vLLM's ModelOpt config
+# hard-codes the first three; `embed_vision` is DiffusionGemma's vision embedder).
+ALWAYS_UNQUANTIZED = ("vision_tower", "vision_model", "vit_large_projector", "embed_vision")
+
+
+def kept_unquantized(module: str) -> str | None:
+    """Why engines never quantize `module` (embedding, vision tower), or None."""
+    if is_embedding(module):
+        return "embedding"
+    parts = module.split(".")
+    for component in ALWAYS_UNQUANTIZED:
+        if component in parts:
+            return f"{component} (engines keep it unquantized)"
+    return None
 
 
 def _candidates(ckpt: Checkpoint) -> dict[str, tuple[str, str]]:
@@ -157,11 +180,9 @@ def _reconcile(
             return stored, f"excluded by pattern {pattern!r}"
         if cfg is None:
             return stored, "checkpoint has no quantization config"
-        if is_embedding(module):
-            return stored, "embedding"
-        return stored, "not listed as quantized by the config"
-    if stored == "unquantized" and is_embedding(module):
-        return stored, "embedding"
+        return stored, kept_unquantized(module) or "not listed as quantized by the config"
+    if stored == "unquantized" and kept_unquantized(module):
+        return stored, kept_unquantized(module)
     if configured == "nvfp4_w4a16" and stored == "nvfp4":
         return configured, None  # engines drop the unused activation scale of weight-only layers
     source = cfg.source if cfg else "no quantization config"
