@@ -2,9 +2,9 @@
 
 Public API: the ops (`nvfp4_gemm`, `nvfp4_moe`, `fp8_gemm`), which pick the Triton kernel or the pure-torch
 reference per call, and the references themselves (`*_ref`). The Triton modules (`nvfp4_gemm_kernel`,
-`nvfp4_moe_kernel`, `fp8_gemm_kernel`, `moe_align`, `report`) import Triton and load only when a Triton backend
-runs. They carry a `_kernel` suffix because a submodule named like an op would replace the op on the package
-once imported (Python binds every imported submodule as an attribute of its package).
+`nvfp4_moe_kernel`, `fp8_gemm_kernel`, `moe_align`, `report`) import Triton and load only when a Triton
+backend runs. They carry a `_kernel` suffix because a submodule named like an op would replace the op on
+the package once imported (Python binds every imported submodule as an attribute of its package).
 """
 
 from __future__ import annotations

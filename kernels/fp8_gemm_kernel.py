@@ -75,15 +75,15 @@ def _fp8_gemm_kernel(
     for k0 in range(k_start, k_end, BLOCK_K):
         cols = k0 + offs_k
         mask_k = cols < k_end
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :], mask=mask_m[:, None] & mask_k[None, :],
-                    other=0.0)
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + cols[None, :]
+        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         x = x.to(tl.float32).to(DOT_DTYPE)  # upcast first: the interpreter computes bf16 wrongly
-        raw = tl.load(w_ptr + offs_n[None, :] * stride_wn + cols[:, None], mask=mask_k[:, None] & mask_n[None, :],
-                      other=0)
+        w_ptrs = w_ptr + offs_n[None, :] * stride_wn + cols[:, None]
+        raw = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0)
         w = e4m3_to_float(raw).to(DOT_DTYPE)
         if BLOCK_SCALES:
-            block_scale = tl.load(scale_ptr + (offs_n // SCALE_BLOCK) * stride_sb + k0 // SCALE_BLOCK, mask=mask_n,
-                                  other=0.0)
+            scale_ptrs = scale_ptr + (offs_n // SCALE_BLOCK) * stride_sb + k0 // SCALE_BLOCK
+            block_scale = tl.load(scale_ptrs, mask=mask_n, other=0.0)
             partial = tl.dot(x, w, input_precision="ieee")
             accumulator += partial * block_scale[None, :]
         else:
@@ -115,7 +115,8 @@ def _scale_layout(weight_scale: torch.Tensor, n: int, k: int) -> tuple[torch.Ten
     if tuple(scale.shape) == blocks:
         return scale.contiguous(), True
     raise ValueError(
-        f"expected weight_scale 0-d, [{n}], [{n}, 1] or {list(blocks)} (128x128 blocks), got {list(scale.shape)}"
+        f"expected weight_scale 0-d, [{n}], [{n}, 1] or {list(blocks)} (128x128 blocks), "
+        f"got {list(scale.shape)}"
     )
 
 
@@ -141,10 +142,19 @@ def fp8_gemm_triton(
         ValueError: a dtype, shape, stride or device mismatch, naming the argument.
     """
     if x.dim() != 2 or x.dtype not in _DOT_DTYPES or x.stride(1) != 1:
-        raise ValueError(f"expected x as a 2-D fp16/bf16/fp32 tensor with unit stride, got {x.dtype} {list(x.shape)}")
+        raise ValueError(
+            f"expected x as a 2-D fp16/bf16/fp32 tensor with unit stride, got {x.dtype} {list(x.shape)}"
+        )
     m, k = x.shape
-    if weight.dtype != torch.float8_e4m3fn or weight.dim() != 2 or weight.shape[1] != k or not weight.is_contiguous():
-        raise ValueError(f"expected weight contiguous float8_e4m3fn [N, {k}], got {weight.dtype} {list(weight.shape)}")
+    if (
+        weight.dtype != torch.float8_e4m3fn
+        or weight.dim() != 2
+        or weight.shape[1] != k
+        or not weight.is_contiguous()
+    ):
+        raise ValueError(
+            f"expected weight contiguous float8_e4m3fn [N, {k}], got {weight.dtype} {list(weight.shape)}"
+        )
     n = weight.shape[0]
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"expected bias [{n}], got shape {list(bias.shape)}")
@@ -163,8 +173,9 @@ def fp8_gemm_triton(
         x, weight.view(torch.uint8), scale, bias if bias is not None else scale, target,
         m, n, k, k_per_split,
         x.stride(0), weight.stride(0), scale.stride(0), target.stride(0), target.stride(1),
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, DOT_DTYPE=_DOT_DTYPES[x.dtype],
-        HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK_SCALES=block_scales, SCALE_BLOCK=FP8_BLOCK[0],
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        DOT_DTYPE=_DOT_DTYPES[x.dtype], HAS_BIAS=bias is not None, SPLIT_K=split_k,
+        BLOCK_SCALES=block_scales, SCALE_BLOCK=FP8_BLOCK[0],
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if split_k == 1:

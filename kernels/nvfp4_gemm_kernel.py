@@ -26,7 +26,13 @@ from nvfp4_ext.format import NVFP4_BLOCK_SIZE
 
 from .nvfp4_tile import load_activation_pair, load_nvfp4_tile_pair
 
-__all__ = ["DIFFUSIONGEMMA_GEMM_SHAPES", "GemmConfig", "nvfp4_gemm_triton", "select_gemm_config", "shipped_configs"]
+__all__ = [
+    "DIFFUSIONGEMMA_GEMM_SHAPES",
+    "GemmConfig",
+    "nvfp4_gemm_triton",
+    "select_gemm_config",
+    "shipped_configs",
+]
 
 
 # ----------------------------------------------------------------------------------------------- configs
@@ -94,7 +100,7 @@ def select_gemm_config(m: int, n: int, k: int) -> GemmConfig:
 
 
 def shipped_configs() -> list[tuple[str, int, GemmConfig]]:
-    """(shape name, M bucket, config) for every DiffusionGemma shape and M bucket; the AOT tests compile these."""
+    """(shape name, M bucket, config) for every DiffusionGemma shape and M bucket (the AOT-compiled set)."""
     rows = []
     for name, n, k in DIFFUSIONGEMMA_GEMM_SHAPES:
         for m in (1, 16, 64, 256):
@@ -222,7 +228,8 @@ def nvfp4_gemm_triton(
     target = out if split_k == 1 else torch.zeros((m, n), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), split_k)
     _nvfp4_gemm_kernel[grid](
-        x, weight, weight_scale.view(torch.uint8), row_global, bias if bias is not None else row_global, target,
+        x, weight, weight_scale.view(torch.uint8), row_global,
+        bias if bias is not None else row_global, target,
         m, n, k, k_per_split,
         x.stride(0), weight.stride(0), weight_scale.stride(0), target.stride(0), target.stride(1),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,

@@ -68,9 +68,9 @@ DIFFUSIONGEMMA_MOE_SHAPE = {"num_experts": 128, "hidden": 2816, "intermediate": 
 
 # Decode: few tokens per expert, so small M-blocks and narrow gate/up tiles (8 experts x 704/32 tiles = 176
 # programs at M=1). Prefill: many tokens per expert, so bigger M-blocks amortize each weight tile.
-_DECODE = MoeConfig(16, TileConfig(32, 128, num_warps=4, num_stages=4), TileConfig(64, 128, num_warps=4, num_stages=4))
-_MID = MoeConfig(32, TileConfig(64, 64, num_warps=4, num_stages=3), TileConfig(64, 128, num_warps=4, num_stages=3))
-_PREFILL = MoeConfig(64, TileConfig(64, 64, num_warps=4, num_stages=3), TileConfig(128, 64, num_warps=8, num_stages=3))
+_DECODE = MoeConfig(16, gate_up=TileConfig(32, 128, 4, 4), down=TileConfig(64, 128, 4, 4))
+_MID = MoeConfig(32, gate_up=TileConfig(64, 64, 4, 3), down=TileConfig(64, 128, 4, 3))
+_PREFILL = MoeConfig(64, gate_up=TileConfig(64, 64, 4, 3), down=TileConfig(128, 64, 8, 3))
 
 
 def select_moe_config(num_tokens: int, num_experts: int, top_k: int) -> MoeConfig:
@@ -86,10 +86,9 @@ def select_moe_config(num_tokens: int, num_experts: int, top_k: int) -> MoeConfi
 def shipped_moe_configs() -> list[tuple[str, int, MoeConfig]]:
     """(shape name, M, config) for DiffusionGemma's experts at the benchmark batch sizes."""
     shape = DIFFUSIONGEMMA_MOE_SHAPE
-    name = f"experts E={shape['num_experts']} H={shape['hidden']} I={shape['intermediate']} top{shape['top_k']}"
-    return [
-        (name, m, select_moe_config(m, shape["num_experts"], shape["top_k"])) for m in (1, 4, 16, 64, 256, 2048)
-    ]
+    experts, top_k = shape["num_experts"], shape["top_k"]
+    name = f"experts E={experts} H={shape['hidden']} I={shape['intermediate']} top{top_k}"
+    return [(name, m, select_moe_config(m, experts, top_k)) for m in (1, 4, 16, 64, 256, 2048)]
 
 
 # ------------------------------------------------------------------------------------------------ kernels
@@ -98,7 +97,7 @@ def _moe_gate_up_kernel(
     # Pointers
     x_ptr, w_ptr, scale_ptr, global_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, out_ptr,
     # Dimensions
-    num_pairs, I, H, top_k,
+    num_pairs, inter_size, hidden_size, top_k,
     # Strides (elements)
     stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_ge, stride_om,
     # Meta-parameters
@@ -108,7 +107,7 @@ def _moe_gate_up_kernel(
     tl.static_assert(BLOCK_K % 32 == 0, "BLOCK_K must hold whole pairs of 16-element scale blocks")
     HALF_K: tl.constexpr = BLOCK_K // 2
     pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(I, BLOCK_N)
+    num_pid_n = tl.cdiv(inter_size, BLOCK_N)
     pid_m = pid // num_pid_n
     pid_n = pid % num_pid_n
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
@@ -119,19 +118,21 @@ def _moe_gate_up_kernel(
     mask_m = offs_pair < num_pairs
     x_rows = x_ptr + (offs_pair // top_k)[:, None] * stride_xm
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < I
+    mask_n = offs_n < inter_size
     w_expert = w_ptr + expert * stride_we
     scale_expert = scale_ptr + expert * stride_se
 
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        x_even, x_odd = load_activation_pair(x_rows, mask_m[:, None], k0, H, HALF_K, DOT_DTYPE)
+    for k0 in range(0, hidden_size, BLOCK_K):
+        x_even, x_odd = load_activation_pair(x_rows, mask_m[:, None], k0, hidden_size, HALF_K, DOT_DTYPE)
         gate_even, gate_odd = load_nvfp4_tile_pair(
-            w_expert, scale_expert, offs_n, mask_n, k0, H, stride_wn, stride_sn, BLOCK_N, HALF_K, DOT_DTYPE
+            w_expert, scale_expert, offs_n, mask_n, k0, hidden_size, stride_wn, stride_sn,
+            BLOCK_N, HALF_K, DOT_DTYPE,
         )
         up_even, up_odd = load_nvfp4_tile_pair(
-            w_expert, scale_expert, offs_n + I, mask_n, k0, H, stride_wn, stride_sn, BLOCK_N, HALF_K, DOT_DTYPE
+            w_expert, scale_expert, offs_n + inter_size, mask_n, k0, hidden_size, stride_wn, stride_sn,
+            BLOCK_N, HALF_K, DOT_DTYPE,
         )
         acc_gate = tl.dot(x_even, gate_even, acc_gate, input_precision="ieee")
         acc_gate = tl.dot(x_odd, gate_odd, acc_gate, input_precision="ieee")
@@ -141,9 +142,9 @@ def _moe_gate_up_kernel(
     # Epilogue: global scales of the gate and up rows, then the gated activation.
     global_expert = global_ptr + expert * stride_ge
     gate = acc_gate * tl.load(global_expert + offs_n, mask=mask_n, other=0.0)[None, :]
-    up = acc_up * tl.load(global_expert + I + offs_n, mask=mask_n, other=0.0)[None, :]
-    if ACTIVATION == 0:
-        # gelu_tanh(g) = g * sigmoid(2 * sqrt(2/pi) * (g + 0.044715 g^3)), since 0.5 * (1 + tanh(u)) = sigmoid(2u).
+    up = acc_up * tl.load(global_expert + inter_size + offs_n, mask=mask_n, other=0.0)[None, :]
+    if ACTIVATION == 0:  # noqa: SIM108 (a constexpr branch, resolved at compile time)
+        # gelu_tanh(g) = g * sigmoid(2 * sqrt(2/pi) * (g + 0.044715 g^3)): 0.5 * (1 + tanh(u)) = sigmoid(2u).
         z = 1.5957691216057308 * (gate + 0.044715 * gate * gate * gate)
     else:
         z = gate  # silu(g) = g * sigmoid(g)
@@ -158,9 +159,10 @@ def _moe_gate_up_kernel(
 @triton.jit
 def _moe_down_kernel(
     # Pointers
-    h_ptr, w_ptr, scale_ptr, global_ptr, topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, out_ptr,
+    h_ptr, w_ptr, scale_ptr, global_ptr, topk_weights_ptr,
+    sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, out_ptr,
     # Dimensions
-    num_pairs, H, I, top_k,
+    num_pairs, hidden_size, inter_size, top_k,
     # Strides (elements)
     stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_ge, stride_om,
     # Meta-parameters
@@ -169,7 +171,7 @@ def _moe_down_kernel(
     tl.static_assert(BLOCK_K % 32 == 0, "BLOCK_K must hold whole pairs of 16-element scale blocks")
     HALF_K: tl.constexpr = BLOCK_K // 2
     pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(H, BLOCK_N)
+    num_pid_n = tl.cdiv(hidden_size, BLOCK_N)
     pid_m = pid // num_pid_n
     pid_n = pid % num_pid_n
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
@@ -180,15 +182,16 @@ def _moe_down_kernel(
     mask_m = offs_pair < num_pairs
     h_rows = h_ptr + offs_pair[:, None] * stride_hm
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < H
+    mask_n = offs_n < hidden_size
     w_expert = w_ptr + expert * stride_we
     scale_expert = scale_ptr + expert * stride_se
 
     accumulator = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, I, BLOCK_K):
-        h_even, h_odd = load_activation_pair(h_rows, mask_m[:, None], k0, I, HALF_K, DOT_DTYPE)
+    for k0 in range(0, inter_size, BLOCK_K):
+        h_even, h_odd = load_activation_pair(h_rows, mask_m[:, None], k0, inter_size, HALF_K, DOT_DTYPE)
         w_even, w_odd = load_nvfp4_tile_pair(
-            w_expert, scale_expert, offs_n, mask_n, k0, I, stride_wn, stride_sn, BLOCK_N, HALF_K, DOT_DTYPE
+            w_expert, scale_expert, offs_n, mask_n, k0, inter_size, stride_wn, stride_sn,
+            BLOCK_N, HALF_K, DOT_DTYPE,
         )
         accumulator = tl.dot(h_even, w_even, accumulator, input_precision="ieee")
         accumulator = tl.dot(h_odd, w_odd, accumulator, input_precision="ieee")
@@ -208,26 +211,35 @@ _DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.flo
 def _check_expert_weight(name, qdata, scale, global_scale, experts, rows, k) -> None:
     expected = (experts, rows, k // 2)
     if qdata.dtype != torch.uint8 or tuple(qdata.shape) != expected or not qdata.is_contiguous():
-        raise ValueError(f"expected {name} contiguous uint8 {list(expected)}, got {qdata.dtype} {list(qdata.shape)}")
+        raise ValueError(
+            f"expected {name} contiguous uint8 {list(expected)}, got {qdata.dtype} {list(qdata.shape)}"
+        )
     expected_scale = (experts, rows, k // NVFP4_BLOCK_SIZE)
-    if scale.dtype != torch.float8_e4m3fn or tuple(scale.shape) != expected_scale or not scale.is_contiguous():
+    scale_ok = scale.dtype == torch.float8_e4m3fn and tuple(scale.shape) == expected_scale
+    if not (scale_ok and scale.is_contiguous()):
         raise ValueError(
             f"expected {name}_scale contiguous float8_e4m3fn {list(expected_scale)}, got {scale.dtype} "
             f"{list(scale.shape)}"
         )
     if tuple(global_scale.shape) not in ((experts,), (experts, rows)):
-        raise ValueError(f"expected {name}_global [{experts}] or [{experts}, {rows}], got {list(global_scale.shape)}")
+        raise ValueError(
+            f"expected {name}_global [{experts}] or [{experts}, {rows}], got {list(global_scale.shape)}"
+        )
 
 
 def _check_inputs(x, w13, w13_scale, w13_global, w2, w2_scale, w2_global, topk_weights, topk_ids, activation):
     if x.dim() != 2 or x.dtype not in _DOT_DTYPES or x.stride(1) != 1:
-        raise ValueError(f"expected x as a 2-D fp16/bf16/fp32 tensor with unit stride, got {x.dtype} {list(x.shape)}")
+        raise ValueError(
+            f"expected x as a 2-D fp16/bf16/fp32 tensor with unit stride, got {x.dtype} {list(x.shape)}"
+        )
     tokens, hidden = x.shape
     if w13.dim() != 3 or w13.shape[1] % 2:
         raise ValueError(f"expected w13 [E, 2I, H/2], got shape {list(w13.shape)}")
     experts, intermediate = w13.shape[0], w13.shape[1] // 2
     if hidden % NVFP4_BLOCK_SIZE or intermediate % NVFP4_BLOCK_SIZE:
-        raise ValueError(f"expected hidden and intermediate sizes multiple of 16, got H={hidden} I={intermediate}")
+        raise ValueError(
+            f"expected hidden and intermediate sizes multiple of 16, got H={hidden} I={intermediate}"
+        )
     _check_expert_weight("w13", w13, w13_scale, w13_global, experts, 2 * intermediate, hidden)
     _check_expert_weight("w2", w2, w2_scale, w2_global, experts, hidden, intermediate)
     if topk_ids.dim() != 2 or topk_ids.shape[0] != tokens or topk_ids.dtype.is_floating_point:
@@ -258,7 +270,7 @@ def nvfp4_moe_triton(
     *,
     config: MoeConfig | None = None,
 ) -> torch.Tensor:
-    """Launch the fused NVFP4 MoE: alignment, gate/up GEMM + activation, down GEMM + router weights + top-k sum.
+    """Launch the fused NVFP4 MoE: alignment, gate/up GEMM + activation, down GEMM + router weights + top-k.
 
     Args:
         x: [T, H] fp16/bf16 (fp32 for tests); w13: uint8 [E, 2I, H/2] (gate rows first);
@@ -289,7 +301,8 @@ def nvfp4_moe_triton(
     tile = config.gate_up
     grid = (align.max_blocks * triton.cdiv(intermediate, tile.block_n),)
     _moe_gate_up_kernel[grid](
-        x, w13, w13_scale.view(torch.uint8), g13, align.sorted_ids, align.expert_ids, align.num_padded, hidden_act,
+        x, w13, w13_scale.view(torch.uint8), g13,
+        align.sorted_ids, align.expert_ids, align.num_padded, hidden_act,
         align.num_pairs, intermediate, hidden, top_k,
         x.stride(0), w13.stride(0), w13.stride(1), w13_scale.stride(0), w13_scale.stride(1), g13.stride(0),
         hidden_act.stride(0),
@@ -304,8 +317,8 @@ def nvfp4_moe_triton(
         hidden_act, w2, w2_scale.view(torch.uint8), g2, router, align.sorted_ids, align.expert_ids,
         align.num_padded, out,
         align.num_pairs, hidden, intermediate, top_k,
-        hidden_act.stride(0), w2.stride(0), w2.stride(1), w2_scale.stride(0), w2_scale.stride(1), g2.stride(0),
-        out.stride(0),
+        hidden_act.stride(0), w2.stride(0), w2.stride(1), w2_scale.stride(0), w2_scale.stride(1),
+        g2.stride(0), out.stride(0),
         BLOCK_M=config.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, DOT_DTYPE=dot_dtype,
         num_warps=tile.num_warps, num_stages=tile.num_stages,
     )

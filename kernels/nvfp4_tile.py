@@ -57,7 +57,7 @@ def load_nvfp4_tile_pair(
     w_ptr, scale_ptr, offs_n, mask_n, k0, k_end, stride_wn, stride_sn,
     BLOCK_N: tl.constexpr, HALF_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
-    """Dequantized W^T for K-columns [k0, k0 + 2*HALF_K) of rows `offs_n`, as (even-K, odd-K) [HALF_K, BLOCK_N].
+    """Dequantized W^T for K-columns [k0, k0 + 2*HALF_K) of rows `offs_n`: (even-K, odd-K) [HALF_K, BLOCK_N].
 
     `w_ptr` / `scale_ptr` point at one weight matrix (uint8 [N, K/2] and e4m3-as-uint8 [N, K/16]); the
     packed bytes are loaded contiguous along K so they vectorize. Values carry the block scale but not the
@@ -66,7 +66,8 @@ def load_nvfp4_tile_pair(
     SCALES_K: tl.constexpr = HALF_K // 8
     bytes_k = k0 // 2 + tl.arange(0, HALF_K)
     mask_w = (bytes_k[:, None] < k_end // 2) & mask_n[None, :]
-    packed = tl.load(w_ptr + offs_n[None, :] * stride_wn + bytes_k[:, None], mask=mask_w, other=0).to(tl.int32)
+    packed = tl.load(w_ptr + offs_n[None, :] * stride_wn + bytes_k[:, None], mask=mask_w, other=0)
+    packed = packed.to(tl.int32)
     blocks_k = k0 // 16 + tl.arange(0, SCALES_K)
     mask_s = (blocks_k[:, None] < k_end // 16) & mask_n[None, :]
     raw_scale = tl.load(scale_ptr + offs_n[None, :] * stride_sn + blocks_k[:, None], mask=mask_s, other=0)

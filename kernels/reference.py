@@ -20,7 +20,7 @@ ACTIVATIONS: tuple[str, ...] = ("gelu_tanh", "silu")
 
 
 def apply_gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: Activation) -> torch.Tensor:
-    """act(gate) * up in float32; `gelu_tanh` is GELU with the tanh approximation (Gemma), `silu` is SwiGLU."""
+    """act(gate) * up in float32: `gelu_tanh` is tanh-approximated GELU (Gemma), `silu` is SwiGLU's."""
     gate = gate.float()
     if activation == "gelu_tanh":
         activated = torch.nn.functional.gelu(gate, approximate="tanh")
@@ -130,4 +130,3 @@ def fp8_gemm_ref(
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
-

@@ -18,11 +18,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ARCHES", "CompileResult", "KernelVariant", "compile_variant", "occupancy", "run", "shipped_variants"]
+__all__ = [
+    "ARCHES",
+    "CompileResult",
+    "KernelVariant",
+    "compile_variant",
+    "occupancy",
+    "run",
+    "shipped_variants",
+]
 
 # capability -> (ptxas arch, shared memory per SM usable by CTAs in bytes). All three: 64K registers and
 # 64 resident warps per SM, at most 32 CTAs per SM, 1 KiB of shared memory reserved per CTA.
-ARCHES: dict[int, tuple[str, int]] = {80: ("sm_80", 164 * 1024), 90: ("sm_90a", 228 * 1024), 100: ("sm_100a", 228 * 1024)}
+ARCHES: dict[int, tuple[str, int]] = {
+    80: ("sm_80", 164 * 1024),
+    90: ("sm_90a", 228 * 1024),
+    100: ("sm_100a", 228 * 1024),
+}
 _REGISTERS_PER_SM = 65536
 _WARPS_PER_SM = 64
 _CTAS_PER_SM = 32
@@ -80,9 +92,21 @@ def occupancy(registers: int, smem_bytes: int, num_warps: int, capability: int) 
 # ---------------------------------------------------------------------------------------------- variants
 def _gemm_signature(out_fp32: bool) -> dict[str, str]:
     return {
-        "x_ptr": "*bf16", "w_ptr": "*u8", "scale_ptr": "*u8", "global_ptr": "*fp32", "bias_ptr": "*bf16",
-        "out_ptr": "*fp32" if out_fp32 else "*bf16", "M": "i32", "N": "i32", "K": "i32", "k_per_split": "i32",
-        "stride_xm": "i32", "stride_wn": "i32", "stride_sn": "i32", "stride_om": "i32", "stride_on": "constexpr",
+        "x_ptr": "*bf16",
+        "w_ptr": "*u8",
+        "scale_ptr": "*u8",
+        "global_ptr": "*fp32",
+        "bias_ptr": "*bf16",
+        "out_ptr": "*fp32" if out_fp32 else "*bf16",
+        "M": "i32",
+        "N": "i32",
+        "K": "i32",
+        "k_per_split": "i32",
+        "stride_xm": "i32",
+        "stride_wn": "i32",
+        "stride_sn": "i32",
+        "stride_om": "i32",
+        "stride_on": "constexpr",
     }
 
 
@@ -108,41 +132,81 @@ def shipped_variants() -> list[KernelVariant]:
         split = config.split_k > 1
         label = f"{config.block_m}x{config.block_n}x{config.block_k} w{config.num_warps} s{config.num_stages}"
         label += " split-K" if split else ""
-        constexprs = {"stride_on": 1, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
-                      "BLOCK_K": config.block_k, "DOT_DTYPE": tl.bfloat16, "HAS_BIAS": False,
-                      "SPLIT_K": 2 if split else 1}
+        constexprs = {
+            "stride_on": 1,
+            "BLOCK_M": config.block_m,
+            "BLOCK_N": config.block_n,
+            "BLOCK_K": config.block_k,
+            "DOT_DTYPE": tl.bfloat16,
+            "HAS_BIAS": False,
+            "SPLIT_K": 2 if split else 1,
+        }
         signature = {**_gemm_signature(split), **{k: "constexpr" for k in constexprs}}
-        return label, KernelVariant("nvfp4_gemm", label, _nvfp4_gemm_kernel, signature, constexprs,
-                                    config.num_warps, config.num_stages)
+        return label, KernelVariant(
+            "nvfp4_gemm",
+            label,
+            _nvfp4_gemm_kernel,
+            signature,
+            constexprs,
+            config.num_warps,
+            config.num_stages,
+        )
 
     def fp8(config):
         label, variant = gemm(config)
         signature = {k: v for k, v in variant.signature.items() if k != "global_ptr"}
-        signature = {**signature, "scale_ptr": "*fp32", "stride_sb": "i32", "BLOCK_SCALES": "constexpr",
-                     "SCALE_BLOCK": "constexpr"}
+        signature = {
+            **signature,
+            "scale_ptr": "*fp32",
+            "stride_sb": "i32",
+            "BLOCK_SCALES": "constexpr",
+            "SCALE_BLOCK": "constexpr",
+        }
         signature = {k: signature[k] for k in _fp8_gemm_kernel.arg_names}
         constexprs = {**variant.constexprs, "BLOCK_SCALES": True, "SCALE_BLOCK": 128}
-        return label, KernelVariant("fp8_gemm", label + " block-scaled", _fp8_gemm_kernel, signature, constexprs,
-                                    config.num_warps, config.num_stages)
+        return label, KernelVariant(
+            "fp8_gemm",
+            label + " block-scaled",
+            _fp8_gemm_kernel,
+            signature,
+            constexprs,
+            config.num_warps,
+            config.num_stages,
+        )
 
     def moe_stage(fn, stage, block_m, tile, extra):
         label = f"{block_m}x{tile.block_n}x{tile.block_k} w{tile.num_warps} s{tile.num_stages}"
         pointers = [a for a in fn.arg_names if a.endswith("_ptr")]
-        types = {"x_ptr": "*bf16", "h_ptr": "*bf16", "global_ptr": "*fp32", "topk_weights_ptr": "*fp32",
-                 "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32", "num_padded_ptr": "*i32",
-                 "out_ptr": "*fp32" if stage == "down" else "*bf16"}
+        types = {
+            "x_ptr": "*bf16",
+            "h_ptr": "*bf16",
+            "global_ptr": "*fp32",
+            "topk_weights_ptr": "*fp32",
+            "sorted_ids_ptr": "*i32",
+            "expert_ids_ptr": "*i32",
+            "num_padded_ptr": "*i32",
+            "out_ptr": "*fp32" if stage == "down" else "*bf16",
+        }
         signature = {a: types.get(a, "*u8") if a in pointers else "i32" for a in fn.arg_names}
-        constexprs = {"BLOCK_M": block_m, "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k,
-                      "DOT_DTYPE": tl.bfloat16, **extra}
+        constexprs = {
+            "BLOCK_M": block_m,
+            "BLOCK_N": tile.block_n,
+            "BLOCK_K": tile.block_k,
+            "DOT_DTYPE": tl.bfloat16,
+            **extra,
+        }
         signature.update({k: "constexpr" for k in constexprs})
-        return (stage, label), KernelVariant(f"nvfp4_moe_{stage}", label, fn, signature, constexprs,
-                                             tile.num_warps, tile.num_stages)
+        return (stage, label), KernelVariant(
+            f"nvfp4_moe_{stage}", label, fn, signature, constexprs, tile.num_warps, tile.num_stages
+        )
 
     moe_rows = shipped_moe_configs()
     return [
         *_grouped(shipped_configs(), gemm),
-        *_grouped(moe_rows, lambda c: moe_stage(_moe_gate_up_kernel, "gate_up", c.block_m, c.gate_up,
-                                                {"ACTIVATION": 0})),
+        *_grouped(
+            moe_rows,
+            lambda c: moe_stage(_moe_gate_up_kernel, "gate_up", c.block_m, c.gate_up, {"ACTIVATION": 0}),
+        ),
         *_grouped(moe_rows, lambda c: moe_stage(_moe_down_kernel, "down", c.block_m, c.down, {})),
         *_grouped(shipped_fp8_configs(), fp8),
     ]
@@ -173,37 +237,60 @@ def compile_variant(variant: KernelVariant, capability: int, workdir: Path) -> C
     from triton.compiler import ASTSource
 
     arch, _ = ARCHES[capability]
-    source = ASTSource(fn=variant.fn, signature=variant.signature, constexprs=variant.constexprs,
-                       attrs=_divisibility_attrs(variant))
-    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
-                              options={"num_warps": variant.num_warps, "num_stages": variant.num_stages,
-                                       "enable_fp_fusion": True})
+    source = ASTSource(
+        fn=variant.fn,
+        signature=variant.signature,
+        constexprs=variant.constexprs,
+        attrs=_divisibility_attrs(variant),
+    )
+    compiled = triton.compile(
+        source,
+        target=GPUTarget("cuda", capability, 32),
+        options={"num_warps": variant.num_warps, "num_stages": variant.num_stages, "enable_fp_fusion": True},
+    )
     ptx_path = workdir / f"{variant.fn.__name__}_{capability}.ptx"
     ptx_path.write_text(compiled.asm["ptx"])
-    result = subprocess.run([str(_ptxas()), "-v", "--gpu-name", arch, str(ptx_path), "-o", os.devnull],
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [str(_ptxas()), "-v", "--gpu-name", arch, str(ptx_path), "-o", os.devnull],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if result.returncode:
-        raise RuntimeError(f"ptxas failed on {variant.kernel} [{variant.config}] {arch}: {result.stderr.strip()}")
+        raise RuntimeError(
+            f"ptxas failed on {variant.kernel} [{variant.config}] {arch}: {result.stderr.strip()}"
+        )
     log = result.stderr + result.stdout
 
     def number(pattern: str) -> int:
         found = re.search(pattern, log)
         if not found:
-            raise RuntimeError(f"ptxas output lacks {pattern!r} for {variant.kernel} [{variant.config}] {arch}")
+            raise RuntimeError(
+                f"ptxas output lacks {pattern!r} for {variant.kernel} [{variant.config}] {arch}"
+            )
         return int(found.group(1))
 
     registers = number(r"Used (\d+) registers")
     smem = int(compiled.metadata.shared)
     ctas, occ = occupancy(registers, smem, variant.num_warps, capability)
     return CompileResult(
-        kernel=variant.kernel, config=variant.config, arch=arch, registers=registers,
-        spill_stores=number(r"(\d+) bytes spill stores"), spill_loads=number(r"(\d+) bytes spill loads"),
-        stack_bytes=number(r"(\d+) bytes stack frame"), smem_bytes=smem, ctas_per_sm=ctas, occupancy=occ,
+        kernel=variant.kernel,
+        config=variant.config,
+        arch=arch,
+        registers=registers,
+        spill_stores=number(r"(\d+) bytes spill stores"),
+        spill_loads=number(r"(\d+) bytes spill loads"),
+        stack_bytes=number(r"(\d+) bytes stack frame"),
+        smem_bytes=smem,
+        ctas_per_sm=ctas,
+        occupancy=occ,
         used_by=variant.used_by,
     )
 
 
-def compile_all(capabilities: tuple[int, ...] = (80, 90, 100), kernel_filter: str = "") -> list[CompileResult]:
+def compile_all(
+    capabilities: tuple[int, ...] = (80, 90, 100), kernel_filter: str = ""
+) -> list[CompileResult]:
     """Compile every shipped variant for each capability; Triton's cache goes to a temporary directory."""
     results = []
     with tempfile.TemporaryDirectory(prefix="nvfp4_ext_aot_") as tmp:
@@ -239,8 +326,14 @@ def format_table(results: list[CompileResult]) -> str:
 
 # ------------------------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90, 100], choices=sorted(ARCHES),
-                        help="compute capabilities to compile for (default: 80 90 100)")
+    parser.add_argument(
+        "--arch",
+        type=int,
+        nargs="+",
+        default=[80, 90, 100],
+        choices=sorted(ARCHES),
+        help="compute capabilities to compile for (default: 80 90 100)",
+    )
     parser.add_argument("--kernel", default="", help="only kernels whose name contains this text")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     parser.add_argument("--used-by", action="store_true", help="list the shapes that launch each config")
@@ -262,8 +355,12 @@ def run(args: argparse.Namespace) -> int:
                 print(f"\n{r.kernel} [{r.config}]: " + ", ".join(r.used_by))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps([{**asdict(r), "used_by": list(r.used_by)} for r in results], indent=2))
+        args.json.write_text(
+            json.dumps([{**asdict(r), "used_by": list(r.used_by)} for r in results], indent=2)
+        )
     spilled = [r for r in results if r.spills]
     for r in spilled:
-        print(f"SPILL: {r.kernel} [{r.config}] on {r.arch}: {r.spill_stores} B stored, {r.spill_loads} B loaded")
+        print(
+            f"SPILL: {r.kernel} [{r.config}] on {r.arch}: {r.spill_stores} B stored, {r.spill_loads} B loaded"
+        )
     return 1 if spilled else 0

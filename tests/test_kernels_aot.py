@@ -39,7 +39,9 @@ def test_every_shipped_variant_compiles_for_every_arch(results):
 
 
 def test_no_shipped_config_spills(results):
-    spilled = [f"{r.kernel} [{r.config}] {r.arch}: {r.spill_stores}/{r.spill_loads} B" for r in results if r.spills]
+    spilled = [
+        f"{r.kernel} [{r.config}] {r.arch}: {r.spill_stores}/{r.spill_loads} B" for r in results if r.spills
+    ]
     assert not spilled, "register spills: " + "; ".join(spilled)
 
 

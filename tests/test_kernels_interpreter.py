@@ -17,7 +17,9 @@ import pytest
 CASES = Path(__file__).with_name("test_kernels_interpreter_cases.py")
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the cases run in this process directly")
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") == "1", reason="the cases run in this process directly"
+)
 def test_triton_kernels_match_references_in_the_interpreter():
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}

@@ -24,18 +24,12 @@ import pytest
 import torch
 
 if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("runs in the TRITON_INTERPRET=1 subprocess of test_kernels_interpreter.py", allow_module_level=True)
+    pytest.skip(
+        "runs in the TRITON_INTERPRET=1 subprocess of test_kernels_interpreter.py", allow_module_level=True
+    )
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-
-from nvfp4_ext.format import (  # noqa: E402
-    E2M1_VALUES,
-    dequantize_fp8,
-    dequantize_nvfp4,
-    quantize_fp8,
-    quantize_nvfp4,
-)
 from nvfp4_ext.kernels import fp8_gemm, nvfp4_gemm, nvfp4_moe  # noqa: E402
 from nvfp4_ext.kernels.nvfp4_gemm_kernel import GemmConfig  # noqa: E402
 from nvfp4_ext.kernels.nvfp4_moe_kernel import MoeConfig, TileConfig  # noqa: E402
@@ -45,6 +39,14 @@ from nvfp4_ext.kernels.reference import (  # noqa: E402
     fp8_gemm_ref,
     nvfp4_gemm_ref,
     nvfp4_moe_ref,
+)
+
+from nvfp4_ext.format import (  # noqa: E402
+    E2M1_VALUES,
+    dequantize_fp8,
+    dequantize_nvfp4,
+    quantize_fp8,
+    quantize_nvfp4,
 )
 
 OUT_EPS = {torch.float16: 2.0**-10, torch.float32: 2.0**-23}
@@ -104,8 +106,11 @@ GEMM_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("m", "n", "k", "dtype", "bias", "per_row", "config"), GEMM_CASES,
-                         ids=[f"M{c[0]}-N{c[1]}-K{c[2]}-{str(c[3])[6:]}" for c in GEMM_CASES])
+@pytest.mark.parametrize(
+    ("m", "n", "k", "dtype", "bias", "per_row", "config"),
+    GEMM_CASES,
+    ids=[f"M{c[0]}-N{c[1]}-K{c[2]}-{str(c[3])[6:]}" for c in GEMM_CASES],
+)
 def test_nvfp4_gemm_matches_reference(m, n, k, dtype, bias, per_row, config):
     qdata, scale, global_scale = _nvfp4_weight(n, k, per_row, seed=m * 1000 + n)
     gen = torch.Generator().manual_seed(k)
@@ -159,16 +164,29 @@ MOE_CASES = [
     (8, 96, 32, 16, 2, torch.float16, "gelu_tanh", "two_experts", True, None),  # six zero-token experts
     (8, 64, 32, 33, 2, torch.float32, "silu", "one_expert", False, None),  # all to one expert, 5 M-blocks
     (8, 64, 32, 33, 8, torch.float16, "gelu_tanh", "random", True, None),  # shipped prefill tiles
-    (16, 64, 32, 4, 2, torch.float32, "gelu_tanh", "random", False,
-     MoeConfig(32, TileConfig(64, 64), TileConfig(64, 128))),  # shipped mid tiles
+    (
+        16,
+        64,
+        32,
+        4,
+        2,
+        torch.float32,
+        "gelu_tanh",
+        "random",
+        False,
+        MoeConfig(32, TileConfig(64, 64), TileConfig(64, 128)),
+    ),  # shipped mid tiles
 ]
 
 
-@pytest.mark.parametrize(("experts", "hidden", "inter", "tokens", "top_k", "dtype", "activation", "routing",
-                          "per_row", "config"), MOE_CASES,
-                         ids=[f"E{c[0]}-T{c[3]}-top{c[4]}-{c[7]}-{c[6]}-{str(c[5])[6:]}" for c in MOE_CASES])
-def test_nvfp4_moe_matches_reference(experts, hidden, inter, tokens, top_k, dtype, activation, routing, per_row,
-                                     config):
+@pytest.mark.parametrize(
+    ("experts", "hidden", "inter", "tokens", "top_k", "dtype", "activation", "routing", "per_row", "config"),
+    MOE_CASES,
+    ids=[f"E{c[0]}-T{c[3]}-top{c[4]}-{c[7]}-{c[6]}-{str(c[5])[6:]}" for c in MOE_CASES],
+)
+def test_nvfp4_moe_matches_reference(
+    experts, hidden, inter, tokens, top_k, dtype, activation, routing, per_row, config
+):
     gen = torch.Generator().manual_seed(tokens * 100 + top_k)
     q13 = quantize_nvfp4(torch.randn(experts, 2 * inter, hidden, generator=gen) / hidden**0.5)
     q2 = quantize_nvfp4(torch.randn(experts, hidden, inter, generator=gen) / inter**0.5)
@@ -200,8 +218,11 @@ FP8_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("m", "n", "k", "dtype", "granularity", "bias", "config"), FP8_CASES,
-                         ids=[f"M{c[0]}-N{c[1]}-K{c[2]}-{c[4]}-{str(c[3])[6:]}" for c in FP8_CASES])
+@pytest.mark.parametrize(
+    ("m", "n", "k", "dtype", "granularity", "bias", "config"),
+    FP8_CASES,
+    ids=[f"M{c[0]}-N{c[1]}-K{c[2]}-{c[4]}-{str(c[3])[6:]}" for c in FP8_CASES],
+)
 def test_fp8_gemm_matches_reference(m, n, k, dtype, granularity, bias, config):
     gen = torch.Generator().manual_seed(m + n + k)
     weight, scale = quantize_fp8(torch.randn(n, k, generator=gen), granularity)

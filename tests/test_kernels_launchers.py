@@ -12,11 +12,12 @@ pytestmark = pytest.mark.skipif(
 )
 pytest.importorskip("triton")
 
-from nvfp4_ext.format import quantize_fp8, quantize_nvfp4  # noqa: E402
 from nvfp4_ext.kernels.fp8_gemm_kernel import fp8_gemm_triton  # noqa: E402
 from nvfp4_ext.kernels.moe_align import moe_align_block_size  # noqa: E402
 from nvfp4_ext.kernels.nvfp4_gemm_kernel import GemmConfig, nvfp4_gemm_triton, select_gemm_config  # noqa: E402
 from nvfp4_ext.kernels.nvfp4_moe_kernel import nvfp4_moe_triton, select_moe_config  # noqa: E402
+
+from nvfp4_ext.format import quantize_fp8, quantize_nvfp4  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,10 @@ def linear():
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
-        (lambda x, q: (x.float().double(), q.qdata, q.scale, q.global_scale), "expected x as a 2-D fp16/bf16/fp32"),
+        (
+            lambda x, q: (x.float().double(), q.qdata, q.scale, q.global_scale),
+            "expected x as a 2-D fp16/bf16/fp32",
+        ),
         (lambda x, q: (x[:, :48], q.qdata, q.scale, q.global_scale), r"expected weight uint8 \[N, 24\]"),
         (lambda x, q: (x, q.qdata.view(torch.int8), q.scale, q.global_scale), "expected weight uint8"),
         (lambda x, q: (x, q.qdata, q.scale.float(), q.global_scale), "expected weight_scale float8_e4m3fn"),
@@ -102,7 +106,7 @@ def test_moe_alignment_groups_pairs_by_expert_and_skips_empty_experts():
     assert (align.expert_ids[4:] == -1).all()
     flat = topk_ids.reshape(-1)
     for block, expert in enumerate(align.expert_ids[:4].tolist()):
-        ids = align.sorted_ids[block * 4:(block + 1) * 4]
+        ids = align.sorted_ids[block * 4 : (block + 1) * 4]
         real = ids[ids < pairs]
         assert (flat[real.long()] == expert).all()
         assert sorted(real.tolist()) == sorted((flat == expert).nonzero().flatten().tolist())

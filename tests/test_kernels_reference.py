@@ -8,15 +8,18 @@ import sys
 
 import pytest
 import torch
+from nvfp4_ext.kernels import fp8_gemm, fp8_gemm_ref, nvfp4_gemm, nvfp4_gemm_ref, nvfp4_moe_ref
 
 from nvfp4_ext.format import dequantize_nvfp4, quantize_fp8, quantize_nvfp4
-from nvfp4_ext.kernels import fp8_gemm, fp8_gemm_ref, nvfp4_gemm, nvfp4_gemm_ref, nvfp4_moe, nvfp4_moe_ref
 
 
 def _dense_moe(x, w13, w2, topk_weights, topk_ids, activation):
     """Token-by-token MoE over dense float weights: the definition the reference must reproduce."""
     intermediate = w13.shape[1] // 2
-    act = {"gelu_tanh": lambda g: torch.nn.functional.gelu(g, approximate="tanh"), "silu": torch.nn.functional.silu}
+    act = {
+        "gelu_tanh": lambda g: torch.nn.functional.gelu(g, approximate="tanh"),
+        "silu": torch.nn.functional.silu,
+    }
     out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float64)
     for t in range(x.shape[0]):
         for j in range(topk_ids.shape[1]):
@@ -65,7 +68,9 @@ def test_nvfp4_moe_ref_matches_token_by_token_definition(activation, per_row_glo
     x = torch.randn(tokens, hidden)
     topk_ids = torch.tensor([[0, 3], [3, 1], [0, 0], [5, 3], [1, 0]])  # experts 2 and 4 get nothing
     topk_weights = torch.rand(tokens, top_k)
-    out = nvfp4_moe_ref(x, q13.qdata, q13.scale, g13, q2.qdata, q2.scale, g2, topk_weights, topk_ids, activation)
+    out = nvfp4_moe_ref(
+        x, q13.qdata, q13.scale, g13, q2.qdata, q2.scale, g2, topk_weights, topk_ids, activation
+    )
     w13 = dequantize_nvfp4(q13.qdata, q13.scale, g13)
     w2 = dequantize_nvfp4(q2.qdata, q2.scale, g2)
     expected = _dense_moe(x, w13, w2, topk_weights, topk_ids, activation)
@@ -76,8 +81,18 @@ def test_nvfp4_moe_ref_rejects_unknown_activation():
     q = quantize_nvfp4(torch.randn(1, 32, 16))
     q2 = quantize_nvfp4(torch.randn(1, 16, 16))
     with pytest.raises(ValueError, match="activation"):
-        nvfp4_moe_ref(torch.randn(1, 16), q.qdata, q.scale, q.global_scale, q2.qdata, q2.scale,
-                      q2.global_scale, torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.long), "relu")
+        nvfp4_moe_ref(
+            torch.randn(1, 16),
+            q.qdata,
+            q.scale,
+            q.global_scale,
+            q2.qdata,
+            q2.scale,
+            q2.global_scale,
+            torch.ones(1, 1),
+            torch.zeros(1, 1, dtype=torch.long),
+            "relu",
+        )
 
 
 @pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])
@@ -97,8 +112,9 @@ def test_ops_auto_on_cpu_runs_the_reference_exactly():
     torch.manual_seed(4)
     x = torch.randn(3, 32, dtype=torch.float16)
     q = quantize_nvfp4(torch.randn(16, 32))
-    assert torch.equal(nvfp4_gemm(x, q.qdata, q.scale, q.global_scale),
-                       nvfp4_gemm_ref(x, q.qdata, q.scale, q.global_scale))
+    assert torch.equal(
+        nvfp4_gemm(x, q.qdata, q.scale, q.global_scale), nvfp4_gemm_ref(x, q.qdata, q.scale, q.global_scale)
+    )
     assert nvfp4_gemm(x, q.qdata, q.scale, q.global_scale).dtype == torch.float16
 
 
