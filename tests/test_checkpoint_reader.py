@@ -11,6 +11,7 @@ from checkpoint_factory import (
     build_mixed,
     ct_nvfp4_config,
     dense_nvfp4_tensors,
+    fp8_tensors,
     mixed_tensors,
     nvfp4_config,
     nvfp4_tensors,
@@ -98,7 +99,7 @@ def test_mixed_module_records(mixed: Checkpoint) -> None:
     fused = by_name["model.layers.1.mlp.experts.gate_up_proj"]
     assert (fused.scheme, fused.shape, fused.is_expert) == ("nvfp4", (4, 64, 64), True)
     assert fused.tensors["weight_global"] == "model.layers.1.mlp.experts.gate_up_proj_weight_scale_2"
-    assert by_name["lm_head"].reason == "excluded by pattern 'lm_head'"
+    assert by_name["lm_head"].reason == "named in the exclude list"
     assert by_name["model.layers.1.mlp.router"].reason == "excluded by pattern '*router*'"
     assert by_name["model.embed_tokens"].reason == "embedding"
     assert "model.norm" not in by_name  # 1-D tensors are not modules
@@ -206,8 +207,22 @@ def test_engines_never_quantize_vision_towers_and_embeddings(tmp_path: Path) -> 
     ckpt = validate_checkpoint(write_checkpoint(tmp_path / "c", tensors, nvfp4_config(exclude=["lm_head"])))
     reasons = {r.name: r.reason for r in ckpt.modules() if r.scheme == "unquantized"}
     assert reasons == {
-        "lm_head": "excluded by pattern 'lm_head'",
+        "lm_head": "named in the exclude list",
         "model.embed_tokens": "embedding",
         "model.vision_tower.encoder.layers.0.mlp.fc1": "vision_tower (engines keep it unquantized)",
         "model.encoder.embed_vision.embedding_projection": "embed_vision (engines keep it unquantized)",
     }
+
+
+@pytest.mark.parametrize(("algo", "scheme"), [("FP8_PB_WO", "fp8_block"), ("FP8", "fp8")])
+def test_fp8_weight_within_one_block_follows_the_config(tmp_path: Path, algo: str, scheme: str) -> None:
+    """A [64, 128] weight has a [1, 1] block grid: that scale reads as per-tensor or as 128x128 block."""
+    w = torch.randn(64, 128)
+    tensors = {**fp8_tensors("model.layers.0.self_attn.k_proj", w, "block")}
+    assert tensors["model.layers.0.self_attn.k_proj.weight_scale"].shape == (1, 1)
+    ckpt = validate_checkpoint(
+        write_checkpoint(tmp_path / "c", tensors, {"quant_method": "modelopt", "quant_algo": algo})
+    )
+    (record,) = ckpt.modules()
+    assert record.scheme == scheme
+    torch.testing.assert_close(ckpt.dequantized_weight(record.name), w, rtol=1 / 16, atol=w.abs().max() / 448)

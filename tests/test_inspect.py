@@ -73,7 +73,7 @@ def test_json_contract_and_per_precision_totals(mixed_dir: Path, capsys: pytest.
         "model.layers.0.mlp.router",
         "model.layers.1.mlp.router",
     ]
-    assert reasons["excluded by pattern 'lm_head'"] == ["lm_head"]
+    assert reasons["named in the exclude list"] == ["lm_head"]
     assert reasons["embedding"] == ["model.embed_tokens"]
 
 

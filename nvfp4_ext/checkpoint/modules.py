@@ -162,6 +162,22 @@ def _unpacked_shape(ckpt: Checkpoint, tensors: dict[str, str], stored: str) -> t
     return shape
 
 
+def _fp8_granularity_if_compatible(
+    ckpt: Checkpoint, tensors: dict[str, str], configured: str, stored: str
+) -> str:
+    """A weight no larger than one 128x128 block has a [1, 1] block scale that also reads as per-tensor:
+    trust the config whenever the stored scale shape fits its granularity."""
+    weight = ckpt.tensor_info(tensors["weight"])
+    scale = ckpt.tensor_info(tensors["weight_scale"]).shape
+    lead, n = weight.shape[:-2], weight.shape[-2]
+    accepted = {
+        "fp8": ((), (1,), (1, 1), lead, (*lead, 1)),
+        "fp8_channel": ((*lead, n), (*lead, n, 1)),
+        "fp8_block": ((*lead, *_fp8_block_grid(weight.shape)),),
+    }[configured]
+    return configured if scale in accepted else stored
+
+
 def _fp8_block_grid(shape: tuple[int, ...]) -> tuple[int, int]:
     return (-(-shape[-2] // FP8_BLOCK[0]), -(-shape[-1] // FP8_BLOCK[1]))
 
@@ -176,6 +192,8 @@ def _reconcile(
         if stored != "unquantized":
             return stored, None
         pattern = cfg.excluded_by(module) if cfg else None
+        if pattern == module:
+            return stored, "named in the exclude list"
         if pattern is not None:
             return stored, f"excluded by pattern {pattern!r}"
         if cfg is None:
@@ -235,6 +253,8 @@ def resolve_modules(ckpt: Checkpoint) -> list[ModuleRecord]:
         tensors = {"weight": weight_name, **_companions(ckpt, module, sep)}
         stored = _stored_scheme(ckpt, module, tensors)
         configured = ckpt.quant_config.scheme_for(module) if ckpt.quant_config else "unquantized"
+        if stored.startswith("fp8") and configured.startswith("fp8") and stored != configured:
+            stored = _fp8_granularity_if_compatible(ckpt, tensors, configured, stored)
         scheme, reason = _reconcile(ckpt, module, configured, stored, weight_name)
         record = ModuleRecord(
             name=module,
@@ -259,7 +279,7 @@ def expected_fp8_scale_shapes(record: ModuleRecord) -> tuple[tuple[int, ...], ..
     """Accepted FP8 weight_scale shapes for the record's scheme."""
     lead, n = record.shape[:-2], record.shape[-2]
     if record.scheme == "fp8":
-        return ((), (1,), lead) if lead else ((), (1,))
+        return ((), (1,), (1, 1), lead, (*lead, 1)) if lead else ((), (1,), (1, 1))
     if record.scheme == "fp8_channel":
         return ((*lead, n), (*lead, n, 1))
     return ((*lead, *_fp8_block_grid(record.shape)),)
