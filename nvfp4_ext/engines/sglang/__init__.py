@@ -1,5 +1,16 @@
-"""SGLang adapter (work in progress): `register()` is the `sglang.srt.plugins` entry point."""
+"""SGLang adapter of nvfp4_ext. `register()` is the `sglang.srt.plugins` entry point; SGLang calls it in
+every process (server, each scheduler/TP rank, detokenizer) before parsing arguments. Nothing here imports
+SGLang until `register()` runs; `SGLANG_PLUGINS=<names without nvfp4_ext>` keeps SGLang from calling it.
+"""
+
+from __future__ import annotations
+
+__all__ = ["register"]
 
 
 def register() -> None:
-    """Register nvfp4_ext with SGLang (placeholder until the adapter lands)."""
+    """Register `--quantization nvfp4_ext`, the NVFP4 DiffusionGemma model class and the policy-driven
+    `Gemma4Renoise` dLLM algorithm with SGLang. Idempotent."""
+    from nvfp4_ext.engines.sglang.registration import register_all
+
+    register_all()

@@ -1,0 +1,296 @@
+"""SGLang plugin on CPU: entry-point registration, `--quantization nvfp4_ext` parsing and checkpoint claiming,
+and the NVFP4 DiffusionGemma model class built on CPU, loaded from a tiny NVFP4 checkpoint and checked
+against the format reference.
+
+Runs only inside the SGLang subprocess started by tests/test_sglang_isolated.py: importing SGLang patches
+transformers globally, which must not leak into the other tests' process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+if os.environ.get("NVFP4_EXT_SGLANG_CHILD") != "1":
+    pytest.skip("runs in the SGLang subprocess of test_sglang_isolated.py", allow_module_level=True)
+
+from nvfp4_ext.engines.sglang.cpu_support import prepare_cpu_import  # noqa: E402
+
+prepare_cpu_import()
+pytest.importorskip("sglang")
+
+from test_sglang_checkpoints import EXCLUDE, quantize_tiny_checkpoint  # noqa: E402
+
+from nvfp4_ext.errors import CheckpointError  # noqa: E402
+from nvfp4_ext.format import dequantize_nvfp4  # noqa: E402
+from nvfp4_ext.tiny_models import build_tiny_diffusion_gemma  # noqa: E402
+
+pytestmark = pytest.mark.sglang
+ARCH = "DiffusionGemmaForBlockDiffusion"
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def plugins_loaded() -> None:
+    """SGLang's own plugin loader, as every SGLang process runs it (finds us through the entry point)."""
+    from sglang.srt.plugins import load_plugins
+
+    load_plugins()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("sglang_ckpt")
+    bf16 = build_tiny_diffusion_gemma(root / "bf16", hidden_size=64, num_layers=2, vocab_size=512)
+    nvfp4 = quantize_tiny_checkpoint(bf16, root / "nvfp4")
+    # The same checkpoint described in compressed-tensors form (config only: claiming reads no tensors).
+    ct = root / "ct"
+    shutil.copytree(nvfp4, ct)
+    config = json.loads((ct / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors",
+        "format": "nvfp4-pack-quantized",
+        "config_groups": {"group_0": {
+            "targets": ["Linear"],
+            "weights": {"num_bits": 4, "type": "float", "group_size": 16, "strategy": "tensor_group"},
+            "input_activations": {"num_bits": 4, "type": "float", "group_size": 16,
+                                  "strategy": "tensor_group", "dynamic": "local"},
+            "format": "nvfp4-pack-quantized",
+        }},
+        "ignore": EXCLUDE,
+    }
+    (ct / "config.json").write_text(json.dumps(config))
+    return {"bf16": bf16, "nvfp4": nvfp4, "ct": ct}
+
+
+@pytest.fixture(scope="module")
+def distributed(checkpoints) -> None:
+    """A world-size-1 gloo group: SGLang's parallel layers need one even at TP=1."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29653", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    from sglang.srt.distributed import parallel_state
+    from sglang.srt.runtime_context import SpawnRanks, get_parallel, publish, reset_context
+    from sglang.srt.server_args import ServerArgs
+
+    if not torch.distributed.is_initialized():
+        parallel_state.init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo")
+    if not parallel_state.model_parallel_is_initialized():
+        reset_context()
+        publish(ServerArgs(model_path=str(checkpoints["nvfp4"]), device="cpu"), role="test", ranks=SpawnRanks(world_rank=0))
+        get_parallel().override_permanently(world_group=parallel_state._WORLD)
+        parallel_state.initialize_model_parallel(backend="gloo")
+
+
+@pytest.fixture(scope="module")
+def loaded_model(plugins_loaded, distributed, checkpoints):
+    """The registered DiffusionGemma class built on CPU with our config, and the checkpoint's tensors."""
+    from safetensors.torch import load_file
+    from sglang.srt.configs.load_config import LoadConfig
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.model_loader.weight_utils import get_quant_config
+    from sglang.srt.models.registry import ModelRegistry
+
+    model_config = ModelConfig(str(checkpoints["nvfp4"]), quantization="nvfp4_ext")
+    model_cls, _ = ModelRegistry.resolve_model_cls([ARCH])
+    quant_config = get_quant_config(model_config, LoadConfig(), model_cls.packed_modules_mapping)
+    model = model_cls(model_config.hf_config, quant_config=quant_config)
+    tensors = load_file(str(checkpoints["nvfp4"] / "model.safetensors"))
+    loaded = model.load_weights(tensors.items())
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if method is not None and hasattr(method, "process_weights_after_loading"):
+            method.process_weights_after_loading(module)
+    return model, tensors, loaded
+
+
+# ---------------------------------------------------------------------------------------------- registration
+def test_entry_point_registers_everything(plugins_loaded) -> None:
+    from sglang.srt.dllm.algorithm import get_algorithm_cls
+    from sglang.srt.layers.quantization import QUANTIZATION_METHODS
+    from sglang.srt.models.registry import ModelRegistry
+    from sglang.srt.server_args import QUANTIZATION_CHOICES
+
+    from nvfp4_ext.engines.sglang.config import Nvfp4ExtConfig
+    from nvfp4_ext.engines.sglang.dllm import Gemma4Renoise
+    from nvfp4_ext.engines.sglang.model import DiffusionGemmaForBlockDiffusion
+    from nvfp4_ext.engines.sglang.registration import registered
+
+    assert registered()
+    assert QUANTIZATION_CHOICES.count("nvfp4_ext") == 1
+    assert next(iter(QUANTIZATION_METHODS)) == "nvfp4_ext"
+    assert QUANTIZATION_METHODS["nvfp4_ext"] is Nvfp4ExtConfig
+    assert get_algorithm_cls("Gemma4Renoise") is Gemma4Renoise
+    assert ModelRegistry.models[ARCH] is DiffusionGemmaForBlockDiffusion
+    assert DiffusionGemmaForBlockDiffusion.__name__ == ARCH  # SGLang matches processors by class name
+
+
+def test_register_is_idempotent(plugins_loaded) -> None:
+    from sglang.srt.layers.linear import WEIGHT_LOADER_V2_SUPPORTED
+    from sglang.srt.layers.quantization import QUANTIZATION_METHODS
+    from sglang.srt.server_args import QUANTIZATION_CHOICES
+
+    from nvfp4_ext.engines.sglang import register
+    from nvfp4_ext.engines.sglang import registration
+
+    before = (list(QUANTIZATION_METHODS), list(QUANTIZATION_CHOICES), list(WEIGHT_LOADER_V2_SUPPORTED))
+    register()
+    registration._REGISTERED = False  # force every step to run again: each must be a no-op the second time
+    register()
+    after = (list(QUANTIZATION_METHODS), list(QUANTIZATION_CHOICES), list(WEIGHT_LOADER_V2_SUPPORTED))
+    assert after == before
+
+
+@pytest.mark.parametrize("whitelist, expected", [("some_other_plugin", False), ("nvfp4_ext", True), ("", True)])
+def test_sglang_plugins_whitelist(monkeypatch: pytest.MonkeyPatch, whitelist: str, expected: bool) -> None:
+    from sglang.srt.plugins import GENERAL_PLUGINS_GROUP, load_plugins_by_group
+
+    from nvfp4_ext.engines.sglang import register
+
+    monkeypatch.setenv("SGLANG_PLUGINS", whitelist)
+    found = load_plugins_by_group(GENERAL_PLUGINS_GROUP)
+    assert ("nvfp4_ext" in found) is expected
+    if expected:
+        assert found["nvfp4_ext"][0] is register
+
+
+def test_cli_accepts_quantization_nvfp4_ext(plugins_loaded, checkpoints) -> None:
+    from sglang.srt.server_args import ServerArgs
+
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    args = parser.parse_args(["--model-path", str(checkpoints["nvfp4"]), "--quantization", "nvfp4_ext",
+                              "--dllm-algorithm", "Gemma4Renoise"])
+    assert args.quantization == "nvfp4_ext"
+    assert args.dllm_algorithm == "Gemma4Renoise"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model-path", "x", "--quantization", "nvfp4_not_registered"])
+
+
+# ------------------------------------------------------------------------------------------------ claiming
+@pytest.mark.parametrize(
+    "ckpt, requested, resolved",
+    [
+        ("nvfp4", "nvfp4_ext", "nvfp4_ext"),
+        ("nvfp4", None, "modelopt_fp4"),  # users who did not ask keep SGLang's choice
+        ("nvfp4", "modelopt_fp4", "modelopt_fp4"),
+        ("ct", "nvfp4_ext", "nvfp4_ext"),
+        ("ct", None, "compressed-tensors"),
+    ],
+)
+def test_config_claims_checkpoint_only_when_asked(plugins_loaded, checkpoints, ckpt, requested, resolved) -> None:
+    from sglang.srt.configs.model_config import ModelConfig
+
+    assert ModelConfig(str(checkpoints[ckpt]), quantization=requested).quantization == resolved
+
+
+def test_unquantized_checkpoint_is_not_claimed(plugins_loaded) -> None:
+    from nvfp4_ext.engines.sglang.config import Nvfp4ExtConfig
+
+    assert Nvfp4ExtConfig.override_quantization_method(None, "nvfp4_ext") is None
+    fp8_only = {"quant_method": "modelopt", "quant_algo": "FP8"}
+    assert Nvfp4ExtConfig.override_quantization_method(fp8_only, "nvfp4_ext") is None
+    nvfp4 = {"quant_method": "modelopt_fp4", "quant_algo": "NVFP4"}
+    assert Nvfp4ExtConfig.override_quantization_method(nvfp4, "nvfp4_ext") == "nvfp4_ext"
+    assert Nvfp4ExtConfig.override_quantization_method(nvfp4, "modelopt_fp4") is None
+
+
+def test_get_quant_config_parses_checkpoint(plugins_loaded, checkpoints) -> None:
+    from sglang.srt.configs.load_config import LoadConfig
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.model_loader.weight_utils import get_quant_config
+
+    from nvfp4_ext.engines.sglang.config import Nvfp4ExtConfig
+    from nvfp4_ext.engines.sglang.weight_names import hf_module_name
+
+    config = get_quant_config(ModelConfig(str(checkpoints["nvfp4"]), quantization="nvfp4_ext"), LoadConfig(),
+                              {"qkv_proj": ["q_proj", "k_proj", "v_proj"]})
+    assert isinstance(config, Nvfp4ExtConfig)
+    config.module_name_mapper = hf_module_name
+    assert config.linear_scheme("model.layers.0.self_attn.qkv_proj") == "nvfp4"
+    assert config.linear_scheme("model.layers.0.router.proj") == "unquantized"
+    assert config.moe_scheme("model.layers.1.moe.experts") == "nvfp4"
+
+
+# ------------------------------------------------------------------------------------------- model loading
+def test_model_consumes_every_tensor(loaded_model) -> None:
+    from nvfp4_ext.engines.sglang.linear import Nvfp4ExtLinearMethod
+    from nvfp4_ext.engines.sglang.moe import Nvfp4ExtMoEMethod
+
+    model, tensors, loaded = loaded_model
+    params = {name for name, _ in model.named_parameters()}
+    optional = {name for name in params if name.endswith("input_scale")}
+    assert params - optional <= loaded
+    layer = model.model.layers[1]
+    assert isinstance(layer.self_attn.qkv_proj.quant_method, Nvfp4ExtLinearMethod)
+    assert isinstance(layer.moe.experts.quant_method, Nvfp4ExtMoEMethod)
+    assert not hasattr(layer.router.proj, "weight_scale")  # excluded by the checkpoint: BF16
+    assert len(tensors) > len(params) // 2  # per-expert tensors: many checkpoint tensors per parameter
+
+
+def test_unexpected_tensor_is_refused(loaded_model) -> None:
+    model, tensors, _ = loaded_model
+    extra = {"model.decoder.layers.0.mlp.gate_proj.bogus_scale": torch.ones(1)}
+    with pytest.raises(CheckpointError, match="bogus_scale"):
+        model.load_weights(extra.items())
+
+
+def test_missing_expert_scale_is_named(loaded_model) -> None:
+    model, tensors, _ = loaded_model
+    experts = model.model.layers[0].moe.experts
+    saved = experts.w13_weight_scale_2.data.clone()
+    try:
+        experts.w13_weight_scale_2.data[3, 1] = float("nan")  # as if experts.3.up_proj.weight_scale_2 were absent
+        with pytest.raises(CheckpointError, match=r"w13_weight_scale_2.*index 3|index 3.*w13_weight_scale_2"):
+            experts.quant_method.process_weights_after_loading(experts)
+    finally:
+        experts.w13_weight_scale_2.data.copy_(saved)
+        experts.quant_method.process_weights_after_loading(experts)
+
+
+def _dequant(tensors: dict, prefix: str) -> torch.Tensor:
+    return dequantize_nvfp4(tensors[f"{prefix}.weight"], tensors[f"{prefix}.weight_scale"],
+                            tensors[f"{prefix}.weight_scale_2"]).float()
+
+
+def test_fused_qkv_matches_checkpoint_shards(loaded_model) -> None:
+    """Layer 1 is full attention: q and k from the checkpoint, v = k (k_eq_v), each with its own global scale."""
+    model, tensors, _ = loaded_model
+    qkv = model.model.layers[1].self_attn.qkv_proj
+    base = "model.decoder.layers.1.self_attn"
+    torch.manual_seed(0)
+    x = torch.randn(5, qkv.input_size, dtype=torch.float32)
+    k = _dequant(tensors, f"{base}.k_proj")
+    expected = x @ torch.cat([_dequant(tensors, f"{base}.q_proj"), k, k]).t()
+    torch.testing.assert_close(qkv.quant_method.apply(qkv, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_moe_layer_matches_checkpoint_experts(loaded_model) -> None:
+    from sglang.srt.layers.moe.token_dispatcher.standard import StandardDispatchOutput
+    from sglang.srt.layers.moe.topk import StandardTopKOutput
+
+    model, tensors, _ = loaded_model
+    experts = model.model.layers[0].moe.experts
+    hidden = experts.hidden_size
+    torch.manual_seed(1)
+    x = torch.randn(6, hidden, dtype=torch.float32)
+    topk_ids = torch.tensor([[0, 3], [1, 2], [7, 0], [5, 6], [2, 4], [3, -1]], dtype=torch.int32)
+    topk_weights = torch.rand(6, 2, dtype=torch.float32)
+    out = experts.quant_method.apply(
+        experts, StandardDispatchOutput(x, None, StandardTopKOutput(topk_weights, topk_ids, None))
+    ).hidden_states
+    expected = torch.zeros_like(x)
+    base = "model.decoder.layers.0.experts"
+    for t in range(x.shape[0]):
+        for j in range(2):
+            e = int(topk_ids[t, j])
+            if e < 0:  # dropped by expert parallelism: contributes nothing
+                continue
+            gate = x[t] @ _dequant(tensors, f"{base}.{e}.gate_proj").t()
+            up = x[t] @ _dequant(tensors, f"{base}.{e}.up_proj").t()
+            act = torch.nn.functional.gelu(gate, approximate="tanh") * up
+            expected[t] += topk_weights[t, j] * (act @ _dequant(tensors, f"{base}.{e}.down_proj").t())
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
