@@ -10,6 +10,7 @@ from nvfp4_ext.diffusion.stats import (
     denoise_stats_ref,
     fused_denoise_stats,
     gumbel_noise,
+    logits_denoise_stats,
     softcap,
 )
 
@@ -84,3 +85,20 @@ def test_bad_shapes_raise() -> None:
         fused_denoise_stats(torch.zeros(2, 8), torch.zeros(10, 4), 1.0, seed=0)
     with pytest.raises(ValueError, match="backend"):
         fused_denoise_stats(torch.zeros(2, 8), torch.zeros(10, 8), 1.0, seed=0, backend="cuda")
+
+
+@pytest.mark.parametrize("chunk", [64, 333, 5000])
+def test_logits_stats_equal_naive_with_masked_columns(chunk: int) -> None:
+    h, weight, temps = _inputs(12, 16, 1000, seed=7)
+    logits = softcap(h @ weight.T, 30.0)
+    logits[0, 100:] = -torch.inf  # top-k style masking, the whole tail of the row
+    logits[1, :900] = -torch.inf  # masked head: the first chunks of this row see only -inf
+    noise = gumbel_noise(4, torch.arange(12), torch.arange(1000))
+    ref = denoise_stats_ref(logits, temps, noise=noise, embed_weight=weight, embed_scale=4.0)
+    out = logits_denoise_stats(logits, temps, seed=4, embed_weight=weight, embed_scale=4.0, chunk_size=chunk)
+    assert torch.equal(out.argmax, ref.argmax) and torch.equal(out.sample, ref.sample)
+    assert int(out.sample[0]) < 100 and int(out.sample[1]) >= 900
+    torch.testing.assert_close(out.entropy, ref.entropy, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.top_prob, ref.top_prob, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.soft_embedding, ref.soft_embedding, rtol=1e-5, atol=1e-5)
+    assert logits_denoise_stats(logits, temps, seed=4, chunk_size=chunk).soft_embedding is None

@@ -14,6 +14,7 @@ and the Triton kernel (`nvfp4_ext.kernels.denoise_stats`) draws the same noise a
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,6 +27,7 @@ __all__ = [
     "denoise_stats_ref",
     "fused_denoise_stats",
     "gumbel_noise",
+    "logits_denoise_stats",
     "softcap",
 ]
 
@@ -127,7 +129,7 @@ def denoise_stats_ref(
     z = logits.float() / temps[:, None]
     log_p = torch.log_softmax(z, dim=-1)
     probs = log_p.exp()
-    entropy = -(probs * log_p).sum(-1)
+    entropy = -torch.where(probs > 0, probs * log_p, 0.0).sum(-1)  # masked (-inf) columns add nothing
     sample = (z + noise.float()).argmax(-1) if noise is not None else z.argmax(-1)
     soft = None
     if embed_weight is not None:
@@ -182,39 +184,92 @@ def fused_denoise_stats(
     if backend != "torch":
         raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
 
-    vocab = embed_weight.shape[0]
+    return _online_stats(_chunks_from_hidden(hidden, embed_weight, temps, cap, chunk_size), rows, hidden.shape[1],
+                         device, seed, row_ids, embed_scale)
+
+
+def logits_denoise_stats(
+    logits: torch.Tensor,
+    temperature: float | torch.Tensor,
+    *,
+    seed: int,
+    row_ids: torch.Tensor | None = None,
+    embed_weight: torch.Tensor | None = None,
+    embed_scale: float | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> DenoiseStats:
+    """The same statistics from logits an engine already computed, without [R, V] temporaries of its own.
+
+    For engines whose runner hands the sampler softcapped logits (vLLM): the input stays the only [R, V]
+    tensor. Masked (-inf) logits, e.g. from top-k/top-p, get zero probability.
+
+    Args:
+        logits: [R, V] softcapped logits.
+        temperature, seed, row_ids, chunk_size: as in `fused_denoise_stats`.
+        embed_weight, embed_scale: give both to also get the soft embedding softmax(z) @ E * embed_scale.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"expected logits [R, V], got {tuple(logits.shape)}")
+    if (embed_weight is None) != (embed_scale is None):
+        raise ValueError("embed_weight and embed_scale go together")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    rows, device = logits.shape[0], logits.device
+    if row_ids is None:
+        row_ids = torch.arange(rows, device=device, dtype=torch.int64)
+    temps = _as_row_tensor(temperature, rows, device)
+    hidden_size = embed_weight.shape[1] if embed_weight is not None else 0
+
+    def chunks():
+        for start in range(0, logits.shape[1], chunk_size):
+            z = logits[:, start:start + chunk_size].float() / temps[:, None]
+            yield start, z, None if embed_weight is None else embed_weight[start:start + chunk_size]
+
+    return _online_stats(chunks(), rows, hidden_size, device, seed, row_ids, embed_scale)
+
+
+def _chunks_from_hidden(hidden: torch.Tensor, embed_weight: torch.Tensor, temps: torch.Tensor, cap: float | None,
+                        chunk_size: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    for start in range(0, embed_weight.shape[0], chunk_size):
+        weight = embed_weight[start:start + chunk_size]
+        z = (hidden @ weight.T).float()
+        if cap is not None:  # HF's softcap, in place to keep one [rows, chunk] buffer
+            z.div_(cap).tanh_().mul_(cap)
+        yield start, z.div_(temps[:, None]), weight
+
+
+def _online_stats(chunks: Iterable[tuple[int, torch.Tensor, torch.Tensor | None]], rows: int, hidden_size: int,
+                  device: torch.device, seed: int, row_ids: torch.Tensor, embed_scale: float | None) -> DenoiseStats:
+    """One pass over tempered [R, chunk] blocks with an online max / sum (flash-softmax style)."""
     run_max = torch.full((rows,), -torch.inf, device=device)
     run_arg = torch.zeros(rows, dtype=torch.int64, device=device)
     noisy_max = torch.full((rows,), -torch.inf, device=device)
     noisy_arg = torch.zeros(rows, dtype=torch.int64, device=device)
     exp_sum = torch.zeros(rows, device=device)  # sum exp(z - run_max)
     centered = torch.zeros(rows, device=device)  # sum exp(z - run_max) * (z - run_max)
-    soft = torch.zeros(rows, hidden.shape[1], device=device) if embed_scale is not None else None
-    for start in range(0, vocab, chunk_size):
-        weight = embed_weight[start:start + chunk_size]
-        cols = torch.arange(start, start + weight.shape[0], device=device)
-        z = (hidden @ weight.T).float()
-        if cap is not None:  # HF's softcap, in place to keep one [rows, chunk] buffer
-            z.div_(cap).tanh_().mul_(cap)
-        z.div_(temps[:, None])
+    soft = torch.zeros(rows, hidden_size, device=device) if embed_scale is not None else None
+    for start, z, weight in chunks:
+        cols = torch.arange(start, start + z.shape[1], device=device)
         noisy = z + gumbel_noise(seed, row_ids, cols)
         chunk_noisy, chunk_noisy_arg = noisy.max(dim=-1)
         del noisy
+        # Strictly greater keeps the first index on ties, like torch.argmax over the full row.
         better = chunk_noisy > noisy_max
         noisy_max = torch.where(better, chunk_noisy, noisy_max)
         noisy_arg = torch.where(better, chunk_noisy_arg + start, noisy_arg)
         chunk_max, chunk_arg = z.max(dim=-1)
-        # Strictly greater keeps the first index on ties, like torch.argmax over the full row.
         better = chunk_max > run_max
         new_max = torch.where(better, chunk_max, run_max)
         run_arg = torch.where(better, chunk_arg + start, run_arg)
-        shift = run_max - new_max  # <= 0; -inf on the first chunk, where the old sums are 0
-        alpha = torch.exp(shift)
-        old_term = torch.where(exp_sum > 0, centered + shift * exp_sum, torch.zeros_like(exp_sum))
+        # Rows with nothing but -inf so far have zero sums; keep their arithmetic finite.
+        seen = torch.isfinite(run_max)
+        shift = torch.where(seen, run_max - new_max, torch.zeros_like(run_max))
+        alpha = torch.where(seen, torch.exp(shift), torch.zeros_like(run_max))
         run_max = new_max
-        z.sub_(run_max[:, None])  # z - max, <= 0
+        z.sub_(torch.where(torch.isfinite(run_max), run_max, torch.zeros_like(run_max))[:, None])
         weights = torch.exp(z)
-        centered = alpha * old_term + (weights * z).sum(-1)
+        z.mul_(weights).nan_to_num_(nan=0.0)  # 0 * -inf of masked columns -> 0
+        centered = alpha * (centered + shift * exp_sum) + z.sum(-1)
         exp_sum = alpha * exp_sum + weights.sum(-1)
         if soft is not None:
             soft = soft * alpha[:, None] + weights @ weight.float()
