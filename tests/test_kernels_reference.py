@@ -140,3 +140,35 @@ def test_kernels_package_imports_without_triton_and_triton_backend_explains_itse
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_custom_ops_trace_under_fullgraph_compile_and_pass_opcheck():
+    torch.manual_seed(5)
+    x = torch.randn(3, 64)
+    q = quantize_nvfp4(torch.randn(48, 64))
+    gemm_args = (x, q.qdata, q.scale, q.global_scale, None, "auto")
+    compiled = torch.compile(
+        lambda *a: torch.ops.nvfp4_ext.nvfp4_gemm(*a) * 2, fullgraph=True, backend="eager"
+    )
+    torch.testing.assert_close(compiled(*gemm_args), 2 * nvfp4_gemm_ref(x, q.qdata, q.scale, q.global_scale))
+    q13, q2 = quantize_nvfp4(torch.randn(4, 32, 64)), quantize_nvfp4(torch.randn(4, 64, 16))
+    topk_ids = torch.tensor([[0, 1], [1, 2], [3, 3]])
+    moe_args = (
+        x,
+        q13.qdata,
+        q13.scale,
+        q13.global_scale,
+        q2.qdata,
+        q2.scale,
+        q2.global_scale,
+        torch.rand(3, 2),
+        topk_ids,
+        "silu",
+        "auto",
+    )
+    w8, s8 = quantize_fp8(torch.randn(48, 64), "channel")
+    # The schema test would compare fp8 tensors, which CPU torch cannot multiply; the rest applies.
+    checks = ("test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(torch.ops.nvfp4_ext.nvfp4_gemm.default, gemm_args, test_utils=checks)
+    torch.library.opcheck(torch.ops.nvfp4_ext.nvfp4_moe.default, moe_args, test_utils=checks)
+    torch.library.opcheck(torch.ops.nvfp4_ext.fp8_gemm.default, (x, w8, s8, None, "auto"), test_utils=checks)
