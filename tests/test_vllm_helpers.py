@@ -35,21 +35,35 @@ def set_engine_env() -> None:
         os.environ.setdefault(key, value)
 
 
-def quantize(src: Path, dst: Path, *, output_format: str = "modelopt", recipe: str = "w4a16") -> Path:
-    """NVFP4-quantize a tiny model with the project quantizer."""
-    from nvfp4_ext.quantize import quantize_checkpoint
+def tiny_checkpoint(root: Path, model: str, form: str = "modelopt") -> Path:
+    """A tiny model in one form, built on first use under `root` (a session temp dir) and reused after.
 
-    return Path(quantize_checkpoint(src, dst, recipe=recipe, output_format=output_format, progress=False))
+    Args:
+        model: a key of `nvfp4_ext.tiny_models.TINY_BUILDERS` ("gemma4-moe", "qwen3-moe", "qwen3-dense").
+        form: "source" (bf16), "modelopt" / "compressed-tensors" (NVFP4 W4A16 from the project quantizer, same
+            codes and block scales), or "dequantized" (float32 HF checkpoint of the NVFP4 weights).
+    """
+    from nvfp4_ext.quantize import dequantize_checkpoint, quantize_checkpoint
+    from nvfp4_ext.tiny_models import TINY_BUILDERS
 
-
-def dequantize(qdir: Path, dst: Path) -> Path:
-    from nvfp4_ext.quantize import dequantize_checkpoint
-
-    return Path(dequantize_checkpoint(qdir, dst))
+    out = root / model / form
+    if out.is_dir():
+        return out
+    if form == "source":
+        TINY_BUILDERS[model](out)
+    elif form in ("modelopt", "compressed-tensors"):
+        quantize_checkpoint(tiny_checkpoint(root, model, "source"), out, recipe="w4a16", output_format=form,
+                            progress=False)
+    elif form == "dequantized":
+        dequantize_checkpoint(tiny_checkpoint(root, model, "modelopt"), out)
+    else:
+        raise ValueError(f"unknown checkpoint form {form!r}")
+    return out
 
 
 def hf_greedy(model_dir: Path, prompts: list[str], max_tokens: int = MAX_TOKENS) -> list[list[int]]:
-    """transformers float32 greedy continuation token ids (prompt excluded)."""
+    """transformers float32 greedy continuation token ids (prompt excluded; EOS does not stop it, like
+    vLLM's ignore_eos)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -57,11 +71,13 @@ def hf_greedy(model_dir: Path, prompts: list[str], max_tokens: int = MAX_TOKENS)
     outs = []
     for prompt in prompts:
         ids = tok(prompt, return_tensors="pt").input_ids
+        generated: list[int] = []
         with torch.no_grad():
-            gen = model.generate(
-                ids, max_new_tokens=max_tokens, do_sample=False, eos_token_id=None, pad_token_id=0
-            )
-        outs.append(gen[0, ids.shape[1] :].tolist())
+            for _ in range(max_tokens):
+                next_id = int(model(ids).logits[0, -1].argmax())
+                generated.append(next_id)
+                ids = torch.cat([ids, torch.tensor([[next_id]])], dim=1)
+        outs.append(generated)
     return outs
 
 
