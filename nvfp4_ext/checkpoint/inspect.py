@@ -209,11 +209,12 @@ def _summary(ckpt: Checkpoint, rows: list[dict], module_tensors: set[str]) -> di
 
 
 def _add_backends(report: dict, capability: tuple[int, int] | None, records_kinds: set[str]) -> None:
-    from nvfp4_ext.dispatch import describe_backends
+    from nvfp4_ext.dispatch import describe_backends, flashinfer_available
 
     backends = describe_backends(capability)
     report["summary"]["backends"] = {
         "device": "cpu" if capability is None else f"sm_{capability[0]}{capability[1]}",
+        "flashinfer": flashinfer_available(),
         "by_layer_kind": {kind: backend for kind, backend in backends.items() if kind in records_kinds},
     }
 
@@ -325,7 +326,8 @@ def format_report(report: dict) -> str:
             lines.append(f"  {reason}: {shown}")
     if "backends" in summary:
         backends = summary["backends"]
-        lines += ["", f"backends on {backends['device']}:"]
+        note = "" if backends["flashinfer"] else " (FlashInfer not importable here)"
+        lines += ["", f"backends on {backends['device']}{note}:"]
         lines += [f"  {kind}: {backend}" for kind, backend in sorted(backends["by_layer_kind"].items())]
     return "\n".join(lines)
 
