@@ -76,6 +76,11 @@ def test_rejects_already_quantized_input(small, tmp_path):
         quantize_checkpoint(first, tmp_path / "qq", recipe="w4a16", progress=False)
 
 
+def test_nothing_to_quantize_is_an_error(small, tmp_path):
+    with pytest.raises(ConfigError, match="nothing to quantize"):
+        quantize_checkpoint(small, tmp_path / "out", recipe="w4a16", exclude=("*",), progress=False)
+
+
 def test_k_not_multiple_of_16_stays_in_source_precision(tmp_path, caplog):
     g = torch.Generator().manual_seed(1)
     src = _synthetic(

@@ -257,6 +257,8 @@ def quantize_checkpoint(
     tensors = list_source_tensors(src)
     _reject_quantized(src, config, tensors)
     tasks = plan_tasks(tensors, recipe=recipe, calibrated=calib is not None, exclude=exclude, output_format=output_format)
+    if all(task.action == "copy" for task in tasks):
+        raise ConfigError(f"nothing to quantize in {src}: every weight is excluded or not a 2-D/expert weight")
     for task in tasks:
         if task.reason:
             log.warning("keeping %s in %s: %s", task.source.name, task.source.dtype, task.reason)

@@ -1,0 +1,248 @@
+"""`nvfp4-ext eval REFERENCE_DIR QUANTIZED_DIR`: what quantization cost, per layer and for the whole model.
+
+Per-layer weight SQNR (dB) and relative error for every quantized module (per expert for split experts),
+summarized by precision and by layer type; when transformers can run the model on CPU, logit KL divergence,
+top-1 agreement and perplexity (see `nvfp4_ext.quantize.model_eval`). Writes report.md, report.json and
+sqnr.png (per-layer SQNR coloured by scheme) to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from nvfp4_ext.errors import CheckpointError
+from nvfp4_ext.quantize.dequantize import QuantizedReader
+from nvfp4_ext.quantize.io import list_source_tensors
+
+__all__ = ["add_arguments", "evaluate", "layer_type", "run", "weight_metrics"]
+
+_EXPERT = re.compile(r"^(?P<parent>.*\.experts)\.(?P<index>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)$")
+
+
+def layer_type(module: str) -> str:
+    """Coarse layer type for summaries: experts, attention, mlp or other."""
+    parts = set(module.split("."))
+    if _EXPERT.match(module) or "experts" in parts:
+        return "experts"
+    if parts & {"self_attn", "attn", "attention", "cross_attn"}:
+        return "attention"
+    if parts & {"mlp", "feed_forward", "ffn", "shared_expert", "shared_experts"}:
+        return "mlp"
+    return "other"
+
+
+class _ReferenceWeights:
+    """Reference weights by module name; per-expert names slice the reference's fused 3-D tensors."""
+
+    def __init__(self, root: Path) -> None:
+        self.tensors = {t.name: t for t in list_source_tensors(root)}
+
+    def _get(self, name: str) -> torch.Tensor:
+        tensor = self.tensors[name]
+        with safe_open(str(tensor.file), "pt") as f:
+            return f.get_tensor(name)
+
+    def weight(self, module: str) -> torch.Tensor | None:
+        if f"{module}.weight" in self.tensors:
+            return self._get(f"{module}.weight").float()
+        match = _EXPERT.match(module)
+        if match is None:
+            return None
+        expert, proj = int(match["index"]), match["proj"]
+        fused = f"{match['parent']}.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}"
+        if fused not in self.tensors:
+            return None
+        w = self._get(fused)[expert].float()
+        if proj == "down_proj":
+            return w
+        half = w.shape[0] // 2
+        return w[:half] if proj == "gate_proj" else w[half:]
+
+
+def _scheme(reader: QuantizedReader, module: str) -> str:
+    kind = reader.module_kind(module)
+    if kind == "nvfp4":
+        has_input = any(f"{module}.{s}" in reader.tensors for s in ("input_scale", "input_global_scale"))
+        return "nvfp4" if has_input else "nvfp4_w4a16"
+    scale = reader.tensors[f"{module}.weight_scale"].shape
+    rows = reader.tensors[f"{module}.weight"].shape[0]
+    if len(scale) == 0 or scale == (1,):
+        return "fp8"
+    if scale in ((rows,), (rows, 1)):
+        return "fp8_channel"
+    return "fp8_block"  # [ceil(N/128), ceil(K/128)], including a 1x1 grid
+
+
+def weight_metrics(reference_dir: str | Path, quantized_dir: str | Path) -> list[dict]:
+    """SQNR and relative error of every quantized module against the reference weights.
+
+    Raises:
+        CheckpointError: a quantized module has no counterpart (or a different shape) in the reference.
+    """
+    reader = QuantizedReader(quantized_dir)
+    reference = _ReferenceWeights(Path(reference_dir))
+    rows = []
+    for module in reader.quantized_modules():
+        w = reference.weight(module)
+        if w is None:
+            raise CheckpointError("quantized module has no weight in the reference checkpoint", tensor=module)
+        deq = reader.weight(module)
+        if deq.shape != w.shape:
+            raise CheckpointError(
+                f"shape {list(deq.shape)} differs from the reference's {list(w.shape)}", tensor=module
+            )
+        signal, noise = float(w.square().sum()), float((deq - w).square().sum())
+        rows.append(
+            {
+                "module": module,
+                "scheme": _scheme(reader, module),
+                "type": layer_type(module),
+                "params": w.numel(),
+                "signal": signal,
+                "noise": noise,
+                "sqnr_db": 10 * math.log10(signal / noise) if noise > 0 and signal > 0 else math.inf,
+                "rel_error": math.sqrt(noise / signal) if signal > 0 else 0.0,
+            }
+        )
+    return rows
+
+
+def _summaries(rows: list[dict], key: str) -> dict[str, dict]:
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[row[key]].append(row)
+    out = {}
+    for name, group in sorted(groups.items()):
+        signal, noise = sum(r["signal"] for r in group), sum(r["noise"] for r in group)
+        finite = [r["sqnr_db"] for r in group if math.isfinite(r["sqnr_db"])]
+        out[name] = {
+            "modules": len(group),
+            "params": sum(r["params"] for r in group),
+            "sqnr_db": 10 * math.log10(signal / noise) if noise > 0 else math.inf,
+            "min_sqnr_db": min(finite) if finite else math.inf,
+            "rel_error": math.sqrt(noise / signal) if signal > 0 else 0.0,
+        }
+    return out
+
+
+def evaluate(
+    reference_dir: str | Path, quantized_dir: str | Path, *, text: str | None = None, model: bool = True
+) -> dict:
+    """Weight and (optionally) model metrics as one JSON-able report."""
+    rows = weight_metrics(reference_dir, quantized_dir)
+    report = {
+        "reference": str(reference_dir),
+        "quantized": str(quantized_dir),
+        "by_precision": _summaries(rows, "scheme"),
+        "by_layer_type": _summaries(rows, "type"),
+        "layers": rows,
+    }
+    if model:
+        from nvfp4_ext.quantize.model_eval import model_metrics
+
+        report["model"] = model_metrics(reference_dir, quantized_dir, text=text)
+    return report
+
+
+def _markdown(report: dict) -> str:
+    lines = [f"# NVFP4 evaluation\n\nreference `{report['reference']}`, quantized `{report['quantized']}`\n"]
+    for title, key in (("By precision", "by_precision"), ("By layer type", "by_layer_type")):
+        lines += [f"## {title}\n", "| group | modules | params | SQNR (dB) | min SQNR (dB) | rel. error |", "|---|---:|---:|---:|---:|---:|"]
+        for name, s in report[key].items():
+            lines.append(
+                f"| {name} | {s['modules']} | {s['params']} | {s['sqnr_db']:.2f} | {s['min_sqnr_db']:.2f} | "
+                f"{s['rel_error']:.4f} |"
+            )
+        lines.append("")
+    model = report.get("model")
+    if model is not None:
+        lines.append("## Model\n")
+        if "skipped" in model:
+            lines.append(f"skipped: {model['skipped']}\n")
+        else:
+            lines.append(f"{model['mode']}; {model['tokens']} positions; text: {model['text']}\n")
+            lines.append(f"- KL(reference ‖ quantized), mean per position: {model['kl_mean']:.5f}")
+            lines.append(f"- top-1 agreement: {100 * model['top1_agreement']:.2f}%")
+            if model.get("perplexity_reference") is not None:
+                lines.append(
+                    f"- perplexity: reference {model['perplexity_reference']:.3f}, "
+                    f"quantized {model['perplexity_quantized']:.3f}"
+                )
+            lines.append("")
+    lines += ["## Layers\n", "| module | scheme | SQNR (dB) | rel. error |", "|---|---|---:|---:|"]
+    lines += [f"| {r['module']} | {r['scheme']} | {r['sqnr_db']:.2f} | {r['rel_error']:.4f} |" for r in report["layers"]]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(report: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = report["layers"]
+    colours = {"nvfp4": "tab:blue", "nvfp4_w4a16": "tab:cyan", "fp8": "tab:orange", "fp8_block": "tab:red"}
+    fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.08), 4))
+    for scheme in sorted({r["scheme"] for r in rows}):
+        xs = [i for i, r in enumerate(rows) if r["scheme"] == scheme]
+        ys = [min(rows[i]["sqnr_db"], 99.0) for i in xs]
+        ax.scatter(xs, ys, s=8, label=scheme, color=colours.get(scheme))
+    ax.set_xlabel("layer (checkpoint order)")
+    ax.set_ylabel("weight SQNR (dB)")
+    ax.set_title("per-layer weight SQNR")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_report(report: dict, out_dir: Path) -> list[Path]:
+    """Write report.md, report.json and (if matplotlib is installed) sqnr.png; returns the paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / "report.md", out_dir / "report.json"]
+    paths[0].write_text(_markdown(report))
+    paths[1].write_text(json.dumps(report, indent=1, default=str) + "\n")
+    if _plot(report, out_dir / "sqnr.png"):
+        paths.append(out_dir / "sqnr.png")
+    return paths
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("reference", metavar="REFERENCE_DIR", help="the unquantized checkpoint")
+    parser.add_argument("quantized", metavar="QUANTIZED_DIR", help="its quantized version (ModelOpt or compressed-tensors)")
+    parser.add_argument("--text", metavar="FILE", help="text for KL/top-1/perplexity (default: a text shipped with nvfp4_ext)")
+    parser.add_argument("--out", metavar="DIR", default="nvfp4_eval", help="report directory (default: ./nvfp4_eval)")
+    parser.add_argument("--weights-only", action="store_true", help="skip running the models")
+
+
+def run(args: argparse.Namespace) -> int:
+    from nvfp4_ext.errors import ConfigError
+
+    text = None
+    if args.text is not None:
+        try:
+            text = Path(args.text).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--text: cannot read {args.text}: {exc}") from None
+    report = evaluate(args.reference, args.quantized, text=text, model=not args.weights_only)
+    paths = write_report(report, Path(args.out))
+    for name, s in report["by_precision"].items():
+        print(f"{name:12s} {s['modules']:5d} modules  SQNR {s['sqnr_db']:6.2f} dB  rel. error {s['rel_error']:.4f}")
+    model = report.get("model") or {}
+    if "kl_mean" in model:
+        print(f"model: KL {model['kl_mean']:.5f}, top-1 agreement {100 * model['top1_agreement']:.2f}%")
+    elif "skipped" in model:
+        print(f"model: skipped ({model['skipped']})")
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
