@@ -1,0 +1,123 @@
+"""The batched, slot-indexed denoise step an engine runs once per scheduler step (pure torch).
+
+Same state layout and semantics as vLLM 0.32's `_compiled_sample_step` (models/diffusion_gemma.py:444-631,
+see shared/reference/vllm-integration.md §6), with two changes that make it pluggable and memory-lean:
+  * the accepted positions come in as a mask (any `DenoisePolicy`), not as a hard-coded entropy bound;
+  * the self-conditioning soft embedding comes in precomputed ([n, CL, H], e.g. from
+    `logits_denoise_stats`), instead of [n, CL, vocab] probabilities.
+With the `entropy_bound` mask and `soft = probs @ E * normalizer` it updates the state exactly as vLLM's
+step does (tests/test_diffusion_vllm.py runs vLLM's own function against it).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nvfp4_ext.diffusion.policies import DenoisePolicy
+
+__all__ = ["batched_denoise_step", "policy_accept_masks"]
+
+
+def policy_accept_masks(policies: list[DenoisePolicy], entropy: torch.Tensor, top_prob: torch.Tensor) -> torch.Tensor:
+    """[n, CL] accepted mask, row i chosen by `policies[i]`; rows sharing a policy are decided together."""
+    mask = torch.zeros_like(entropy, dtype=torch.bool)
+    groups: dict[DenoisePolicy, list[int]] = {}
+    for row, policy in enumerate(policies):
+        groups.setdefault(policy, []).append(row)
+    for policy, rows in groups.items():
+        index = torch.tensor(rows, device=entropy.device)
+        mask[index] = policy.accept(entropy[index], top_prob[index])
+    return mask
+
+
+def batched_denoise_step(
+    new_tokens: torch.Tensor,
+    argmax_tokens: torch.Tensor,
+    token_entropy: torch.Tensor,
+    accept_mask: torch.Tensor,
+    soft_embeds: torch.Tensor | None,
+    decode_slots: torch.Tensor,
+    decode_idx: torch.Tensor,
+    all_slots: torch.Tensor,
+    valid_canvas_len: torch.Tensor,
+    canvas: torch.Tensor,
+    argmax_canvas: torch.Tensor,
+    step_tensor: torch.Tensor,
+    is_encoder_phase: torch.Tensor,
+    confident_tensor: torch.Tensor,
+    sc_embeds: torch.Tensor,
+    history: torch.Tensor,
+    history_len_tensor: torch.Tensor,
+    max_steps_tensor: torch.Tensor,
+    pin_mask: torch.Tensor,
+    seed_canvas: torch.Tensor,
+    read_only: torch.Tensor,
+    sampled: torch.Tensor,
+    num_sampled: torch.Tensor,
+    draft_tokens: torch.Tensor,
+    *,
+    confidence_threshold: float,
+    vocab_size: int,
+    canvas_length: int,
+    stability_slots: int,
+) -> None:
+    """Confidence -> accept/renoise -> history -> convergence -> emit -> self-conditioning, in place.
+
+    Args:
+        new_tokens, argmax_tokens, token_entropy, accept_mask: [n, CL] per decode request (sample, argmax,
+            entropy of the tempered distribution, accepted positions).
+        soft_embeds: [n, CL, H] softmax @ E * normalizer, or None when no slot denoises again.
+        decode_slots / decode_idx / all_slots / valid_canvas_len: request mapping (as in vLLM).
+        canvas ... read_only: per-slot state tensors, updated in place (vLLM's DiffusionGemmaRequestStates).
+        sampled, num_sampled, draft_tokens: outputs, updated in place.
+        stability_slots: ST = stability_threshold + 1 (the ring includes the current step).
+    """
+    num_decode, device = decode_slots.shape[0], decode_slots.device
+    confident_tensor[decode_slots] = token_entropy.mean(dim=-1) < confidence_threshold
+
+    is_commit = is_encoder_phase[decode_slots]
+    is_denoise = ~is_commit
+    cur_step = step_tensor[decode_slots].float()
+    step_tensor[decode_slots] = torch.where(is_denoise, (cur_step + 1).to(step_tensor.dtype),
+                                            step_tensor.new_zeros(num_decode))
+
+    # One draw of uniform noise serves both renoising and a committed slot's fresh canvas (vLLM's order).
+    random_tokens = torch.randint(0, vocab_size, (num_decode, canvas_length), device=device, dtype=canvas.dtype)
+    denoise_canvas = torch.where(accept_mask, new_tokens, random_tokens)
+    denoise_canvas = torch.where(pin_mask[decode_slots], seed_canvas[decode_slots], denoise_canvas)
+    canvas[decode_slots] = torch.where(is_commit.unsqueeze(1), random_tokens, denoise_canvas)
+
+    hist_len = history_len_tensor[decode_slots]
+    write_pos = hist_len % stability_slots
+    for i in range(stability_slots):
+        write_here = ((write_pos == i) & is_denoise).unsqueeze(1)
+        history[decode_slots, i] = torch.where(write_here, argmax_tokens, history[decode_slots, i])
+    argmax_canvas[decode_slots] = torch.where(is_denoise.unsqueeze(1), argmax_tokens, argmax_canvas[decode_slots])
+    new_hist_len = torch.where(is_denoise, hist_len + 1, hist_len.new_zeros(num_decode))
+    history_len_tensor[decode_slots] = new_hist_len
+
+    reference = history[decode_slots, 0]
+    mismatch = torch.zeros(num_decode, device=device, dtype=torch.int32)
+    for h in range(1, stability_slots):
+        mismatch = mismatch + (reference != history[decode_slots, h]).sum(dim=-1).int()
+    converged = ((mismatch == 0) & confident_tensor[decode_slots] & (new_hist_len >= stability_slots)) | (
+        step_tensor[decode_slots] >= max_steps_tensor[decode_slots])
+    is_encoder_phase[decode_slots] = torch.where(is_commit, is_commit.new_zeros(num_decode), converged)
+
+    emit = is_commit | (is_denoise & converged & read_only[decode_slots])
+    sampled[decode_idx] = argmax_canvas[decode_slots].to(sampled.dtype) * emit[:, None]
+    num_sampled[decode_idx] = (emit * valid_canvas_len).to(num_sampled.dtype)
+
+    # Keep the soft embedding only for slots that denoise again; pinned positions get none (their input is
+    # the seed, and the model's own guess must not leak back through self-conditioning).
+    if soft_embeds is None:
+        sc_embeds[decode_slots] = 0
+    else:
+        keep = (is_denoise & ~is_encoder_phase[decode_slots])[:, None, None]
+        unpinned = (~pin_mask[decode_slots]).unsqueeze(-1)
+        sc_embeds[decode_slots] = (soft_embeds * keep * unpinned).to(sc_embeds.dtype)
+
+    newly_converged = (converged & is_denoise).unsqueeze(1)
+    canvas[decode_slots] = torch.where(newly_converged, argmax_canvas[decode_slots], canvas[decode_slots])
+    is_encoder_phase[decode_slots] &= ~read_only[decode_slots]
+    draft_tokens[all_slots, :canvas_length] = canvas[all_slots]

@@ -1,0 +1,263 @@
+"""DiffusionGemma for vLLM with per-request denoise policies and a memory-lean sampler step.
+
+`Nvfp4ExtDiffusionGemma` subclasses vLLM's `DiffusionGemmaForConditionalGeneration` (registered for the
+architecture `DiffusionGemmaForBlockDiffusion`); its model state hands the model runner our sampler:
+
+- default behaviour = vLLM's built-in: the `entropy_bound` policy with the checkpoint's bound, the same
+  schedule, stopping rule, commit/emit protocol and `diffusion_*` extra_args (state updates are the same
+  ops as vLLM's `_compiled_sample_step`, see `nvfp4_ext.diffusion.batched`);
+- `extra_args` `diffusion_policy` (`entropy_bound` | `confidence` | `fixed_k`) and `diffusion_policy_<param>`
+  (`bound`, `threshold`, `k`) choose the policy per request; bad values are rejected at admission with
+  HTTP 400 naming the key (`install_admission_validation`);
+- the statistics come from `logits_denoise_stats` in vocab chunks: no [rows, vocab] probabilities, scaled
+  logits or noise beyond the runner's logits (vLLM keeps several fp32 [rows, vocab] copies per step).
+  Steps that need vLLM's logprob stash or constrained vocabularies run the built-in path (only the default
+  policy may be combined with them; admission enforces it).
+
+NVFP4 experts and linears come from the `nvfp4_ext` quantization method; the embedding / tied lm_head,
+self-conditioning MLP and vision tower are untouched (BF16). Model runner V2 needs GPU Triton, so this runs
+on GPUs only; on CPU the pure-torch parts are tested directly. vLLM is imported lazily: the classes are
+built on first attribute access.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from nvfp4_ext.diffusion.batched import batched_denoise_step, policy_accept_masks
+from nvfp4_ext.diffusion.policies import DEFAULT_POLICY, DenoisePolicy, EntropyBoundPolicy, policy_from_mapping
+from nvfp4_ext.diffusion.stats import DEFAULT_CHUNK, logits_denoise_stats
+from nvfp4_ext.errors import ConfigError
+
+__all__ = [
+    "ARCHITECTURE",
+    "Nvfp4ExtDiffusionGemma",
+    "Nvfp4ExtDiffusionGemmaModelState",
+    "Nvfp4ExtDiffusionSampler",
+    "install_admission_validation",
+    "request_policy",
+    "validate_policy_request",
+]
+
+ARCHITECTURE = "DiffusionGemmaForBlockDiffusion"
+EXTRA_ARG_PREFIX = "diffusion_"
+_POLICY_KEY = f"{EXTRA_ARG_PREFIX}policy"
+
+
+def _has_policy_keys(extra_args: Mapping[str, Any]) -> bool:
+    return any(key == _POLICY_KEY or key.startswith(f"{_POLICY_KEY}_") for key in extra_args)
+
+
+def request_policy(extra_args: Mapping[str, Any] | None, default_bound: float | None = None) -> DenoisePolicy:
+    """The policy a request's `extra_args` select (the checkpoint's entropy bound by default).
+
+    Raises:
+        ConfigError: naming the key, e.g. `diffusion_policy_k: ...`.
+    """
+    defaults = {"bound": default_bound} if default_bound is not None else None
+    return policy_from_mapping(extra_args or {}, prefix=EXTRA_ARG_PREFIX, default_params=defaults)
+
+
+def validate_policy_request(extra_args: Mapping[str, Any] | None, *, wants_logprobs: bool = False,
+                            constrained: bool = False) -> None:
+    """Admission check of the policy keys (no-op without them)."""
+    extra_args = extra_args or {}
+    if not _has_policy_keys(extra_args):
+        return
+    policy = request_policy(extra_args)
+    if policy.name != DEFAULT_POLICY and (wants_logprobs or constrained):
+        feature = "logprobs" if wants_logprobs else "diffusion_constrained"
+        raise ConfigError(f"{_POLICY_KEY}: policy {policy.name!r} cannot be combined with {feature}; "
+                          f"use {DEFAULT_POLICY!r}")
+
+
+def install_admission_validation() -> None:
+    """Wrap vLLM's diffusion request validation (API process) so bad policy extra_args become HTTP 400.
+
+    Idempotent; call it from the `vllm.general_plugins` entry point. A sentinel attribute marks the wrapper.
+    """
+    import vllm.v1.engine.input_processor as input_processor
+    from vllm.exceptions import VLLMValidationError
+
+    original = input_processor.validate_diffusion_sampling_params
+    if getattr(original, "_nvfp4_ext_policy_validation", False):
+        return
+
+    @functools.wraps(original)
+    def validate(params: Any, *, canvas_length: int | None, vocab_size: int) -> None:
+        original(params, canvas_length=canvas_length, vocab_size=vocab_size)
+        extra = params.extra_args or {}
+        try:
+            validate_policy_request(
+                extra, wants_logprobs=params.logprobs is not None or bool(getattr(params, "logprob_token_ids", None)),
+                constrained=bool(extra.get("diffusion_constrained")))
+        except ConfigError as exc:
+            key = str(exc).split(":", 1)[0]
+            raise VLLMValidationError(str(exc), parameter=key, value=extra.get(key)) from None
+
+    validate._nvfp4_ext_policy_validation = True  # type: ignore[attr-defined]
+    input_processor.validate_diffusion_sampling_params = validate
+
+
+def _local_soft_embedding(logits: torch.Tensor, temps: torch.Tensor, argmax: torch.Tensor, top_prob: torch.Tensor,
+                          embed_shard: torch.Tensor, start: int, end: int, chunk: int) -> torch.Tensor:
+    """This rank's share of softmax(z) @ E under vocab-parallel TP: p = exp(z - z_max) * top_prob."""
+    z_max = logits.gather(1, argmax[:, None]).float() / temps[:, None]
+    soft = torch.zeros(logits.shape[0], embed_shard.shape[1], device=logits.device)
+    for lo in range(start, end, chunk):
+        hi = min(lo + chunk, end)
+        weights = torch.exp(logits[:, lo:hi].float() / temps[:, None] - z_max)
+        soft += weights @ embed_shard[lo - start:hi - start].float()
+    return soft * top_prob[:, None]
+
+
+def _build_classes() -> dict[str, type]:
+    from vllm.model_executor.models import diffusion_gemma as vdg
+    from vllm.utils.torch_utils import async_tensor_h2d
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
+
+    class Nvfp4ExtDiffusionSampler(vdg.DiffusionSampler):
+        """vLLM's DiffusionSampler with per-request policies and chunked statistics."""
+
+        chunk_size: int = DEFAULT_CHUNK
+
+        @classmethod
+        def from_builtin(cls, builtin: Any) -> Nvfp4ExtDiffusionSampler:
+            sampler = cls.__new__(cls)
+            sampler.__dict__.update(builtin.__dict__)
+            sampler._policies = {}
+            sampler._default_policy = EntropyBoundPolicy(bound=float(builtin.entropy_bound))
+            return sampler
+
+        def add_request(self, req_idx: int, sampling_params: Any) -> None:
+            super().add_request(req_idx, sampling_params)
+            try:
+                policy = request_policy(getattr(sampling_params, "extra_args", None), self.entropy_bound)
+            except ConfigError as exc:  # admission validates first; this guards direct engine use
+                raise ValueError(str(exc)) from None
+            self._policies[req_idx] = policy
+
+        def _needs_builtin(self, slots_np: np.ndarray) -> bool:
+            states = self.diffusion_states
+            wants_logprobs = (self.sampling_states.max_num_logprobs(slots_np) >= 0
+                              or self.logprob_token_ids_state.max_num_token_ids(slots_np) > 0)
+            return states.step_allowed is not None or bool(states.constrained) or wants_logprobs
+
+        def __call__(self, logits: torch.Tensor, input_batch: Any, draft_logits: torch.Tensor | None = None):
+            num_reqs, device = input_batch.num_reqs, logits.device
+            if input_batch.num_draft_tokens == 0:
+                return self._handle_prefill(input_batch, device)
+            slots_np = input_batch.idx_mapping_np[:num_reqs]
+            if self._needs_builtin(slots_np):
+                return super().__call__(logits, input_batch, draft_logits)
+            states = self.diffusion_states
+            per_req_nlogits_np = np.diff(input_batch.cu_num_logits_np[: num_reqs + 1])
+            decode_indices_np = np.where(per_req_nlogits_np > 0)[0]
+            prefill_indices_np = np.where(per_req_nlogits_np == 0)[0]
+            if len(prefill_indices_np) > 0:
+                self._finish_prefills(input_batch, prefill_indices_np)
+            decode_slots_np = slots_np[decode_indices_np]
+            num_decode = len(decode_indices_np)
+            decode_slots = async_tensor_h2d(decode_slots_np.astype(np.int64), device=device)
+            decode_idx = async_tensor_h2d(decode_indices_np.astype(np.int64), device=device)
+            valid_len_np = per_req_nlogits_np[per_req_nlogits_np > 0]
+            valid_len = async_tensor_h2d(valid_len_np.astype(np.int64), device=device)
+            if num_decode > 0:
+                top_k, top_p = self.sampling_states.get_top_k_top_p(
+                    decode_slots.repeat_interleave(valid_len, output_size=int(valid_len_np.sum())), decode_slots_np)
+                if top_k is not None or top_p is not None:
+                    logits = apply_top_k_top_p(logits.float(), top_k, top_p)
+            row_starts_np = np.concatenate(([0], np.cumsum(valid_len_np)[:-1])).astype(np.int64)
+            sampled, num_sampled = self._sampled[:num_reqs], self._num_sampled[:num_reqs]
+            sampled.zero_()
+            num_sampled.zero_()
+            all_slots = input_batch.idx_mapping[:num_reqs]
+            widths_np = states.canvas_width_np[decode_slots_np]
+            for width in sorted(set(widths_np.tolist())):
+                sel_np = np.where(widths_np == width)[0]
+                self._denoise_tile(logits, sel_np, int(width), decode_slots, decode_slots_np, decode_idx,
+                                   valid_len, valid_len_np, row_starts_np, all_slots, sampled, num_sampled)
+            return self._build_output(input_batch, sampled, num_sampled, per_req_nlogits_np, device)
+
+        def _denoise_tile(self, logits, sel_np, width, decode_slots, decode_slots_np, decode_idx, valid_len,
+                          valid_len_np, row_starts_np, all_slots, sampled, num_sampled) -> None:
+            states, device, n = self.diffusion_states, logits.device, len(sel_np)
+            sel = torch.as_tensor(sel_np, dtype=torch.int64, device=device)
+            tile_slots = decode_slots[sel]
+            contiguous = bool((np.diff(sel_np) == 1).all()) and int(valid_len_np[sel_np].min()) == width
+            if contiguous:  # the common case: a view, no copy of the logits
+                first = int(row_starts_np[sel_np[0]])
+                tile_logits = logits[first:first + n * width]
+            else:
+                positions = torch.arange(width, device=device)
+                starts = torch.as_tensor(row_starts_np[sel_np], device=device)
+                src = (starts[:, None] + positions[None]).clamp_max(logits.shape[0] - 1).reshape(-1)
+                valid = (positions[None] < valid_len[sel][:, None]).reshape(-1, 1)
+                # Phantom positions of a truncated canvas get zero logits (uniform, never committed), as in vLLM.
+                tile_logits = logits[src].masked_fill_(~valid, 0)
+            compute_sc = not states.single_step_slots or not states.single_step_slots.issuperset(
+                decode_slots_np[sel_np].tolist())
+            temp = vdg._denoise_temperature(states.step, tile_slots, float(states.max_denoising_steps),
+                                            self.t_min, self.t_max)
+            row_temps = temp.repeat_interleave(width)
+            seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+            full_vocab_sc = compute_sc and self.tp_size == 1
+            stats = logits_denoise_stats(
+                tile_logits, row_temps, seed=seed, chunk_size=self.chunk_size,
+                embed_weight=self.embed_weight if full_vocab_sc else None,
+                embed_scale=float(self.normalizer) if full_vocab_sc else None)
+            soft = stats.soft_embedding
+            if compute_sc and self.tp_size > 1:
+                soft = _local_soft_embedding(tile_logits, row_temps, stats.argmax, stats.top_prob, self.embed_weight,
+                                             self.sc_vocab_start, self.sc_vocab_end, self.chunk_size)
+                soft = torch.ops.vllm.all_reduce(soft, group_name=self.tp_group_name) * float(self.normalizer)
+            policies = [self._policies.get(int(slot), self._default_policy) for slot in decode_slots_np[sel_np]]
+            entropy, top_prob = stats.entropy.view(n, width), stats.top_prob.view(n, width)
+            batched_denoise_step(
+                stats.sample.view(n, width), stats.argmax.view(n, width), entropy,
+                policy_accept_masks(policies, entropy, top_prob),
+                soft.view(n, width, -1) if soft is not None else None,
+                tile_slots, decode_idx[sel], all_slots, valid_len[sel],
+                states.canvas[:, :width], states.argmax_canvas[:, :width], states.step, states.is_encoder_phase,
+                states.confident, states.self_conditioning_embeds[:, :width],
+                states.accepted_canvas_history[:, :, :width], states.accepted_canvas_history_len,
+                states.max_steps, states.pin_mask[:, :width], states.seed_canvas[:, :width], states.read_only,
+                sampled[:, :width], num_sampled, self.req_states.draft_tokens,
+                confidence_threshold=self.confidence_threshold, vocab_size=self.vocab_size,
+                canvas_length=width, stability_slots=states.stability_threshold)
+
+    class Nvfp4ExtDiffusionGemmaModelState(vdg.DiffusionGemmaModelState):
+        """vLLM's DiffusionGemma model state, handing the runner `Nvfp4ExtDiffusionSampler`."""
+
+        def custom_sampler(self, sampler: Any) -> tuple[Any, Any] | None:
+            builtin, rejection_sampler = super().custom_sampler(sampler)
+            return Nvfp4ExtDiffusionSampler.from_builtin(builtin), rejection_sampler
+
+    class Nvfp4ExtDiffusionGemma(vdg.DiffusionGemmaForConditionalGeneration):
+        """vLLM's DiffusionGemma whose model state supplies the policy-aware, memory-lean sampler."""
+
+        @staticmethod
+        def get_model_state_cls() -> type:
+            return Nvfp4ExtDiffusionGemmaModelState
+
+    classes = {cls.__name__: cls for cls in (Nvfp4ExtDiffusionSampler, Nvfp4ExtDiffusionGemmaModelState,
+                                             Nvfp4ExtDiffusionGemma)}
+    for cls in classes.values():  # module-level names, so the classes pickle by reference
+        cls.__qualname__ = cls.__name__
+        cls.__module__ = __name__
+    return classes
+
+
+_LAZY_CLASSES = ("Nvfp4ExtDiffusionGemma", "Nvfp4ExtDiffusionGemmaModelState", "Nvfp4ExtDiffusionSampler")
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY_CLASSES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals().update(_build_classes())
+    return globals()[name]
