@@ -125,3 +125,15 @@ def test_tensor_parallel_2_equals_tp_1(ckpt_root, vllm_runs, tmp_path):
     lines = [line for line in proc.stdout.splitlines() if line.startswith("TOKENS=")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     assert json.loads(lines[0].removeprefix("TOKENS=")) == vllm_runs("qwen3-moe")["tokens"]
+
+
+@pytest.mark.parametrize(("form", "builtin"), [("modelopt", "modelopt_fp4"), ("compressed-tensors", "compressed-tensors")])
+def test_without_our_flag_vllm_resolves_the_checkpoint_as_before(ckpt_root, form, builtin):
+    from vllm.config import ModelConfig
+
+    from nvfp4_ext.engines.vllm import register
+
+    register()
+    model_dir = str(tiny_checkpoint(ckpt_root, "qwen3-dense", form))
+    assert ModelConfig(model=model_dir).quantization == builtin
+    assert ModelConfig(model=model_dir, quantization="nvfp4_ext").quantization == "nvfp4_ext"
