@@ -204,6 +204,7 @@ def test_engines_never_quantize_vision_towers_and_embeddings(tmp_path: Path) -> 
     tensors = dense_nvfp4_tensors()
     tensors["model.vision_tower.encoder.layers.0.mlp.fc1.weight"] = torch.randn(16, 32).bfloat16()
     tensors["model.encoder.embed_vision.embedding_projection.weight"] = torch.randn(64, 16).bfloat16()
+    tensors["model.audio.subsample.conv.weight"] = torch.randn(8, 1, 3, 3).bfloat16()
     ckpt = validate_checkpoint(write_checkpoint(tmp_path / "c", tensors, nvfp4_config(exclude=["lm_head"])))
     reasons = {r.name: r.reason for r in ckpt.modules() if r.scheme == "unquantized"}
     assert reasons == {
@@ -211,6 +212,7 @@ def test_engines_never_quantize_vision_towers_and_embeddings(tmp_path: Path) -> 
         "model.embed_tokens": "embedding",
         "model.vision_tower.encoder.layers.0.mlp.fc1": "vision_tower (engines keep it unquantized)",
         "model.encoder.embed_vision.embedding_projection": "embed_vision (engines keep it unquantized)",
+        "model.audio.subsample.conv": "not a linear layer (4-D weight)",
     }
 
 

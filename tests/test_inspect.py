@@ -96,6 +96,9 @@ def test_gpu_flag(mixed_dir: Path) -> None:
         "sm_80",
         {"fp8_linear": "triton", "nvfp4_moe": "triton"},
     )
+    assert set(backends["all_layer_kinds"]) == {
+        "nvfp4_linear", "nvfp4_w4a16_linear", "nvfp4_moe", "nvfp4_w4a16_moe", "fp8_linear"
+    }  # fmt: skip
     assert inspect_checkpoint(str(mixed_dir), scan=False, gpu="cpu")["summary"]["backends"][
         "by_layer_kind"
     ] == {

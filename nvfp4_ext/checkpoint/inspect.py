@@ -216,6 +216,7 @@ def _add_backends(report: dict, capability: tuple[int, int] | None, records_kind
         "device": "cpu" if capability is None else f"sm_{capability[0]}{capability[1]}",
         "flashinfer": flashinfer_available(),
         "by_layer_kind": {kind: backend for kind, backend in backends.items() if kind in records_kinds},
+        "all_layer_kinds": backends,
     }
 
 

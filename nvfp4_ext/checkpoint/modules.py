@@ -201,6 +201,8 @@ def _reconcile(
         return stored, kept_unquantized(module) or "not listed as quantized by the config"
     if stored == "unquantized" and kept_unquantized(module):
         return stored, kept_unquantized(module)
+    if stored == "unquantized" and len(info.shape) > 3:
+        return stored, f"not a linear layer ({len(info.shape)}-D weight)"
     if configured == "nvfp4_w4a16" and stored == "nvfp4":
         return configured, None  # engines drop the unused activation scale of weight-only layers
     source = cfg.source if cfg else "no quantization config"
