@@ -25,6 +25,7 @@ import triton.language as tl
 from nvfp4_ext.format import NVFP4_BLOCK_SIZE
 
 from .nvfp4_tile import load_activation_pair, load_nvfp4_tile_pair
+from .shapes import DIFFUSIONGEMMA_GEMM_SHAPES
 
 __all__ = [
     "DIFFUSIONGEMMA_GEMM_SHAPES",
@@ -57,18 +58,6 @@ class GemmConfig:
         if self.split_k < 1:
             raise ValueError(f"expected split_k >= 1, got {self.split_k}")
 
-
-# DiffusionGemma (TP=1) linear layers as (name, N, K). Attention: 16 query heads, 8 sliding / 2 global KV
-# heads, head dim 256 (sliding) / 512 (global, K = V so no v_proj); dense MLP 2112; vocab 262144.
-DIFFUSIONGEMMA_GEMM_SHAPES: tuple[tuple[str, int, int], ...] = (
-    ("qkv_sliding", 16 * 256 + 2 * 8 * 256, 2816),
-    ("qk_global", 16 * 512 + 2 * 512, 2816),
-    ("o_sliding", 2816, 16 * 256),
-    ("o_global", 2816, 16 * 512),
-    ("mlp_gate_up", 2 * 2112, 2816),
-    ("mlp_down", 2816, 2112),
-    ("lm_head", 262144, 2816),
-)
 
 # Three shapes of work: a decode tile (split-K fills the GPU), a mid-batch tile and a prefill tile. Each is
 # spill-free on sm_80/sm_90/sm_100 (tests/test_kernels_aot.py); `nvfp4-ext kernels-report` prints the table.

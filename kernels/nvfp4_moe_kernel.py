@@ -26,6 +26,7 @@ from nvfp4_ext.format import NVFP4_BLOCK_SIZE
 from .moe_align import moe_align_block_size
 from .nvfp4_tile import load_activation_pair, load_nvfp4_tile_pair
 from .reference import ACTIVATIONS
+from .shapes import DIFFUSIONGEMMA_MOE_SHAPE
 
 __all__ = ["DIFFUSIONGEMMA_MOE_SHAPE", "MoeConfig", "TileConfig", "nvfp4_moe_triton", "select_moe_config",
            "shipped_moe_configs"]
@@ -62,9 +63,6 @@ class MoeConfig:
         if self.block_m < 16 or self.block_m & (self.block_m - 1):
             raise ValueError(f"expected block_m to be a power of two >= 16, got {self.block_m}")
 
-
-# DiffusionGemma's routed experts (TP=1): E=128, hidden 2816, expert intermediate 704, top-8.
-DIFFUSIONGEMMA_MOE_SHAPE = {"num_experts": 128, "hidden": 2816, "intermediate": 704, "top_k": 8}
 
 # Decode: few tokens per expert, so small M-blocks and narrow gate/up tiles (8 experts x 704/32 tiles = 176
 # programs at M=1). Prefill: many tokens per expert, so bigger M-blocks amortize each weight tile.
