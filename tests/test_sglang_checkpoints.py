@@ -42,7 +42,7 @@ def _excluded(module: str) -> bool:
 
 
 def quantize_tiny_checkpoint(src: str | Path, dst: str | Path) -> Path:
-    """Write an NVFP4 copy (ModelOpt flat `quantization_config`) of the single-file model at `src` to `dst`."""
+    """Write an NVFP4 copy (ModelOpt flat `quantization_config`) of the one-file model `src` to `dst`."""
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     out: dict[str, torch.Tensor] = {}
@@ -64,7 +64,9 @@ def quantize_tiny_checkpoint(src: str | Path, dst: str | Path) -> Path:
                 out.update(_nvfp4(linear["module"], tensor))
             else:
                 out[name] = tensor
-    save_file({k: v.contiguous() for k, v in out.items()}, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in out.items()}, str(dst / "model.safetensors"), metadata={"format": "pt"}
+    )
     config = json.loads((src / "config.json").read_text())
     config["quantization_config"] = {
         "quant_method": "modelopt",

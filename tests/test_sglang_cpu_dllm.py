@@ -34,9 +34,16 @@ VOCAB, HIDDEN, BLOCK, BATCH = 64, 8, 12, 3
 
 
 def _algorithm(cls=Gemma4Renoise, **algorithm_config):
-    config = DllmConfig(algorithm="Gemma4Renoise", algorithm_config={"seed": 1234, **algorithm_config},
-                        block_size=BLOCK, mask_id=-1, max_running_requests=BATCH, first_done_first_out_mode=True,
-                        requires_separate_context_encoding=True, capture_input_preparation=False)
+    config = DllmConfig(
+        algorithm="Gemma4Renoise",
+        algorithm_config={"seed": 1234, **algorithm_config},
+        block_size=BLOCK,
+        mask_id=-1,
+        max_running_requests=BATCH,
+        first_done_first_out_mode=True,
+        requires_separate_context_encoding=True,
+        capture_input_preparation=False,
+    )
     algo = cls(config)
     torch.manual_seed(0)
     embed = torch.nn.Embedding(VOCAB, HIDDEN)
@@ -46,8 +53,9 @@ def _algorithm(cls=Gemma4Renoise, **algorithm_config):
 
 
 def _batch(rids=("r0", "r1", "r2")) -> SimpleNamespace:
-    return SimpleNamespace(batch_size=len(rids), input_ids=torch.zeros(len(rids) * BLOCK, dtype=torch.long),
-                           rids=list(rids))
+    return SimpleNamespace(
+        batch_size=len(rids), input_ids=torch.zeros(len(rids) * BLOCK, dtype=torch.long), rids=list(rids)
+    )
 
 
 def _logits(seed: int) -> torch.Tensor:
@@ -57,7 +65,9 @@ def _logits(seed: int) -> torch.Tensor:
     return torch.randn(BATCH * BLOCK, VOCAB, generator=g) * sharpness[:, None] * 4
 
 
-def _expected(algo, logits: torch.Tensor, states: list, policies: list) -> tuple[list[torch.Tensor], torch.Tensor]:
+def _expected(
+    algo, logits: torch.Tensor, states: list, policies: list
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The canvas each request must hold after one step, and the accepted masks: the policy's accepted
     positions keep a token sampled from the tempered distribution, the others get fresh uniform noise
     (replaying the request's generator)."""
@@ -130,13 +140,29 @@ def test_default_policy_reproduces_sglang_algorithm() -> None:
 
 
 def _request(rid: str, **custom) -> SimpleNamespace:
-    sampling = SimpleNamespace(frequency_penalty=0.0, presence_penalty=0.0, repetition_penalty=1.0,
-                               min_new_tokens=0, min_p=0.0, sampling_seed=None, logit_bias=None, json_schema=None,
-                               regex=None, ebnf=None, structural_tag=None, custom_params=custom or None)
-    return SimpleNamespace(rid=rid, sampling_params=sampling, return_logprob=False,
-                           logprob=SimpleNamespace(top_logprobs_num=0, token_ids_logprob=None),
-                           return_flat_raw_top_logprobs=False, custom_logit_processor=None,
-                           return_sampling_mask=False)
+    sampling = SimpleNamespace(
+        frequency_penalty=0.0,
+        presence_penalty=0.0,
+        repetition_penalty=1.0,
+        min_new_tokens=0,
+        min_p=0.0,
+        sampling_seed=None,
+        logit_bias=None,
+        json_schema=None,
+        regex=None,
+        ebnf=None,
+        structural_tag=None,
+        custom_params=custom or None,
+    )
+    return SimpleNamespace(
+        rid=rid,
+        sampling_params=sampling,
+        return_logprob=False,
+        logprob=SimpleNamespace(top_logprobs_num=0, token_ids_logprob=None),
+        return_flat_raw_top_logprobs=False,
+        custom_logit_processor=None,
+        return_sampling_mask=False,
+    )
 
 
 def test_per_request_policies_in_one_batch() -> None:
@@ -165,7 +191,10 @@ def test_per_request_policies_in_one_batch() -> None:
     [
         ({"diffusion_policy": "top_p"}, "custom_params.diffusion_policy"),
         ({"diffusion_policy": "fixed_k", "diffusion_policy_k": 0}, "custom_params.diffusion_policy_k"),
-        ({"diffusion_policy": "confidence", "diffusion_policy_bound": 0.1}, "custom_params.diffusion_policy_bound"),
+        (
+            {"diffusion_policy": "confidence", "diffusion_policy_bound": 0.1},
+            "custom_params.diffusion_policy_bound",
+        ),
     ],
 )
 def test_bad_request_policy_is_rejected(custom: dict, field: str) -> None:
@@ -195,13 +224,20 @@ def test_upstream_defaults_kept() -> None:
     assert algo.policy == get_policy("entropy_bound", bound=0.1)
 
 
-@pytest.mark.parametrize("quantization, allowed", [(None, True), ("nvfp4_ext", True), ("modelopt_fp4", False)])
-def test_quantization_veto_lifted_only_for_nvfp4_ext(monkeypatch: pytest.MonkeyPatch, quantization, allowed) -> None:
+@pytest.mark.parametrize(
+    "quantization, allowed", [(None, True), ("nvfp4_ext", True), ("modelopt_fp4", False)]
+)
+def test_quantization_veto_lifted_only_for_nvfp4_ext(
+    monkeypatch: pytest.MonkeyPatch, quantization, allowed
+) -> None:
     model_config = SimpleNamespace(quantization=quantization)
     seen = []
     monkeypatch.setattr(dllm, "model_config_of", lambda server_args: model_config)
-    monkeypatch.setattr(upstream.Gemma4Renoise, "configure_server_args",
-                        classmethod(lambda cls, server_args: seen.append(model_config.quantization)))
+    monkeypatch.setattr(
+        upstream.Gemma4Renoise,
+        "configure_server_args",
+        classmethod(lambda cls, server_args: seen.append(model_config.quantization)),
+    )
     if allowed:
         Gemma4Renoise.configure_server_args(object())
         assert seen == [None]  # upstream's checks ran with its quantization veto out of the way

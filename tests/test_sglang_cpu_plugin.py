@@ -28,7 +28,7 @@ from test_sglang_checkpoints import EXCLUDE, quantize_tiny_checkpoint  # noqa: E
 
 from nvfp4_ext.errors import CheckpointError  # noqa: E402
 from nvfp4_ext.format import dequantize_nvfp4  # noqa: E402
-from nvfp4_ext.tiny_models import build_tiny_diffusion_gemma  # noqa: E402
+from nvfp4_ext.tiny_models import build_tiny_diffusion_gemma, build_tiny_qwen3_moe  # noqa: E402
 
 pytestmark = pytest.mark.sglang
 ARCH = "DiffusionGemmaForBlockDiffusion"
@@ -55,13 +55,20 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict:
     config["quantization_config"] = {
         "quant_method": "compressed-tensors",
         "format": "nvfp4-pack-quantized",
-        "config_groups": {"group_0": {
-            "targets": ["Linear"],
-            "weights": {"num_bits": 4, "type": "float", "group_size": 16, "strategy": "tensor_group"},
-            "input_activations": {"num_bits": 4, "type": "float", "group_size": 16,
-                                  "strategy": "tensor_group", "dynamic": "local"},
-            "format": "nvfp4-pack-quantized",
-        }},
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": {"num_bits": 4, "type": "float", "group_size": 16, "strategy": "tensor_group"},
+                "input_activations": {
+                    "num_bits": 4,
+                    "type": "float",
+                    "group_size": 16,
+                    "strategy": "tensor_group",
+                    "dynamic": "local",
+                },
+                "format": "nvfp4-pack-quantized",
+            }
+        },
         "ignore": EXCLUDE,
     }
     (ct / "config.json").write_text(json.dumps(config))
@@ -80,7 +87,11 @@ def distributed(checkpoints) -> None:
         parallel_state.init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo")
     if not parallel_state.model_parallel_is_initialized():
         reset_context()
-        publish(ServerArgs(model_path=str(checkpoints["nvfp4"]), device="cpu"), role="test", ranks=SpawnRanks(world_rank=0))
+        publish(
+            ServerArgs(model_path=str(checkpoints["nvfp4"]), device="cpu"),
+            role="test",
+            ranks=SpawnRanks(world_rank=0),
+        )
         get_parallel().override_permanently(world_group=parallel_state._WORLD)
         parallel_state.initialize_model_parallel(backend="gloo")
 
@@ -105,6 +116,30 @@ def loaded_model(plugins_loaded, distributed, checkpoints):
         if method is not None and hasattr(method, "process_weights_after_loading"):
             method.process_weights_after_loading(module)
     return model, tensors, loaded
+
+
+@pytest.fixture(scope="module")
+def qwen3_moe(plugins_loaded, distributed, tmp_path_factory: pytest.TempPathFactory):
+    """SGLang's own Qwen3-MoE class (silu experts, SGLang's standard expert loader) on a tiny NVFP4 copy."""
+    from safetensors.torch import load_file
+    from sglang.srt.configs.load_config import LoadConfig
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.model_loader.weight_utils import get_quant_config
+    from sglang.srt.models.registry import ModelRegistry
+
+    root = tmp_path_factory.mktemp("qwen3_moe")
+    path = quantize_tiny_checkpoint(build_tiny_qwen3_moe(root / "bf16", dtype=torch.float32), root / "nvfp4")
+    model_config = ModelConfig(str(path), quantization="nvfp4_ext")
+    model_cls, _ = ModelRegistry.resolve_model_cls(model_config.hf_config.architectures)
+    quant_config = get_quant_config(model_config, LoadConfig(), model_cls.packed_modules_mapping)
+    model = model_cls(model_config.hf_config, quant_config=quant_config)
+    tensors = load_file(str(path / "model.safetensors"))
+    model.load_weights(tensors.items())
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if method is not None and hasattr(method, "process_weights_after_loading"):
+            method.process_weights_after_loading(module)
+    return model, tensors
 
 
 # ---------------------------------------------------------------------------------------------- registration
@@ -133,8 +168,7 @@ def test_register_is_idempotent(plugins_loaded) -> None:
     from sglang.srt.layers.quantization import QUANTIZATION_METHODS
     from sglang.srt.server_args import QUANTIZATION_CHOICES
 
-    from nvfp4_ext.engines.sglang import register
-    from nvfp4_ext.engines.sglang import registration
+    from nvfp4_ext.engines.sglang import register, registration
 
     before = (list(QUANTIZATION_METHODS), list(QUANTIZATION_CHOICES), list(WEIGHT_LOADER_V2_SUPPORTED))
     register()
@@ -144,7 +178,9 @@ def test_register_is_idempotent(plugins_loaded) -> None:
     assert after == before
 
 
-@pytest.mark.parametrize("whitelist, expected", [("some_other_plugin", False), ("nvfp4_ext", True), ("", True)])
+@pytest.mark.parametrize(
+    "whitelist, expected", [("some_other_plugin", False), ("nvfp4_ext", True), ("", True)]
+)
 def test_sglang_plugins_whitelist(monkeypatch: pytest.MonkeyPatch, whitelist: str, expected: bool) -> None:
     from sglang.srt.plugins import GENERAL_PLUGINS_GROUP, load_plugins_by_group
 
@@ -162,8 +198,16 @@ def test_cli_accepts_quantization_nvfp4_ext(plugins_loaded, checkpoints) -> None
 
     parser = argparse.ArgumentParser()
     ServerArgs.add_cli_args(parser)
-    args = parser.parse_args(["--model-path", str(checkpoints["nvfp4"]), "--quantization", "nvfp4_ext",
-                              "--dllm-algorithm", "Gemma4Renoise"])
+    args = parser.parse_args(
+        [
+            "--model-path",
+            str(checkpoints["nvfp4"]),
+            "--quantization",
+            "nvfp4_ext",
+            "--dllm-algorithm",
+            "Gemma4Renoise",
+        ]
+    )
     assert args.quantization == "nvfp4_ext"
     assert args.dllm_algorithm == "Gemma4Renoise"
     with pytest.raises(SystemExit):
@@ -181,7 +225,9 @@ def test_cli_accepts_quantization_nvfp4_ext(plugins_loaded, checkpoints) -> None
         ("ct", None, "compressed-tensors"),
     ],
 )
-def test_config_claims_checkpoint_only_when_asked(plugins_loaded, checkpoints, ckpt, requested, resolved) -> None:
+def test_config_claims_checkpoint_only_when_asked(
+    plugins_loaded, checkpoints, ckpt, requested, resolved
+) -> None:
     from sglang.srt.configs.model_config import ModelConfig
 
     assert ModelConfig(str(checkpoints[ckpt]), quantization=requested).quantization == resolved
@@ -206,8 +252,11 @@ def test_get_quant_config_parses_checkpoint(plugins_loaded, checkpoints) -> None
     from nvfp4_ext.engines.sglang.config import Nvfp4ExtConfig
     from nvfp4_ext.engines.sglang.weight_names import hf_module_name
 
-    config = get_quant_config(ModelConfig(str(checkpoints["nvfp4"]), quantization="nvfp4_ext"), LoadConfig(),
-                              {"qkv_proj": ["q_proj", "k_proj", "v_proj"]})
+    config = get_quant_config(
+        ModelConfig(str(checkpoints["nvfp4"]), quantization="nvfp4_ext"),
+        LoadConfig(),
+        {"qkv_proj": ["q_proj", "k_proj", "v_proj"]},
+    )
     assert isinstance(config, Nvfp4ExtConfig)
     config.module_name_mapper = hf_module_name
     assert config.linear_scheme("model.layers.0.self_attn.qkv_proj") == "nvfp4"
@@ -243,7 +292,9 @@ def test_missing_expert_scale_is_named(loaded_model) -> None:
     experts = model.model.layers[0].moe.experts
     saved = experts.w13_weight_scale_2.data.clone()
     try:
-        experts.w13_weight_scale_2.data[3, 1] = float("nan")  # as if experts.3.up_proj.weight_scale_2 were absent
+        experts.w13_weight_scale_2.data[3, 1] = float(
+            "nan"
+        )  # as if experts.3.up_proj.weight_scale_2 were absent
         with pytest.raises(CheckpointError, match=r"w13_weight_scale_2.*index 3|index 3.*w13_weight_scale_2"):
             experts.quant_method.process_weights_after_loading(experts)
     finally:
@@ -252,12 +303,14 @@ def test_missing_expert_scale_is_named(loaded_model) -> None:
 
 
 def _dequant(tensors: dict, prefix: str) -> torch.Tensor:
-    return dequantize_nvfp4(tensors[f"{prefix}.weight"], tensors[f"{prefix}.weight_scale"],
-                            tensors[f"{prefix}.weight_scale_2"]).float()
+    return dequantize_nvfp4(
+        tensors[f"{prefix}.weight"], tensors[f"{prefix}.weight_scale"], tensors[f"{prefix}.weight_scale_2"]
+    ).float()
 
 
 def test_fused_qkv_matches_checkpoint_shards(loaded_model) -> None:
-    """Layer 1 is full attention: q and k from the checkpoint, v = k (k_eq_v), each with its own global scale."""
+    """Layer 1 is full attention: q and k from the checkpoint, v = k (k_eq_v), each shard with its own
+    global scale."""
     model, tensors, _ = loaded_model
     qkv = model.model.layers[1].self_attn.qkv_proj
     base = "model.decoder.layers.1.self_attn"
@@ -268,29 +321,62 @@ def test_fused_qkv_matches_checkpoint_shards(loaded_model) -> None:
     torch.testing.assert_close(qkv.quant_method.apply(qkv, x), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_moe_layer_matches_checkpoint_experts(loaded_model) -> None:
-    from sglang.srt.layers.moe.token_dispatcher.standard import StandardDispatchOutput
-    from sglang.srt.layers.moe.topk import StandardTopKOutput
-
-    model, tensors, _ = loaded_model
-    experts = model.model.layers[0].moe.experts
-    hidden = experts.hidden_size
-    torch.manual_seed(1)
-    x = torch.randn(6, hidden, dtype=torch.float32)
-    topk_ids = torch.tensor([[0, 3], [1, 2], [7, 0], [5, 6], [2, 4], [3, -1]], dtype=torch.int32)
-    topk_weights = torch.rand(6, 2, dtype=torch.float32)
-    out = experts.quant_method.apply(
-        experts, StandardDispatchOutput(x, None, StandardTopKOutput(topk_weights, topk_ids, None))
-    ).hidden_states
+def _routed_reference(x, topk_weights, topk_ids, tensors, base: str, activation) -> torch.Tensor:
+    """Per token and route: down(act(gate x) * up x) from the checkpoint's own NVFP4 tensors."""
     expected = torch.zeros_like(x)
-    base = "model.decoder.layers.0.experts"
     for t in range(x.shape[0]):
-        for j in range(2):
+        for j in range(topk_ids.shape[1]):
             e = int(topk_ids[t, j])
             if e < 0:  # dropped by expert parallelism: contributes nothing
                 continue
             gate = x[t] @ _dequant(tensors, f"{base}.{e}.gate_proj").t()
             up = x[t] @ _dequant(tensors, f"{base}.{e}.up_proj").t()
-            act = torch.nn.functional.gelu(gate, approximate="tanh") * up
-            expected[t] += topk_weights[t, j] * (act @ _dequant(tensors, f"{base}.{e}.down_proj").t())
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+            expected[t] += topk_weights[t, j] * (
+                (activation(gate) * up) @ _dequant(tensors, f"{base}.{e}.down_proj").t()
+            )
+    return expected
+
+
+def _run_experts(experts, x, topk_weights, topk_ids) -> torch.Tensor:
+    from sglang.srt.layers.moe.token_dispatcher.standard import StandardDispatchOutput
+    from sglang.srt.layers.moe.topk import StandardTopKOutput
+
+    dispatch = StandardDispatchOutput(x, None, StandardTopKOutput(topk_weights, topk_ids, None))
+    return experts.quant_method.apply(experts, dispatch).hidden_states
+
+
+def test_gelu_tanh_experts_match_checkpoint(loaded_model) -> None:
+    model, tensors, _ = loaded_model
+    experts = model.model.layers[0].moe.experts
+    assert experts.quant_method.activation == "gelu_tanh"
+    torch.manual_seed(1)
+    x = torch.randn(6, experts.hidden_size, dtype=torch.float32)
+    topk_ids = torch.tensor([[0, 3], [1, 2], [7, 0], [5, 6], [2, 4], [3, -1]], dtype=torch.int32)
+    topk_weights = torch.rand(6, 2, dtype=torch.float32)
+    expected = _routed_reference(
+        x,
+        topk_weights,
+        topk_ids,
+        tensors,
+        "model.decoder.layers.0.experts",
+        lambda v: torch.nn.functional.gelu(v, approximate="tanh"),
+    )
+    torch.testing.assert_close(
+        _run_experts(experts, x, topk_weights, topk_ids), expected, rtol=1e-4, atol=1e-5
+    )
+
+
+def test_silu_experts_through_sglang_loader_match_checkpoint(qwen3_moe) -> None:
+    model, tensors = qwen3_moe
+    experts = model.model.layers[1].mlp.experts
+    assert experts.quant_method.activation == "silu"
+    torch.manual_seed(2)
+    x = torch.randn(5, experts.hidden_size, dtype=torch.float32)
+    topk_ids = torch.randint(0, experts.num_experts, (5, 2), dtype=torch.int32)
+    topk_weights = torch.rand(5, 2, dtype=torch.float32)
+    expected = _routed_reference(
+        x, topk_weights, topk_ids, tensors, "model.layers.1.mlp.experts", torch.nn.functional.silu
+    )
+    torch.testing.assert_close(
+        _run_experts(experts, x, topk_weights, topk_ids), expected, rtol=1e-4, atol=1e-5
+    )

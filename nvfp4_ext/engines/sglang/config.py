@@ -60,7 +60,9 @@ class Nvfp4ExtConfig(QuantizationConfig):
         packed_modules_mapping: SGLang's fused-module table of the model class (qkv_proj -> q/k/v ...).
     """
 
-    def __init__(self, quant: QuantConfig, packed_modules_mapping: dict[str, list[str]] | None = None) -> None:
+    def __init__(
+        self, quant: QuantConfig, packed_modules_mapping: dict[str, list[str]] | None = None
+    ) -> None:
         super().__init__()
         self.quant = quant
         self.packed_modules_mapping = packed_modules_mapping or {}
@@ -94,7 +96,8 @@ class Nvfp4ExtConfig(QuantizationConfig):
         quant = parse_quant_config({k: v for k, v in config.items() if k not in _SGLANG_EXTRA_KEYS})
         if not quant.is_nvfp4:
             raise ConfigError(
-                f"--quantization {QUANT_NAME}: the checkpoint's quantization ({quant.quant_algo}) has no NVFP4 "
+                f"--quantization {QUANT_NAME}: the checkpoint's quantization ({quant.quant_algo}) has no "
+                f"NVFP4 "
                 "layers; serve it with SGLang's own method for that format"
             )
         return cls(quant, dict(packed) if isinstance(packed, dict) else None)
@@ -108,8 +111,8 @@ class Nvfp4ExtConfig(QuantizationConfig):
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         from sglang.srt.layers.linear import LinearBase
-        from sglang.srt.layers.quantization.unquant import UnquantizedLinearMethod
         from sglang.srt.layers.moe.fused_moe_triton import FusedMoE
+        from sglang.srt.layers.quantization.unquant import UnquantizedLinearMethod
 
         from nvfp4_ext.engines.sglang.linear import Nvfp4ExtFp8LinearMethod, Nvfp4ExtLinearMethod
         from nvfp4_ext.engines.sglang.moe import Nvfp4ExtMoEMethod
@@ -142,7 +145,12 @@ class Nvfp4ExtConfig(QuantizationConfig):
         parent, _, leaf = module.rpartition(".")
         shards = self.packed_modules_mapping.get(leaf)
         if shards:
-            schemes = {self.quant.scheme_for(f"{parent}.{s}" if parent else s) for s in shards}
+            names = [f"{parent}.{s}" if parent else s for s in shards]
+            if self.quant.quant_algo == "MIXED_PRECISION":
+                # A per-layer map lists only the shards the checkpoint has (DiffusionGemma's full-attention
+                # layers have no v_proj: v = k), so an unlisted shard does not count as unquantized.
+                names = [n for n in names if n in self.quant.layer_schemes] or names
+            schemes = {self.quant.scheme_for(name) for name in names}
             if len(schemes) > 1:
                 raise CheckpointError(
                     f"the shards {shards} of {module} have different quantization schemes {sorted(schemes)}; "

@@ -73,7 +73,8 @@ class Gemma4Renoise(upstream.Gemma4Renoise):
             return super().configure_server_args(server_args)
         if quantization != QUANT_NAME:
             raise ValueError(
-                f"DiffusionGemma loads quantized checkpoints only with --quantization {QUANT_NAME} (got {quantization})"
+                f"DiffusionGemma loads quantized checkpoints only with --quantization {QUANT_NAME} "
+                f"(got {quantization})"
             )
         # Upstream's checks and launch settings apply unchanged; only its quantization veto is lifted.
         model_config.quantization = None
@@ -132,8 +133,10 @@ class Gemma4Renoise(upstream.Gemma4Renoise):
     # ------------------------------------------------------------------------------------------ the step
     def _statistics(self, logits: torch.Tensor, temperatures: torch.Tensor):
         if logits.is_cuda:
-            write_soft = (self.embed_tokens.weight.dtype == torch.bfloat16
-                          and getattr(self.embed_tokens, "tp_size", 1) == 1)
+            write_soft = (
+                self.embed_tokens.weight.dtype == torch.bfloat16
+                and getattr(self.embed_tokens, "tp_size", 1) == 1
+            )
             return upstream._denoiser_statistics_cuda(logits, temperatures, write_soft=write_soft)
         return (*upstream._denoiser_statistics(logits, temperatures), None)
 
@@ -170,7 +173,9 @@ class Gemma4Renoise(upstream.Gemma4Renoise):
             state = states[index]
             generator = state["generator"]
             sampled = upstream._sample_denoiser(probabilities[index], generator)
-            renoise = torch.randint(self.vocab_size, (self.block_size,), device=logits.device, generator=generator)
+            renoise = torch.randint(
+                self.vocab_size, (self.block_size,), device=logits.device, generator=generator
+            )
             state["current"] = torch.where(accepted[index], sampled, renoise)
             argmax = argmax_tokens[index]
             stable = self._is_stable(state, argmax)

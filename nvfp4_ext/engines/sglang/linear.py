@@ -35,8 +35,12 @@ __all__ = ["Nvfp4ExtFp8LinearMethod", "Nvfp4ExtLinearMethod", "nvfp4_param_names
 def nvfp4_param_names(producer: str) -> dict[str, str]:
     """Checkpoint tensor suffixes of an NVFP4 layer for a checkpoint producer (they are our param names)."""
     if producer == "compressed-tensors":
-        return {"weight": "weight_packed", "scale": "weight_scale", "global": "weight_global_scale",
-                "input": "input_global_scale"}
+        return {
+            "weight": "weight_packed",
+            "scale": "weight_scale",
+            "global": "weight_global_scale",
+            "input": "input_global_scale",
+        }
     return {"weight": "weight", "scale": "weight_scale", "global": "weight_scale_2", "input": "input_scale"}
 
 
@@ -59,29 +63,54 @@ class Nvfp4ExtLinearMethod(LinearMethodBase):
         self.names = nvfp4_param_names(config.quant.producer)
         self.convention = config.quant.global_scale_convention
 
-    def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int,
-                       output_partition_sizes: list[int], input_size: int, output_size: int,
-                       params_dtype: torch.dtype, **extra_weight_attrs) -> None:
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ) -> None:
         check_nvfp4_partition(self.prefix, "input features (K)", input_size, input_size_per_partition)
         loader = extra_weight_attrs.get("weight_loader")
         rows = sum(output_partition_sizes)
         shards = len(output_partition_sizes)
         layer.logical_widths = list(output_partition_sizes)
         names = self.names
-        layer.register_parameter(names["weight"], ModelWeightParameter(
-            data=torch.zeros(rows, input_size_per_partition // 2, dtype=torch.uint8),
-            input_dim=1, output_dim=0, weight_loader=loader))
-        layer.register_parameter(names["scale"], ModelWeightParameter(
-            data=_nan((rows, input_size_per_partition // NVFP4_BLOCK_SIZE), torch.float8_e4m3fn),
-            input_dim=1, output_dim=0, weight_loader=loader))
-        layer.register_parameter(names["global"], PerTensorScaleParameter(
-            data=_nan((shards,), torch.float32), weight_loader=loader))
-        layer.register_parameter(names["input"], PerTensorScaleParameter(
-            data=_nan((shards,), torch.float32), weight_loader=loader))
+        layer.register_parameter(
+            names["weight"],
+            ModelWeightParameter(
+                data=torch.zeros(rows, input_size_per_partition // 2, dtype=torch.uint8),
+                input_dim=1,
+                output_dim=0,
+                weight_loader=loader,
+            ),
+        )
+        layer.register_parameter(
+            names["scale"],
+            ModelWeightParameter(
+                data=_nan((rows, input_size_per_partition // NVFP4_BLOCK_SIZE), torch.float8_e4m3fn),
+                input_dim=1,
+                output_dim=0,
+                weight_loader=loader,
+            ),
+        )
+        layer.register_parameter(
+            names["global"],
+            PerTensorScaleParameter(data=_nan((shards,), torch.float32), weight_loader=loader),
+        )
+        layer.register_parameter(
+            names["input"], PerTensorScaleParameter(data=_nan((shards,), torch.float32), weight_loader=loader)
+        )
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         names = self.names
-        required = {names["scale"]: getattr(layer, names["scale"]), names["global"]: getattr(layer, names["global"])}
+        required = {
+            names["scale"]: getattr(layer, names["scale"]),
+            names["global"]: getattr(layer, names["global"]),
+        }
         if self.scheme == "nvfp4":
             required[names["input"]] = getattr(layer, names["input"])
         assert_loaded(self.prefix, required, "NVFP4")
@@ -91,47 +120,75 @@ class Nvfp4ExtLinearMethod(LinearMethodBase):
         # One activation scale for the fused GEMM: the largest shard's, as FlashInfer takes a scalar.
         layer.nvfp4_input_global = per_shard_global(input_scale.nan_to_num(1.0), self.convention).max()
 
-    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def apply(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         kind = "nvfp4_linear" if self.scheme == "nvfp4" else "nvfp4_w4a16_linear"
         weight = getattr(layer, self.names["weight"])
         return nvfp4_linear_forward(
-            x, weight, getattr(layer, self.names["scale"]), layer.nvfp4_global_per_row, bias,
-            backend_for(kind, x.device), input_global=layer.nvfp4_input_global,
+            x,
+            weight,
+            getattr(layer, self.names["scale"]),
+            layer.nvfp4_global_per_row,
+            bias,
+            backend_for(kind, x.device),
+            input_global=layer.nvfp4_input_global,
         )
 
 
 class Nvfp4ExtFp8LinearMethod(LinearMethodBase):
-    """FP8 (e4m3) linear layer of a mixed checkpoint: per-tensor (per shard), per-channel or 128x128 blocks."""
+    """FP8 (e4m3) linear layer of a mixed checkpoint: per-tensor (per shard), per-channel or 128x128
+    blocks."""
 
     def __init__(self, config, scheme: str, prefix: str) -> None:
         self.config = config
         self.scheme = scheme
         self.prefix = prefix
 
-    def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int,
-                       output_partition_sizes: list[int], input_size: int, output_size: int,
-                       params_dtype: torch.dtype, **extra_weight_attrs) -> None:
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ) -> None:
         loader = extra_weight_attrs.get("weight_loader")
         rows = sum(output_partition_sizes)
         layer.logical_widths = list(output_partition_sizes)
-        layer.register_parameter("weight", ModelWeightParameter(
-            data=torch.zeros(rows, input_size_per_partition, dtype=torch.float8_e4m3fn),
-            input_dim=1, output_dim=0, weight_loader=loader))
+        layer.register_parameter(
+            "weight",
+            ModelWeightParameter(
+                data=torch.zeros(rows, input_size_per_partition, dtype=torch.float8_e4m3fn),
+                input_dim=1,
+                output_dim=0,
+                weight_loader=loader,
+            ),
+        )
         if self.scheme == "fp8_channel":
-            scale = ChannelQuantScaleParameter(data=_nan((rows, 1), torch.float32), output_dim=0,
-                                               weight_loader=loader)
+            scale = ChannelQuantScaleParameter(
+                data=_nan((rows, 1), torch.float32), output_dim=0, weight_loader=loader
+            )
         elif self.scheme == "fp8_block":
             block_n, block_k = FP8_BLOCK
             grid = (-(-rows // block_n), -(-input_size_per_partition // block_k))
-            scale = BlockQuantScaleParameter(data=_nan(grid, torch.float32), input_dim=1, output_dim=0,
-                                             weight_loader=loader)
+            scale = BlockQuantScaleParameter(
+                data=_nan(grid, torch.float32), input_dim=1, output_dim=0, weight_loader=loader
+            )
         else:
-            scale = PerTensorScaleParameter(data=_nan((len(output_partition_sizes),), torch.float32),
-                                            weight_loader=loader)
+            scale = PerTensorScaleParameter(
+                data=_nan((len(output_partition_sizes),), torch.float32), weight_loader=loader
+            )
         layer.register_parameter("weight_scale", scale)
         # Static activation scale of W8A8 exports; weight-only compute ignores it but must accept it.
-        layer.register_parameter("input_scale", PerTensorScaleParameter(
-            data=torch.ones(len(output_partition_sizes), dtype=torch.float32), weight_loader=loader))
+        layer.register_parameter(
+            "input_scale",
+            PerTensorScaleParameter(
+                data=torch.ones(len(output_partition_sizes), dtype=torch.float32), weight_loader=loader
+            ),
+        )
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         assert_loaded(self.prefix, {"weight_scale": layer.weight_scale}, "FP8")
@@ -143,5 +200,9 @@ class Nvfp4ExtFp8LinearMethod(LinearMethodBase):
             scale = scale.reshape(-1)
         layer.fp8_weight_scale = scale.contiguous()
 
-    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return fp8_linear_forward(x, layer.weight, layer.fp8_weight_scale, bias, backend_for("fp8_linear", x.device))
+    def apply(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return fp8_linear_forward(
+            x, layer.weight, layer.fp8_weight_scale, bias, backend_for("fp8_linear", x.device)
+        )

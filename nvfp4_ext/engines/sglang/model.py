@@ -45,14 +45,19 @@ class DiffusionGemmaForBlockDiffusion(upstream.DiffusionGemmaForBlockDiffusion):
                 f"(got {quant_config.get_name()})"
             )
         quant_config.module_name_mapper = hf_module_name
-        quant_config.packed_modules_mapping = {**self.packed_modules_mapping, **quant_config.packed_modules_mapping}
+        quant_config.packed_modules_mapping = {
+            **self.packed_modules_mapping,
+            **quant_config.packed_modules_mapping,
+        }
         # Upstream's __init__ raises on a quant config, so this mirrors it with the config passed through.
         upstream.PreTrainedModel.__init__(self, config=config)
         self.pp_group = upstream.get_parallel().pp_group
         if self.pp_group.world_size != 1:
             raise ConfigError("DiffusionGemma does not support pipeline parallelism")
-        if not (getattr(config, "tie_word_embeddings", False)
-                and getattr(config.text_config, "tie_word_embeddings", False)):
+        if not (
+            getattr(config, "tie_word_embeddings", False)
+            and getattr(config.text_config, "tie_word_embeddings", False)
+        ):
             raise ConfigError("DiffusionGemma requires tied word embeddings")
         self.config = config
         self.text_config = config.text_config
@@ -62,11 +67,15 @@ class DiffusionGemmaForBlockDiffusion(upstream.DiffusionGemmaForBlockDiffusion):
         )
         # The vision tower is a small share of the weights and stays in the checkpoint's BF16.
         self.vision_tower = upstream.Gemma4VisionEncoder(
-            config.vision_config, quant_config=None, prefix=upstream.add_prefix("vision_tower", prefix),
+            config.vision_config,
+            quant_config=None,
+            prefix=upstream.add_prefix("vision_tower", prefix),
             mask_pad_before_pool=True,
         )
         self.embed_vision = upstream.Gemma4MultimodalEmbedder(
-            config.vision_config, self.text_config, quant_config=None,
+            config.vision_config,
+            self.text_config,
+            quant_config=None,
             prefix=upstream.add_prefix("embed_vision", prefix),
         )
         self.lm_head = self.model.embed_tokens
@@ -146,7 +155,8 @@ class DiffusionGemmaForBlockDiffusion(upstream.DiffusionGemmaForBlockDiffusion):
 
     def _check_all_loaded(self, loaded: set[str]) -> None:
         missing = sorted(
-            name for name, _ in self.named_parameters()
+            name
+            for name, _ in self.named_parameters()
             if name not in loaded and not name.endswith(_OPTIONAL_SUFFIXES)
         )
         if missing:

@@ -42,13 +42,21 @@ class Nvfp4ExtMoEMethod(FusedMoEMethodBase):
         self.moe_runner_config = None
 
     # ------------------------------------------------------------------------------------------- weights
-    def create_weights(self, layer: torch.nn.Module, num_experts: int, hidden_size: int,
-                       intermediate_size_per_partition: int, params_dtype: torch.dtype, **extra) -> None:
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size_per_partition: int,
+        params_dtype: torch.dtype,
+        **extra,
+    ) -> None:
         if extra.get("with_bias"):
             raise ConfigError(f"layer {self.prefix}: NVFP4 experts with biases are not supported")
         full_intermediate = extra.get("moe_intermediate_size") or intermediate_size_per_partition
-        check_nvfp4_partition(self.prefix, "expert intermediate size", full_intermediate,
-                              intermediate_size_per_partition)
+        check_nvfp4_partition(
+            self.prefix, "expert intermediate size", full_intermediate, intermediate_size_per_partition
+        )
         if hidden_size % NVFP4_BLOCK_SIZE:
             raise ConfigError(f"layer {self.prefix}: hidden size {hidden_size} is not a multiple of 16")
         experts, hidden, inter = num_experts, hidden_size, intermediate_size_per_partition
@@ -72,8 +80,9 @@ class Nvfp4ExtMoEMethod(FusedMoEMethodBase):
     def _make_loader(self, layer: torch.nn.Module, proj: str, role: str):
         """A FusedMoE-style loader `(param, loaded, weight_name, shard_id, expert_id)` for one parameter."""
 
-        def load(param: torch.nn.Parameter, loaded: torch.Tensor, weight_name: str, shard_id: str,
-                 expert_id: int) -> None:
+        def load(
+            param: torch.nn.Parameter, loaded: torch.Tensor, weight_name: str, shard_id: str, expert_id: int
+        ) -> None:
             local = _local_expert(layer, expert_id)
             if local < 0:
                 return  # another expert-parallel rank owns this expert
@@ -83,8 +92,10 @@ class Nvfp4ExtMoEMethod(FusedMoEMethodBase):
             if role in ("global", "input"):
                 value = loaded.detach().reshape(-1)
                 if value.numel() != 1:
-                    raise CheckpointError(f"expected one scale per expert shard, got shape {tuple(loaded.shape)}",
-                                          tensor=weight_name)
+                    raise CheckpointError(
+                        f"expected one scale per expert shard, got shape {tuple(loaded.shape)}",
+                        tensor=weight_name,
+                    )
                 if proj == "w13":
                     target[_SHARD_COLUMN[shard_id]] = value[0]
                 else:
@@ -109,7 +120,9 @@ class Nvfp4ExtMoEMethod(FusedMoEMethodBase):
         required.update({f"w2_{names[r]}": getattr(layer, f"w2_{names[r]}") for r in ("scale", "global")})
         assert_loaded(self.prefix, required, "NVFP4 expert")
         inter = layer.nvfp4_intermediate
-        w13_global = global_multiplier(getattr(layer, f"w13_{names['global']}").detach().float(), self.convention)
+        w13_global = global_multiplier(
+            getattr(layer, f"w13_{names['global']}").detach().float(), self.convention
+        )
         # One multiplier per w13 row: gate rows take the gate shard's scale, up rows the up shard's (exact).
         layer.nvfp4_w13_global = w13_global.repeat_interleave(inter, dim=1).contiguous()
         layer.nvfp4_w2_global = global_multiplier(
@@ -147,9 +160,16 @@ class Nvfp4ExtMoEMethod(FusedMoEMethodBase):
         names = self.names
         out = nvfp4_moe_forward(
             x,
-            getattr(layer, f"w13_{names['weight']}"), getattr(layer, f"w13_{names['scale']}"), layer.nvfp4_w13_global,
-            getattr(layer, f"w2_{names['weight']}"), getattr(layer, f"w2_{names['scale']}"), layer.nvfp4_w2_global,
-            topk_weights.float(), topk_ids, self.activation, backend_for(kind, x.device),
+            getattr(layer, f"w13_{names['weight']}"),
+            getattr(layer, f"w13_{names['scale']}"),
+            layer.nvfp4_w13_global,
+            getattr(layer, f"w2_{names['weight']}"),
+            getattr(layer, f"w2_{names['scale']}"),
+            layer.nvfp4_w2_global,
+            topk_weights.float(),
+            topk_ids,
+            self.activation,
+            backend_for(kind, x.device),
         )
         factor = getattr(self.moe_runner_config, "routed_scaling_factor", None)
         if factor is not None and factor != 1.0:

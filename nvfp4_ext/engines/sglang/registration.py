@@ -73,4 +73,6 @@ def register_all() -> None:
     _register_dllm_algorithm()
     _register_model()
     _REGISTERED = True
-    logger.info("nvfp4_ext: registered --quantization nvfp4_ext, Gemma4Renoise policies and NVFP4 DiffusionGemma")
+    logger.info(
+        "nvfp4_ext: registered --quantization nvfp4_ext, Gemma4Renoise policies and NVFP4 DiffusionGemma"
+    )

@@ -62,7 +62,9 @@ class Route:
     duplicate_to_v: bool = False
 
 
-def route(name: str, *, full_attention_layers: frozenset[int] | set[int], tied_embeddings: bool = True) -> Route:
+def route(
+    name: str, *, full_attention_layers: frozenset[int] | set[int], tied_embeddings: bool = True
+) -> Route:
     """Route a checkpoint tensor to its SGLang parameter (see the module docstring for the layouts).
 
     Args:
@@ -89,8 +91,12 @@ def route(name: str, *, full_attention_layers: frozenset[int] | set[int], tied_e
     if expert:
         suffix = expert["suffix"]
         prefix = "w2" if expert["proj"] == "down_proj" else "w13"
-        return Route("expert", f"{expert['layer']}.moe.experts.{prefix}_{suffix}",
-                     shard=_EXPERT_SHARD[expert["proj"]], expert=int(expert["expert"]))
+        return Route(
+            "expert",
+            f"{expert['layer']}.moe.experts.{prefix}_{suffix}",
+            shard=_EXPERT_SHARD[expert["proj"]],
+            expert=int(expert["expert"]),
+        )
     fused = _FUSED_EXPERT.match(name)
     if fused:
         suffix = fused["suffix"] or "weight"
@@ -114,7 +120,7 @@ def hf_module_name(sglang_prefix: str) -> str:
     (`model.layers.0.moe.experts` -> `model.decoder.layers.0.experts`)."""
     name = sglang_prefix
     if name.startswith("model."):
-        name = "model.decoder." + name[len("model."):]
+        name = "model.decoder." + name[len("model.") :]
     name = name.replace(".moe.experts", ".experts")
     if name.startswith(("vision_tower", "embed_vision")):
         name = "model.encoder." + name
