@@ -222,6 +222,10 @@ def test_compressed_tensors_mixed_groups_and_precedence() -> None:
             },
             r"config_groups\.g\.weights: unsupported weights",
         ),
+        (
+            {**COMPRESSED, "ignore": ["lm_head", "re:model.layers.(0"]},
+            r"quantization_config\.ignore: invalid regular expression 're:model\.layers\.\(0'",
+        ),
         ({"quant_method": "modelopt", "quant_algo": "NVFP4", "ignore": "lm_head*"}, None),
     ],
 )

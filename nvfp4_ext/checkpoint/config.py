@@ -200,6 +200,12 @@ def _str_list(value: Any, source: str, fieldname: str) -> tuple[str, ...]:
         return (value,)
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise _fail(source, fieldname, f"expected a list of module-name patterns, got {value!r}")
+    for pattern in value:
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as exc:
+                raise _fail(source, fieldname, f"invalid regular expression {pattern!r}: {exc}") from None
     return tuple(value)
 
 

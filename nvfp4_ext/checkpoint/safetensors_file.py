@@ -122,7 +122,7 @@ class SafetensorsFile:
         if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
             raise self._fail("corrupt safetensors header entry (needs dtype, shape, data_offsets)", name)
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in SAFETENSORS_DTYPES:
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
             raise self._fail(f"unsupported safetensors dtype {dtype!r}", name)
         if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
             raise self._fail(f"corrupt safetensors header: bad shape {shape!r}", name)
