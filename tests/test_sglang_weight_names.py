@@ -74,6 +74,7 @@ FULL = frozenset({1, 3})
         ("model.encoder.embed_vision.embedding_projection.weight", Route("vision")),
         ("model.encoder.language_model.layers.0.mlp.gate_proj.weight", Route("tied")),
         ("lm_head.weight", Route("tied")),
+        ("model.decoder.layers.0.self_attn.k_proj.k_scale", Route("kv_scale")),
         ("model.decoder.embed_tokens.weight", Route("param", "model.embed_tokens.weight")),
     ],
 )

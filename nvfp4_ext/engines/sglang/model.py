@@ -95,9 +95,19 @@ class DiffusionGemmaForBlockDiffusion(upstream.DiffusionGemmaForBlockDiffusion):
         tied = bool(getattr(self.text_config, "tie_word_embeddings", True))
         loaded: set[str] = set()
         vision: list[tuple[str, torch.Tensor]] = []
+        kv_scales_seen = False
         for name, tensor in weights:
             where = route(name, full_attention_layers=full_layers, tied_embeddings=tied)
             if where.kind == "tied":
+                continue
+            if where.kind == "kv_scale":
+                if not kv_scales_seen:
+                    logger.warning(
+                        "nvfp4_ext: the checkpoint has FP8 KV-cache scales (e.g. %s); DiffusionGemma keeps "
+                        "its KV cache in the model dtype, so they are not used",
+                        name,
+                    )
+                kv_scales_seen = True
                 continue
             if where.kind == "vision":
                 vision.append((name, tensor))

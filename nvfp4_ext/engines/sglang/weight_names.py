@@ -17,7 +17,7 @@ from typing import Literal
 
 __all__ = ["Route", "hf_module_name", "route"]
 
-RouteKind = Literal["param", "expert", "fused_expert", "encoder_scalar", "vision", "tied"]
+RouteKind = Literal["param", "expert", "fused_expert", "encoder_scalar", "vision", "tied", "kv_scale"]
 
 # (fused param, checkpoint shard, shard id) -- SGLang's packed_modules_mapping order.
 STACKED = (
@@ -46,7 +46,8 @@ class Route:
     Attributes:
         kind: "param" (a plain or stacked parameter), "expert" (one expert shard), "fused_expert" (a 3-D
             tensor of all experts, split into `shards` per expert), "encoder_scalar", "vision" (handed to
-            SGLang's Gemma 4 vision loader) or "tied" (a copy of tied weights: consumed, not loaded).
+            SGLang's Gemma 4 vision loader), "tied" (a copy of tied weights: consumed, not loaded) or
+            "kv_scale" (an FP8 KV-cache scale: the KV cache stays in the model dtype, so it is not used).
         param: the SGLang parameter name (empty for "vision" and "tied").
         shard: stacked shard id ("q", "k", "v", 0, 1) or expert shard ("w1", "w2", "w3"); None if unsharded.
         expert: the expert index of an "expert" route.
@@ -84,6 +85,8 @@ def route(
         return Route("tied")  # the encoder's text weights are the decoder's (tied); SGLang runs one stack
     if tied_embeddings and name.startswith("lm_head."):
         return Route("tied")
+    if name.endswith((".k_scale", ".v_scale", ".kv_scale")):
+        return Route("kv_scale")
     name = name.replace("model.decoder.", "model.", 1)
     name = name.replace(".router.per_expert_scale", ".moe.per_expert_scale")
 
