@@ -41,14 +41,24 @@ def e4m3_to_float(raw):
 def load_activation_pair(row_ptrs, mask_rows, k0, k_end, HALF_K: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """Activation columns k0 + 2j and k0 + 2j + 1 (j < HALF_K) of the rows at `row_ptrs` [BLOCK_M, 1].
 
-    Values are upcast to fp32 right after the load (the interpreter computes bf16 wrongly), then cast to the
-    tensor-core operand dtype. k_end is even, so the odd column is in range whenever the even one is.
+    Values are upcast to fp32 right after the load (the interpreter computes bf16 wrongly), then cast to
+    the tensor-core operand dtype. k_end is even, so a column pair is either fully in range or fully out.
+    Tall tiles (prefill) load one contiguous, coalesced [BLOCK_M, 2*HALF_K] block and split it in
+    registers; short tiles (decode) load the two column sets directly, which needs ~15% fewer registers
+    (ptxas, sm_90) and costs nothing there because x is a few KiB next to megabytes of weights.
     """
-    cols_even = k0 + 2 * tl.arange(0, HALF_K)
-    mask = mask_rows & (cols_even[None, :] < k_end)
-    ptrs = row_ptrs + cols_even[None, :]
-    x_even = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32).to(DOT_DTYPE)
-    x_odd = tl.load(ptrs + 1, mask=mask, other=0.0).to(tl.float32).to(DOT_DTYPE)
+    BLOCK_M: tl.constexpr = row_ptrs.shape[0]
+    if BLOCK_M >= 128:
+        cols = k0 + tl.arange(0, 2 * HALF_K)
+        x = tl.load(row_ptrs + cols[None, :], mask=mask_rows & (cols[None, :] < k_end), other=0.0)
+        x = x.to(tl.float32).to(DOT_DTYPE)
+        x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, HALF_K, 2)))
+    else:
+        cols_even = k0 + 2 * tl.arange(0, HALF_K)
+        mask = mask_rows & (cols_even[None, :] < k_end)
+        ptrs = row_ptrs + cols_even[None, :]
+        x_even = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32).to(DOT_DTYPE)
+        x_odd = tl.load(ptrs + 1, mask=mask, other=0.0).to(tl.float32).to(DOT_DTYPE)
     return x_even, x_odd
 
 
