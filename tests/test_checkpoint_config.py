@@ -14,6 +14,7 @@ from nvfp4_ext.checkpoint.config import (
     parse_quant_config,
     pattern_matches,
 )
+from nvfp4_ext.checkpoint.names import PatternMatcher
 from nvfp4_ext.errors import CheckpointError
 
 EXCLUDES = ["lm_head", "model.layers.0.self_attn*", "*router*", "model.vision_tower*"]
@@ -289,3 +290,25 @@ def test_fused_helpers() -> None:
 )
 def test_pattern_matches(pattern: str, module: str, expected: bool) -> None:
     assert pattern_matches(pattern, module) is expected
+
+
+def test_pattern_matcher_agrees_with_pattern_matches() -> None:
+    patterns = [
+        "lm_head",
+        "model.layers.0.self_attn",
+        "*router*",
+        "re:.*\\.experts\\.1\\..*",
+        "gate",
+        "x.y.z",
+    ]
+    modules = [
+        "lm_head", "model.lm_head", "model.layers.0.self_attn.q_proj", "model.layers.10.self_attn.q_proj",
+        "model.layers.1.mlp.router.proj", "m.experts.1.up_proj", "m.experts.10.up_proj", "a.mlp.gate",
+        "a.mlp.gate_proj", "w.x.y.z", "x.y.z.w", "x.y",
+    ]  # fmt: skip
+    matcher = PatternMatcher(patterns)
+    for module in modules:
+        found = matcher.first_match(module)
+        expected = [p for p in patterns if pattern_matches(p, module)]
+        assert (found is None) == (not expected), module
+        assert found is None or found in expected

@@ -20,12 +20,14 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
 from nvfp4_ext.checkpoint.names import (
     FUSED_EXPERT,
     FUSED_SHARDS,
+    PatternMatcher,
     fused_name,
     fused_shards,
     group_fused,
@@ -98,12 +100,16 @@ class QuantConfig:
     layer_schemes: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
     target_schemes: tuple[tuple[tuple[str, ...], str], ...] = ()
 
+    @cached_property
+    def _exclude_matcher(self) -> PatternMatcher:
+        return PatternMatcher(self.exclude)
+
     def excluded_by(self, module: str) -> str | None:
         """The exclude/ignore pattern that keeps `module` unquantized, or None."""
         for name in related_names(module):
-            for pattern in self.exclude:
-                if pattern_matches(pattern, name):
-                    return pattern
+            pattern = self._exclude_matcher.first_match(name)
+            if pattern is not None:
+                return pattern
         return None
 
     def scheme_for(self, module: str) -> Scheme:

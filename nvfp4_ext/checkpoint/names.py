@@ -10,6 +10,7 @@ import re
 
 __all__ = [
     "EXPERT_INDEX",
+    "PatternMatcher",
     "FUSED_EXPERT",
     "FUSED_SHARDS",
     "fused_name",
@@ -90,3 +91,42 @@ def related_names(module: str) -> list[str]:
         fused_proj = _SHARD_TO_FUSED.get(proj, proj)
         names.append(f"{expert['parent']}.{fused_proj}")
     return names
+
+
+class PatternMatcher:
+    """`pattern_matches` over a whole exclude list, fast: plain names are looked up in a set (the module,
+    its dotted prefixes and dotted suffixes), only wildcard and `re:` patterns are tried one by one.
+
+    Real exclude lists hold hundreds of exact names and are asked about thousands of expert modules.
+    """
+
+    def __init__(self, patterns: tuple[str, ...] | list[str]) -> None:
+        self.patterns = tuple(patterns)
+        self._literal: set[str] = set()
+        self._wild: list[tuple[str, re.Pattern[str]]] = []
+        for pattern in self.patterns:
+            if pattern.startswith("re:"):
+                self._wild.append((pattern, re.compile(pattern[3:])))
+            elif any(c in pattern for c in "*?["):
+                self._wild.append((pattern, re.compile(fnmatch.translate(pattern))))
+            else:
+                self._literal.add(pattern)
+
+    def first_match(self, module: str) -> str | None:
+        """The pattern covering `module` (exact names first, then prefixes, suffixes, wildcards), or None."""
+        if self._literal:
+            if module in self._literal:
+                return module
+            parts = module.split(".")
+            for cut in range(len(parts) - 1, 0, -1):
+                prefix = ".".join(parts[:cut])
+                if prefix in self._literal:
+                    return prefix
+            for cut in range(1, len(parts)):
+                suffix = ".".join(parts[cut:])
+                if suffix in self._literal:
+                    return suffix
+        for pattern, regex in self._wild:
+            if regex.match(module):
+                return pattern
+        return None
