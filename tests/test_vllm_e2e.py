@@ -87,6 +87,14 @@ def test_greedy_equals_transformers_on_dequantized_model(model, ckpt_root, vllm_
     assert result["tokens"] == expected
 
 
+def test_w4a4_checkpoint_loads_input_scales_and_matches_its_dequantized_model(ckpt_root, vllm_runs):
+    config = json.loads((tiny_checkpoint(ckpt_root, "qwen3-moe", "w4a4") / "config.json").read_text())
+    assert config["quantization_config"]["quant_algo"] == "NVFP4"
+    result = vllm_runs("qwen3-moe", "w4a4")
+    assert result["layers"]["methods"].get("Nvfp4ExtFusedMoEMethod") == 2
+    assert result["tokens"] == hf_greedy(tiny_checkpoint(ckpt_root, "qwen3-moe", "dequantized-w4a4"), PROMPTS)
+
+
 def test_fused_layers_carry_each_shards_own_global_scale(vllm_runs):
     fused = vllm_runs("qwen3-dense")["layers"]["fused"]
     assert {f["layer"].rsplit(".", 1)[-1] for f in fused} == {"qkv_proj", "gate_up_proj"}
