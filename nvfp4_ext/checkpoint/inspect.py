@@ -33,6 +33,7 @@ __all__ = ["FUSED_SCALE_RATIO", "add_arguments", "format_report", "inspect_check
 
 FUSED_SCALE_RATIO = 2.0  # shard global scales further apart than this lose precision once fused
 _CHUNK_BYTES = 64 * 1024 * 1024
+_ZERO_BLOCK_MASK = 0x7777777777777777
 _EXPERT_ROW = re.compile(r"\.experts\.\d+\.")
 
 
@@ -78,8 +79,10 @@ def _scan(ckpt: Checkpoint, record: ModuleRecord) -> list[str]:
     weight = record.tensors["weight"]
     if record.scheme in NVFP4_SCHEMES:
         zero_blocks = 0
-        for chunk in _row_chunks(ckpt, weight):  # 8 bytes = one 16-element block; 0x77 masks the signs
-            zero_blocks += int(((chunk & 0x77) == 0).reshape(-1, 8).all(-1).sum())
+        for chunk in _row_chunks(ckpt, weight):
+            # 8 bytes = one 16-element block, read as one int64; 0x77 per byte drops the sign bits
+            blocks = chunk.reshape(-1, 8).contiguous().view(torch.int64)
+            zero_blocks += int((blocks & _ZERO_BLOCK_MASK).eq(0).sum())
         if zero_blocks:
             findings.append(f"{zero_blocks} all-zero blocks")
         return findings
