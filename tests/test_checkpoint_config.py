@@ -312,3 +312,17 @@ def test_pattern_matcher_agrees_with_pattern_matches() -> None:
         expected = [p for p in patterns if pattern_matches(p, module)]
         assert (found is None) == (not expected), module
         assert found is None or found in expected
+
+
+def test_kv_cache_only_export_keeps_weights_unquantized() -> None:
+    legacy = {
+        "producer": {"name": "modelopt"},
+        "quantization": {"quant_algo": None, "kv_cache_quant_algo": "FP8"},
+    }
+    q = parse_quant_config(legacy, "hf_quant_config.json")
+    assert (q.quant_algo, q.kv_cache_algo, q.scheme_for("m.layers.0.mlp.up_proj")) == (
+        "NONE",
+        "FP8",
+        "unquantized",
+    )
+    assert not q.is_nvfp4

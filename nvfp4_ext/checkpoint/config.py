@@ -256,6 +256,8 @@ def _kv_algo(q: dict, source: str, prefix: str) -> str | None:
 
 def _parse_modelopt(q: dict, cfg: dict, source: str, prefix: str) -> QuantConfig:
     algo = q.get("quant_algo")
+    if algo is None and _kv_algo(q, source, prefix) is not None:
+        algo = "NONE"  # a KV-cache-only export: the weights stay unquantized
     if algo is None:
         raise _fail(source, f"{prefix}quant_algo", "missing")
     if not isinstance(algo, str):
@@ -277,6 +279,8 @@ def _parse_modelopt(q: dict, cfg: dict, source: str, prefix: str) -> QuantConfig
             scheme = _modelopt_scheme(spec.get("quant_algo"), source, f"{where}.quant_algo")
             _group_size(spec.get("group_size"), source, f"{where}.group_size", scheme)
             layer_schemes[module] = scheme
+    elif algo == "NONE":
+        default = "unquantized"
     else:
         default = _modelopt_scheme(algo, source, f"{prefix}quant_algo")
         # vLLM: an NVFP4 config whose groups all lack input activations is weight-only.
