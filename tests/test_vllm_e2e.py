@@ -95,6 +95,15 @@ def test_w4a4_checkpoint_loads_input_scales_and_matches_its_dequantized_model(ck
     assert result["tokens"] == hf_greedy(tiny_checkpoint(ckpt_root, "qwen3-moe", "dequantized-w4a4"), PROMPTS)
 
 
+def test_mixed_precision_checkpoint_fp8_attention_nvfp4_experts(ckpt_root, vllm_runs):
+    config = json.loads((tiny_checkpoint(ckpt_root, "qwen3-moe", "mixed") / "config.json").read_text())
+    assert config["quantization_config"]["quant_algo"] == "MIXED_PRECISION"
+    result = vllm_runs("qwen3-moe", "mixed")
+    methods = result["layers"]["methods"]
+    assert methods.get("Nvfp4ExtFp8LinearMethod", 0) > 0 and methods.get("Nvfp4ExtFusedMoEMethod") == 2, methods
+    assert result["tokens"] == hf_greedy(tiny_checkpoint(ckpt_root, "qwen3-moe", "dequantized-mixed"), PROMPTS)
+
+
 def test_fused_layers_carry_each_shards_own_global_scale(vllm_runs):
     fused = vllm_runs("qwen3-dense")["layers"]["fused"]
     assert {f["layer"].rsplit(".", 1)[-1] for f in fused} == {"qkv_proj", "gate_up_proj"}

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
 from vllm.model_executor.parameter import (
-    BlockQuantScaleParameter,
     ChannelQuantScaleParameter,
     ModelWeightParameter,
     PerTensorScaleParameter,
@@ -25,7 +24,7 @@ from nvfp4_ext.engines.common import (
     nvfp4_linear_forward,
     per_row_global,
 )
-from nvfp4_ext.errors import ConfigError
+from nvfp4_ext.errors import CheckpointError, ConfigError
 from nvfp4_ext.format import FP8_BLOCK, NVFP4_BLOCK_SIZE
 
 __all__ = ["Nvfp4ExtFp8LinearMethod", "Nvfp4ExtLinearMethod", "nvfp4_param_names"]
@@ -166,15 +165,7 @@ class Nvfp4ExtFp8LinearMethod(LinearMethodBase):
         elif self.scheme == "fp8_channel":
             scale = ChannelQuantScaleParameter(data=_nan((n, 1), torch.float32), output_dim=0, weight_loader=loader)
         else:
-            bn, bk = FP8_BLOCK
-            if any(size % bn for size in output_partition_sizes) or k % bk and k != input_size:
-                raise ConfigError(
-                    f"layer {self.prefix}: 128x128 block-FP8 shards {output_partition_sizes} x {k} do not split "
-                    "on block boundaries at this tensor parallel size"
-                )
-            scale = BlockQuantScaleParameter(
-                data=_nan((-(-n // bn), -(-k // bk)), torch.float32), input_dim=1, output_dim=0, weight_loader=loader
-            )
+            scale = _block_scale_parameter(self.prefix, layer, output_partition_sizes, k, input_size)
         layer.register_parameter("weight_scale", scale)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
@@ -187,8 +178,71 @@ class Nvfp4ExtFp8LinearMethod(LinearMethodBase):
             scale = per_row_global(scale, layer.fp8_shard_sizes, "modelopt")
         elif self.scheme == "fp8_channel":
             scale = scale.reshape(-1)
+        else:
+            # Each shard keeps its own 128x128 block grid: (row slice of the weight, its block scales).
+            scale = _split_block_scales(scale, layer.fp8_shard_sizes)
         layer.fp8_weight_scale = scale
         self.backend = backend_for("fp8_linear", layer.weight.device)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return fp8_linear_forward(x, layer.weight, layer.fp8_weight_scale, bias, self.backend)
+        if not isinstance(layer.fp8_weight_scale, list):
+            return fp8_linear_forward(x, layer.weight, layer.fp8_weight_scale, bias, self.backend)
+        outs = []
+        for rows, scale in layer.fp8_weight_scale:
+            shard_bias = None if bias is None else bias[rows]
+            outs.append(fp8_linear_forward(x, layer.weight[rows], scale, shard_bias, self.backend))
+        return torch.cat(outs, dim=-1)
+
+
+def _block_rows(sizes: list[int]) -> list[int]:
+    return [-(-size // FP8_BLOCK[0]) for size in sizes]
+
+
+def _split_block_scales(scale: torch.Tensor, sizes: list[int]) -> list[tuple[slice, torch.Tensor]]:
+    out, row, block_row = [], 0, 0
+    for size, blocks in zip(sizes, _block_rows(sizes), strict=True):
+        out.append((slice(row, row + size), scale[block_row : block_row + blocks].contiguous()))
+        row, block_row = row + size, block_row + blocks
+    return out
+
+
+def _block_scale_parameter(
+    prefix: str, layer: torch.nn.Module, sizes: list[int], k: int, input_size: int
+) -> torch.nn.Parameter:
+    """128x128 block scales stored shard by shard ([sum ceil(n_s/128), ceil(K/128)]).
+
+    vLLM's block-scale loader puts fused shards at ceil(row_offset/128), which overlaps shards whose sizes are
+    not multiples of 128 (q/k/v of small models); this loader gives every shard its own block rows.
+    """
+    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+    from vllm.model_executor.layers.linear import RowParallelLinear
+
+    bn, bk = FP8_BLOCK
+    rank, tp = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+    row_parallel = isinstance(layer, RowParallelLinear)
+    if tp > 1 and (k % bk if row_parallel else any(size % bn for size in sizes)):
+        raise ConfigError(
+            f"layer {prefix}: tensor parallel size {tp} splits its 128x128 FP8 blocks (shards {sizes} x {k}); "
+            "use --tensor-parallel-size 1 for this checkpoint"
+        )
+    block_rows = _block_rows(sizes)
+    param = torch.nn.Parameter(_nan((sum(block_rows), -(-k // bk)), torch.float32), requires_grad=False)
+    offsets = [sum(block_rows[:i]) for i in range(len(sizes))]
+
+    def load(param: torch.nn.Parameter, loaded: torch.Tensor, shard_id: int | str | None = None) -> None:
+        index = {"q": 0, "k": 1, "v": 2}.get(shard_id, shard_id) if shard_id is not None else 0
+        rows = block_rows[index]
+        if row_parallel and tp > 1:
+            loaded = loaded.narrow(1, rank * param.shape[1], param.shape[1])
+        elif tp > 1:
+            loaded = loaded.narrow(0, rank * rows, rows)
+        target = param.data[offsets[index] : offsets[index] + rows]
+        if tuple(loaded.shape) != tuple(target.shape):
+            raise CheckpointError(
+                f"expected block scales of shape {list(target.shape)}, got {list(loaded.shape)}",
+                tensor=f"{prefix}.weight_scale",
+            )
+        target.copy_(loaded)
+
+    param.weight_loader = load
+    return param
