@@ -380,3 +380,94 @@ def test_silu_experts_through_sglang_loader_match_checkpoint(qwen3_moe) -> None:
     torch.testing.assert_close(
         _run_experts(experts, x, topk_weights, topk_ids), expected, rtol=1e-4, atol=1e-5
     )
+
+
+# ------------------------------------------------------------------------------------ mixed-precision linears
+@pytest.mark.parametrize("granularity, algo", [("tensor", "FP8"), ("block", "FP8_PB_WO"), ("nvfp4", "NVFP4")])
+def test_mixed_checkpoint_fused_qkv_matches_shards(
+    plugins_loaded, distributed, granularity: str, algo: str
+) -> None:
+    """A fused q/k/v layer of a MIXED_PRECISION checkpoint loads shard by shard through SGLang's v2 loaders
+    and computes what the three checkpoint shards compute, each with its own scale."""
+    from sglang.srt.layers.linear import QKVParallelLinear
+
+    from nvfp4_ext.engines.sglang.config import Nvfp4ExtConfig
+    from nvfp4_ext.format import dequantize_fp8, quantize_fp8, quantize_nvfp4
+
+    config = Nvfp4ExtConfig.from_config(
+        {
+            "quant_method": "modelopt",
+            "quant_algo": "MIXED_PRECISION",
+            "quantized_layers": {
+                **{f"blk.attn.{p}": {"quant_algo": algo} for p in ("q_proj", "k_proj", "v_proj")},
+                "blk.experts.0.gate_proj": {"quant_algo": "NVFP4"},
+            },
+            "packed_modules_mapping": {"qkv_proj": ["q_proj", "k_proj", "v_proj"]},
+        }
+    )
+    layer = QKVParallelLinear(
+        hidden_size=128,
+        head_size=128,
+        total_num_heads=2,
+        total_num_kv_heads=1,
+        bias=False,
+        params_dtype=torch.float32,
+        quant_config=config,
+        prefix="blk.attn.qkv_proj",
+    )
+    torch.manual_seed(3)
+    shards, dequantized = {}, []
+    # Shards of 256/128/128 rows: whole 128x128 FP8 blocks, as in real models.
+    for shard, rows in (("q", 256), ("k", 128), ("v", 128)):
+        # Different ranges per shard, so each shard gets its own scales.
+        w = torch.randn(rows, 128) * (1 + "qkv".index(shard))
+        if granularity == "nvfp4":
+            q = quantize_nvfp4(w)
+            shards[shard] = {
+                "weight": q.qdata,
+                "weight_scale": q.scale,
+                "weight_scale_2": q.global_scale.reshape(()),
+                "input_scale": torch.tensor(0.01),
+            }
+            dequantized.append(dequantize_nvfp4(q.qdata, q.scale, q.global_scale).float())
+        else:
+            qw, scale = quantize_fp8(w, granularity)
+            scale = scale.reshape(()) if granularity == "tensor" else scale
+            shards[shard] = {"weight": qw, "weight_scale": scale, "input_scale": torch.tensor(0.01)}
+            dequantized.append(dequantize_fp8(qw, scale))
+    for shard, tensors in shards.items():
+        for name, tensor in tensors.items():
+            layer.weight_loader_v2(getattr(layer, name), tensor, shard)
+    layer.quant_method.process_weights_after_loading(layer)
+    x = torch.randn(3, 128)
+    expected = x @ torch.cat(dequantized).t()
+    torch.testing.assert_close(layer.quant_method.apply(layer, x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_fp8_block_shards_off_the_block_grid_are_refused(plugins_loaded, distributed) -> None:
+    from sglang.srt.layers.linear import QKVParallelLinear
+
+    from nvfp4_ext.engines.sglang.config import Nvfp4ExtConfig
+    from nvfp4_ext.errors import ConfigError
+
+    config = Nvfp4ExtConfig.from_config(
+        {
+            "quant_method": "modelopt",
+            "quant_algo": "MIXED_PRECISION",
+            "quantized_layers": {
+                **{f"blk.attn.{p}": {"quant_algo": "FP8_PB_WO"} for p in ("q_proj", "k_proj", "v_proj")},
+                "blk.experts.0.gate_proj": {"quant_algo": "NVFP4"},
+            },
+        }
+    )
+    with pytest.raises(ConfigError, match=r"blk\.attn\.qkv_proj.*128x128"):
+        QKVParallelLinear(
+            hidden_size=64,
+            head_size=32,
+            total_num_heads=2,
+            total_num_kv_heads=1,
+            bias=False,
+            params_dtype=torch.float32,
+            quant_config=config,
+            prefix="blk.attn.qkv_proj",
+        )

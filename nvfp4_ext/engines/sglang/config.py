@@ -19,6 +19,7 @@ from sglang.srt.layers.quantization.base_config import QuantizationConfig, Quant
 
 from nvfp4_ext.checkpoint.config import QuantConfig, parse_quant_config
 from nvfp4_ext.errors import CheckpointError, ConfigError
+from nvfp4_ext.format import FP8_BLOCK
 
 __all__ = ["QUANT_NAME", "Nvfp4ExtConfig", "checkpoint_is_claimable"]
 
@@ -69,6 +70,8 @@ class Nvfp4ExtConfig(QuantizationConfig):
         # SGLang prefix -> checkpoint (HF) module name; a model class whose prefixes differ from the
         # checkpoint's (DiffusionGemma: model.layers.* vs model.decoder.layers.*) installs its own.
         self.module_name_mapper: Callable[[str], str] = _identity
+        # SGLang's fused-linear loaders read the FP8 block shape from the config of 128x128-block layers.
+        self.weight_block_size = list(FP8_BLOCK)
 
     # -------------------------------------------------------------------------------- SGLang interface
     @classmethod

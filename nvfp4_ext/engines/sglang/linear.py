@@ -27,6 +27,7 @@ from nvfp4_ext.engines.common import (
     per_row_global,
     per_shard_global,
 )
+from nvfp4_ext.errors import ConfigError
 from nvfp4_ext.format import FP8_BLOCK, NVFP4_BLOCK_SIZE
 
 __all__ = ["Nvfp4ExtFp8LinearMethod", "Nvfp4ExtLinearMethod", "nvfp4_param_names"]
@@ -58,6 +59,7 @@ class Nvfp4ExtLinearMethod(LinearMethodBase):
 
     def __init__(self, config, scheme: str, prefix: str) -> None:
         self.config = config
+        self.quant_config = config  # the name SGLang's fused-linear loaders look up
         self.scheme = scheme
         self.prefix = prefix
         self.names = nvfp4_param_names(config.quant.producer)
@@ -142,6 +144,7 @@ class Nvfp4ExtFp8LinearMethod(LinearMethodBase):
 
     def __init__(self, config, scheme: str, prefix: str) -> None:
         self.config = config
+        self.quant_config = config  # the name SGLang's fused-linear loaders look up
         self.scheme = scheme
         self.prefix = prefix
 
@@ -173,6 +176,11 @@ class Nvfp4ExtFp8LinearMethod(LinearMethodBase):
             )
         elif self.scheme == "fp8_block":
             block_n, block_k = FP8_BLOCK
+            if len(output_partition_sizes) > 1 and any(size % block_n for size in output_partition_sizes):
+                raise ConfigError(
+                    f"layer {self.prefix}: fused shards of {output_partition_sizes} rows do not align with "
+                    f"the {block_n}x{block_k} FP8 blocks; their block scales cannot share one fused grid"
+                )
             grid = (-(-rows // block_n), -(-input_size_per_partition // block_k))
             scale = BlockQuantScaleParameter(
                 data=_nan(grid, torch.float32), input_dim=1, output_dim=0, weight_loader=loader
