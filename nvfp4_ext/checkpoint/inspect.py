@@ -38,6 +38,7 @@ _EXPERT_ROW = re.compile(r"\.experts\.\d+\.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `nvfp4-ext inspect`."""
     parser.add_argument(
         "model_dir", metavar="MODEL_DIR", help="checkpoint directory (config.json + safetensors)"
     )
@@ -337,6 +338,7 @@ def format_report(report: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Print the table (or `--json`); errors propagate as CheckpointError/ConfigError (exit 2 in the CLI)."""
     report = inspect_checkpoint(args.model_dir, scan=not args.no_scan, gpu=args.gpu)
     if args.json:
         json.dump(report, sys.stdout, indent=2)

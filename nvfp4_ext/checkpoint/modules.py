@@ -81,10 +81,12 @@ class ModuleRecord:
 
     @property
     def params(self) -> int:
+        """Number of weight elements (unpacked)."""
         return math.prod(self.shape)
 
     @property
     def is_expert(self) -> bool:
+        """Whether this is a fused 3-D expert tensor [E, N, K]."""
         return len(self.shape) == 3
 
 

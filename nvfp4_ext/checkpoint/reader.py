@@ -76,6 +76,7 @@ class Checkpoint:
         return sorted(self._where)
 
     def has(self, name: str) -> bool:
+        """Whether the checkpoint stores a tensor of this name."""
         return name in self._where
 
     def tensor_info(self, name: str) -> TensorInfo:

@@ -63,10 +63,12 @@ class TensorInfo:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        """The torch dtype of the stored data."""
         return SAFETENSORS_DTYPES[self.dtype]
 
     @property
     def numel(self) -> int:
+        """Number of elements."""
         return math.prod(self.shape)
 
 
