@@ -254,6 +254,8 @@ def test_find_quant_config(tmp_path) -> None:
         find_quant_config(tmp_path)
     with pytest.raises(CheckpointError, match="model directory not found"):
         find_quant_config(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="is not a directory"):
+        find_quant_config(tmp_path / "config.json")
 
 
 def test_fused_helpers() -> None:

@@ -292,7 +292,12 @@ def find_quant_config(model_dir: str | os.PathLike) -> QuantConfig | None:
     """
     root = Path(model_dir)
     if not root.is_dir():
-        raise CheckpointError("model directory not found", file=str(root))
+        problem = (
+            "is not a directory (expected a model directory)"
+            if root.exists()
+            else "model directory not found"
+        )
+        raise CheckpointError(problem, file=str(root))
     config_path = root / "config.json"
     if config_path.is_file():
         config = _load_json(config_path)
