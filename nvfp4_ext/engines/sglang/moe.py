@@ -150,12 +150,18 @@ class Nvfp4ExtMoEMethod(FusedMoEMethodBase):
         from sglang.srt.layers.moe.token_dispatcher.standard import StandardCombineInput
 
         x = dispatch_output.hidden_states
-        topk_weights, topk_ids = dispatch_output.topk_output[0], dispatch_output.topk_output[1]
-        # Expert parallelism marks tokens routed to other ranks with id -1: give them zero weight.
+        topk_output = dispatch_output.topk_output
+        if getattr(getattr(topk_output, "format", None), "name", None) != "STANDARD":
+            raise ConfigError(
+                f"layer {self.prefix}: nvfp4_ext experts need SGLang's standard top-k output, got "
+                f"{type(topk_output).__name__}; use --moe-runner-backend auto and no --moe-a2a-backend"
+            )
+        topk_weights, topk_ids = topk_output[0], topk_output[1]
+        # Expert parallelism marks tokens routed to other ranks with id -1: zero weight on expert 0.
+        # (No `if dropped.any()`: a host sync per layer would break CUDA-graph capture.)
         dropped = topk_ids < 0
-        if bool(dropped.any()):
-            topk_weights = topk_weights.masked_fill(dropped, 0.0)
-            topk_ids = topk_ids.masked_fill(dropped, 0)
+        topk_weights = topk_weights.masked_fill(dropped, 0.0)
+        topk_ids = topk_ids.masked_fill(dropped, 0)
         kind = "nvfp4_moe" if self.scheme == "nvfp4" else "nvfp4_w4a16_moe"
         names = self.names
         out = nvfp4_moe_forward(
