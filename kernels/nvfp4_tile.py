@@ -12,17 +12,32 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["e2m1_halves", "e4m3_to_float", "load_activation_pair", "load_nvfp4_tile_pair"]
+__all__ = [
+    "E2M1_FP16_SCALE",
+    "e2m1_pair_to_float",
+    "e4m3_to_float",
+    "load_activation_pair",
+    "load_nvfp4_tile_pair",
+]
+
+
+# fp16 bits of an E2M1 code c: sign (bit 3) to bit 15, exponent and mantissa (bits 0-2) to bits 9-11. That
+# reads as e2m1(c) * 2**-14 (e2m1's 0.5 lands on fp16's subnormal 2**-15); callers fold 2**14 into the scale.
+E2M1_FP16_SCALE = 16384.0
 
 
 @triton.jit
-def e2m1_halves(codes):
-    """E2M1 codes (int32, 0..15) -> 2 * value as float32: magnitudes {0,1,2,3,4,6,8,12}, bit 3 = sign."""
-    exponent = (codes >> 1) & 3
-    mantissa = codes & 1
-    magnitude = tl.where(exponent == 0, mantissa, ((2 + mantissa) << exponent) >> 1)
-    value = magnitude.to(tl.float32)
-    return tl.where((codes & 8) != 0, -value, value)
+def e2m1_pair_to_float(packed):
+    """Packed bytes (int32, 0..255) -> (low-nibble, high-nibble) E2M1 values * 2**-14 as float32.
+
+    Five integer ops and one fp16->fp32 conversion per value, against about a dozen for an arithmetic
+    decode with selects (counted in the sm_90 SASS of the decode tile: 1444 -> 759 instructions per K step).
+    """
+    low_bits = ((packed & 0x7) << 9) | ((packed & 0x8) << 12)
+    high_bits = ((packed & 0x70) << 5) | ((packed & 0x80) << 8)
+    low = low_bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    high = high_bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return low, high
 
 
 @triton.jit
@@ -81,10 +96,11 @@ def load_nvfp4_tile_pair(
     blocks_k = k0 // 16 + tl.arange(0, SCALES_K)
     mask_s = (blocks_k[:, None] < k_end // 16) & mask_n[None, :]
     raw_scale = tl.load(scale_ptr + offs_n[None, :] * stride_sn + blocks_k[:, None], mask=mask_s, other=0)
-    # e2m1 decodes to twice its value, so the scale carries the 0.5; eight packed bytes share one block.
-    block_scale = tl.reshape(e4m3_to_float(raw_scale) * 0.5, (SCALES_K, 1, BLOCK_N))
-    w_low = tl.reshape(e2m1_halves(packed & 0xF), (SCALES_K, 8, BLOCK_N)) * block_scale
-    w_high = tl.reshape(e2m1_halves(packed >> 4), (SCALES_K, 8, BLOCK_N)) * block_scale
+    # Eight packed bytes share one scale block; the scale also carries the decode's 2**14.
+    block_scale = tl.reshape(e4m3_to_float(raw_scale) * E2M1_FP16_SCALE, (SCALES_K, 1, BLOCK_N))
+    w_low, w_high = e2m1_pair_to_float(packed)
+    w_low = tl.reshape(w_low, (SCALES_K, 8, BLOCK_N)) * block_scale
+    w_high = tl.reshape(w_high, (SCALES_K, 8, BLOCK_N)) * block_scale
     w_low = tl.reshape(w_low, (HALF_K, BLOCK_N)).to(DOT_DTYPE)
     w_high = tl.reshape(w_high, (HALF_K, BLOCK_N)).to(DOT_DTYPE)
     return w_low, w_high

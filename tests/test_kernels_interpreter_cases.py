@@ -33,7 +33,7 @@ import triton.language as tl  # noqa: E402
 from nvfp4_ext.kernels import fp8_gemm, nvfp4_gemm, nvfp4_moe  # noqa: E402
 from nvfp4_ext.kernels.nvfp4_gemm_kernel import GemmConfig  # noqa: E402
 from nvfp4_ext.kernels.nvfp4_moe_kernel import MoeConfig, TileConfig  # noqa: E402
-from nvfp4_ext.kernels.nvfp4_tile import e2m1_halves, e4m3_to_float  # noqa: E402
+from nvfp4_ext.kernels.nvfp4_tile import E2M1_FP16_SCALE, e2m1_pair_to_float, e4m3_to_float  # noqa: E402
 from nvfp4_ext.kernels.reference import (  # noqa: E402
     apply_gated_activation,
     fp8_gemm_ref,
@@ -66,19 +66,21 @@ def assert_within(actual, expected, out_eps, accumulation_error):
 
 # ---------------------------------------------------------------------------------------- decode helpers
 @triton.jit
-def _decode_probe(codes_ptr, e2m1_ptr, e4m3_ptr, N: tl.constexpr):
+def _decode_probe(codes_ptr, low_ptr, high_ptr, e4m3_ptr, N: tl.constexpr):
     offs = tl.arange(0, N)
     codes = tl.load(codes_ptr + offs)
-    tl.store(e2m1_ptr + offs, e2m1_halves(codes.to(tl.int32) & 0xF))
+    low, high = e2m1_pair_to_float(codes.to(tl.int32))
+    tl.store(low_ptr + offs, low)
+    tl.store(high_ptr + offs, high)
     tl.store(e4m3_ptr + offs, e4m3_to_float(codes))
 
 
-def test_device_decoders_match_format_tables_for_every_code():
+def test_device_decoders_match_format_tables_for_every_byte():
     codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
-    halves = torch.empty(256)
-    scales = torch.empty(256)
-    _decode_probe[(1,)](codes, halves, scales, N=256)
-    torch.testing.assert_close(halves, 2 * E2M1_VALUES[codes.long() & 0xF], rtol=0, atol=0)
+    low, high, scales = torch.empty(256), torch.empty(256), torch.empty(256)
+    _decode_probe[(1,)](codes, low, high, scales, N=256)
+    torch.testing.assert_close(low * E2M1_FP16_SCALE, E2M1_VALUES[codes.long() & 0xF], rtol=0, atol=0)
+    torch.testing.assert_close(high * E2M1_FP16_SCALE, E2M1_VALUES[codes.long() >> 4], rtol=0, atol=0)
     finite = (codes & 0x7F) != 0x7F  # 0x7F / 0xFF are NaN in e4m3fn; scales never hold them
     expected = codes.view(torch.float8_e4m3fn).float()
     torch.testing.assert_close(scales[finite], expected[finite], rtol=0, atol=0)
