@@ -27,7 +27,7 @@ pytest.importorskip("sglang")
 from test_sglang_checkpoints import EXCLUDE, quantize_tiny_checkpoint  # noqa: E402
 
 from nvfp4_ext.errors import CheckpointError  # noqa: E402
-from nvfp4_ext.format import dequantize_nvfp4  # noqa: E402
+from nvfp4_ext.format import dequantize_nvfp4, stored_global_scale  # noqa: E402
 from nvfp4_ext.tiny_models import build_tiny_diffusion_gemma, build_tiny_qwen3_moe  # noqa: E402
 
 pytestmark = pytest.mark.sglang
@@ -96,20 +96,20 @@ def distributed(checkpoints) -> None:
         parallel_state.initialize_model_parallel(backend="gloo")
 
 
-@pytest.fixture(scope="module")
-def loaded_model(plugins_loaded, distributed, checkpoints):
-    """The registered DiffusionGemma class built on CPU with our config, and the checkpoint's tensors."""
+def _build_and_load(path):
+    """What SGLang's loader does on one rank: resolve the class, build it with the quant config from the
+    checkpoint, load every tensor, then post-process every quantized layer."""
     from safetensors.torch import load_file
     from sglang.srt.configs.load_config import LoadConfig
     from sglang.srt.configs.model_config import ModelConfig
     from sglang.srt.model_loader.weight_utils import get_quant_config
     from sglang.srt.models.registry import ModelRegistry
 
-    model_config = ModelConfig(str(checkpoints["nvfp4"]), quantization="nvfp4_ext")
-    model_cls, _ = ModelRegistry.resolve_model_cls([ARCH])
+    model_config = ModelConfig(str(path), quantization="nvfp4_ext")
+    model_cls, _ = ModelRegistry.resolve_model_cls(model_config.hf_config.architectures)
     quant_config = get_quant_config(model_config, LoadConfig(), model_cls.packed_modules_mapping)
     model = model_cls(model_config.hf_config, quant_config=quant_config)
-    tensors = load_file(str(checkpoints["nvfp4"] / "model.safetensors"))
+    tensors = load_file(str(path / "model.safetensors"))
     loaded = model.load_weights(tensors.items())
     for module in model.modules():
         method = getattr(module, "quant_method", None)
@@ -119,26 +119,40 @@ def loaded_model(plugins_loaded, distributed, checkpoints):
 
 
 @pytest.fixture(scope="module")
+def loaded_model(plugins_loaded, distributed, checkpoints):
+    """The registered DiffusionGemma class built on CPU with our config, and the checkpoint's tensors."""
+    return _build_and_load(checkpoints["nvfp4"])
+
+
+@pytest.fixture(scope="module")
+def compressed_tensors_model(plugins_loaded, distributed, checkpoints, tmp_path_factory):
+    """The same weights as a compressed-tensors checkpoint: `weight_packed`, and global scales stored as
+    divisors (`weight_global_scale` = 1 / ModelOpt's `weight_scale_2`)."""
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path_factory.mktemp("ct_full")
+    shutil.copytree(checkpoints["ct"], root, dirs_exist_ok=True)
+    renamed = {}
+    for name, tensor in load_file(str(checkpoints["nvfp4"] / "model.safetensors")).items():
+        for modelopt, ct in (
+            (".weight_scale_2", ".weight_global_scale"),
+            (".input_scale", ".input_global_scale"),
+        ):
+            if name.endswith(modelopt):
+                name, tensor = name[: -len(modelopt)] + ct, stored_global_scale(tensor, "compressed_tensors")
+        if tensor.dtype == torch.uint8:
+            name = name[: -len(".weight")] + ".weight_packed"
+        renamed[name] = tensor
+    save_file(renamed, str(root / "model.safetensors"), metadata={"format": "pt"})
+    return _build_and_load(root)
+
+
+@pytest.fixture(scope="module")
 def qwen3_moe(plugins_loaded, distributed, tmp_path_factory: pytest.TempPathFactory):
     """SGLang's own Qwen3-MoE class (silu experts, SGLang's standard expert loader) on a tiny NVFP4 copy."""
-    from safetensors.torch import load_file
-    from sglang.srt.configs.load_config import LoadConfig
-    from sglang.srt.configs.model_config import ModelConfig
-    from sglang.srt.model_loader.weight_utils import get_quant_config
-    from sglang.srt.models.registry import ModelRegistry
-
     root = tmp_path_factory.mktemp("qwen3_moe")
     path = quantize_tiny_checkpoint(build_tiny_qwen3_moe(root / "bf16", dtype=torch.float32), root / "nvfp4")
-    model_config = ModelConfig(str(path), quantization="nvfp4_ext")
-    model_cls, _ = ModelRegistry.resolve_model_cls(model_config.hf_config.architectures)
-    quant_config = get_quant_config(model_config, LoadConfig(), model_cls.packed_modules_mapping)
-    model = model_cls(model_config.hf_config, quant_config=quant_config)
-    tensors = load_file(str(path / "model.safetensors"))
-    model.load_weights(tensors.items())
-    for module in model.modules():
-        method = getattr(module, "quant_method", None)
-        if method is not None and hasattr(method, "process_weights_after_loading"):
-            method.process_weights_after_loading(module)
+    model, tensors, _ = _build_and_load(path)
     return model, tensors
 
 
@@ -363,6 +377,30 @@ def test_gelu_tanh_experts_match_checkpoint(loaded_model) -> None:
     )
     torch.testing.assert_close(
         _run_experts(experts, x, topk_weights, topk_ids), expected, rtol=1e-4, atol=1e-5
+    )
+
+
+def test_compressed_tensors_checkpoint_computes_the_same(loaded_model, compressed_tensors_model) -> None:
+    """Same weights, other naming and global-scale convention: the same layer outputs."""
+    modelopt, _, _ = loaded_model
+    ct, ct_tensors, ct_loaded = compressed_tensors_model
+    assert "model.layers.0.moe.experts.w13_weight_packed" in ct_loaded
+    torch.manual_seed(4)
+    x = torch.randn(4, modelopt.model.layers[1].self_attn.qkv_proj.input_size)
+    for pick in (lambda m: m.model.layers[1].self_attn.qkv_proj, lambda m: m.model.layers[0].mlp.down_proj):
+        a, b = pick(modelopt), pick(ct)
+        xa = x if a.input_size == x.shape[1] else torch.randn(4, a.input_size)
+        torch.testing.assert_close(
+            b.quant_method.apply(b, xa), a.quant_method.apply(a, xa), rtol=1e-5, atol=1e-6
+        )
+    topk_ids = torch.tensor([[0, 5], [2, 7], [1, 3], [6, 4]], dtype=torch.int32)
+    topk_weights = torch.rand(4, 2)
+    experts_a, experts_b = modelopt.model.layers[1].moe.experts, ct.model.layers[1].moe.experts
+    torch.testing.assert_close(
+        _run_experts(experts_b, x, topk_weights, topk_ids),
+        _run_experts(experts_a, x, topk_weights, topk_ids),
+        rtol=1e-5,
+        atol=1e-6,
     )
 
 
