@@ -509,3 +509,58 @@ def test_fp8_block_shards_off_the_block_grid_are_refused(plugins_loaded, distrib
             quant_config=config,
             prefix="blk.attn.qkv_proj",
         )
+
+
+def test_moe_tensor_parallel_shards_sum_to_the_full_layer(plugins_loaded) -> None:
+    """Two TP ranks load their slices of the intermediate dimension from full checkpoint tensors; the sum
+    of their outputs (SGLang's all-reduce) equals the unsplit layer's output."""
+    from types import SimpleNamespace
+
+    from nvfp4_ext.engines.sglang.config import Nvfp4ExtConfig
+    from nvfp4_ext.engines.sglang.moe import Nvfp4ExtMoEMethod
+    from nvfp4_ext.format import quantize_nvfp4
+
+    experts, hidden, inter = 4, 64, 64
+    config = Nvfp4ExtConfig.from_config({"quant_method": "modelopt", "quant_algo": "NVFP4"})
+    torch.manual_seed(5)
+    ckpt = {}
+    for e in range(experts):
+        for proj, shape in (
+            ("gate_proj", (inter, hidden)),
+            ("up_proj", (inter, hidden)),
+            ("down_proj", (hidden, inter)),
+        ):
+            q = quantize_nvfp4(torch.randn(shape) * (e + 1))
+            ckpt[(e, proj)] = {
+                "weight": q.qdata,
+                "weight_scale": q.scale,
+                "weight_scale_2": q.global_scale.reshape(()),
+            }
+
+    def build(tp_size: int, rank: int):
+        layer = torch.nn.Module()
+        layer.moe_tp_rank = rank
+        method = Nvfp4ExtMoEMethod(config, "nvfp4_w4a16", f"experts.tp{tp_size}.rank{rank}")
+        method.create_weights(
+            layer, experts, hidden, inter // tp_size, torch.float32, moe_intermediate_size=inter
+        )
+        method.create_moe_runner(
+            layer, SimpleNamespace(activation="silu", is_gated=True, routed_scaling_factor=None)
+        )
+        shard_of = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+        for (e, proj), tensors in ckpt.items():
+            prefix = "w2" if proj == "down_proj" else "w13"
+            for suffix, tensor in tensors.items():
+                param = getattr(layer, f"{prefix}_{suffix}")
+                param.weight_loader(param, tensor, f"{prefix}_{suffix}", shard_of[proj], e)
+        method.process_weights_after_loading(layer)
+        layer.quant_method = method
+        return layer
+
+    x = torch.randn(5, hidden)
+    topk_ids = torch.randint(0, experts, (5, 2), dtype=torch.int32)
+    topk_weights = torch.rand(5, 2)
+    full = _run_experts(build(1, 0), x, topk_weights, topk_ids)
+    split = sum(_run_experts(build(2, rank), x, topk_weights, topk_ids) for rank in (0, 1))
+    torch.testing.assert_close(split, full, rtol=1e-4, atol=1e-4)
+    assert full.abs().max() > 0
