@@ -154,7 +154,9 @@ def nvfp4_block_scales(w: torch.Tensor, global_scale: torch.Tensor) -> torch.Ten
     blocks = w.reshape(*w.shape[:-1], -1, NVFP4_BLOCK_SIZE)
     block_amax = blocks.abs().amax(-1).float()
     scale = block_amax / (F4_E2M1_MAX * _expand_global(global_scale, block_amax.dim()))
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    # Zero blocks get scale 1.0 (ModelOpt's rule); testing the amax, not the quotient, also covers an
+    # all-zero tensor whose global scale is 0, where ModelOpt's 0/0 would store NaN scales.
+    scale = torch.where(block_amax == 0, torch.ones_like(scale), scale)
     return scale.clamp(min=_E4M3_MIN_SCALE, max=F8E4M3_MAX).to(torch.float8_e4m3fn)
 
 
@@ -200,6 +202,7 @@ def quantize_nvfp4(
         block_scale = nvfp4_block_scales(w, global_scale)
     blocks = w.reshape(*w.shape[:-1], -1, NVFP4_BLOCK_SIZE)
     denom = block_scale.float() * _expand_global(global_scale, block_scale.dim())
+    denom = torch.where(denom == 0, torch.ones_like(denom), denom)  # all-zero tensor: codes 0, not NaN
     scaled = (blocks / denom.unsqueeze(-1)).reshape(w.shape)
     qdata = pack_uint4(cast_to_e2m1(scaled))
     return NVFP4Weight(qdata=qdata, scale=block_scale, global_scale=global_scale)

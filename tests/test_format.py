@@ -278,3 +278,16 @@ def test_ct_compressor_general_case_within_one_ulp(ct) -> None:
     a = dequantize_nvfp4(theirs["weight_packed"], theirs["weight_scale"], theirs["weight_global_scale"],
                          convention="compressed_tensors")  # fmt: skip
     torch.testing.assert_close(a, ours.dequantize(), rtol=1e-6, atol=float(ours.global_scale) * 1e-6)
+
+
+def test_all_zero_tensor_quantizes_to_zero_codes_and_unit_scales():
+    """An all-zero weight (or one all-zero expert) has global scale 0; its block scales must be 1.0, not the NaN
+    that ModelOpt's 0/0 stores, and its codes 0, so the tensor dequantizes to exact zeros."""
+    w = torch.randn(3, 16, 32)
+    w[1] = 0
+    q = quantize_nvfp4(w)
+    assert q.global_scale[1] == 0
+    assert torch.equal(q.scale[1].float(), torch.ones(16, 2))
+    assert int(q.qdata[1].max()) == 0
+    assert torch.equal(q.dequantize()[1], torch.zeros(16, 32))
+    assert not torch.isnan(q.dequantize()).any()
