@@ -564,3 +564,20 @@ def test_moe_tensor_parallel_shards_sum_to_the_full_layer(plugins_loaded) -> Non
     split = sum(_run_experts(build(2, rank), x, topk_weights, topk_ids) for rank in (0, 1))
     torch.testing.assert_close(split, full, rtol=1e-4, atol=1e-4)
     assert full.abs().max() > 0
+
+
+def test_bf16_checkpoint_loads_as_upstream(plugins_loaded, distributed, checkpoints) -> None:
+    """Without --quantization the replacement class is upstream's: same parameters, same loaded set."""
+    from safetensors.torch import load_file
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.models.gemma4_diffusion import DiffusionGemmaForBlockDiffusion as Upstream
+
+    from nvfp4_ext.engines.sglang.model import DiffusionGemmaForBlockDiffusion
+
+    hf_config = ModelConfig(str(checkpoints["bf16"])).hf_config
+    ours, theirs = DiffusionGemmaForBlockDiffusion(hf_config), Upstream(hf_config)
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    tensors = load_file(str(checkpoints["bf16"] / "model.safetensors"))
+    assert ours.load_weights(tensors.items()) == theirs.load_weights(tensors.items())
+    experts_ours, experts_theirs = ours.model.layers[0].moe.experts, theirs.model.layers[0].moe.experts
+    assert torch.equal(experts_ours.w13_weight, experts_theirs.w13_weight)

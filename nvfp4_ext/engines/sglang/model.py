@@ -88,7 +88,10 @@ class DiffusionGemmaForBlockDiffusion(upstream.DiffusionGemmaForBlockDiffusion):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load every checkpoint tensor; raise `CheckpointError` for one nothing consumes, or for a
-        parameter no tensor filled (activation scales excepted: W4A16 exports have none)."""
+        parameter no tensor filled (activation scales excepted: W4A16 exports have none).
+        Unquantized models load exactly as upstream does."""
+        if self.quant_config is None:
+            return super().load_weights(weights)
         params = dict(self.named_parameters())
         params.update(dict(self.named_buffers()))
         full_layers = self.full_attention_layers()
