@@ -5,7 +5,9 @@ before any engine process starts."""
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -75,6 +77,22 @@ def test_eight_concurrent_clients_five_requests_each_no_errors(server):
     with ThreadPoolExecutor(max_workers=8) as pool:
         statuses = list(pool.map(lambda i: _completion(server, i), range(8 * 5)))
     assert statuses == [200] * 40
+
+
+def test_streaming_benchmark_clients_get_every_token(server):
+    spec = importlib.util.spec_from_file_location(
+        "serve_streams", Path(__file__).parents[1] / "benchmarks" / "serve_streams.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["serve_streams"] = bench  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    results, wall = bench.run_clients(f"http://127.0.0.1:{server['port']}", server["model"], clients=8, requests=2,
+                                      prompt="w5 w17", max_tokens=8, chat=True, timeout=120)
+    summary = bench.summarize(results, 8, wall)
+    assert summary.errors == 0, summary.error_samples
+    assert summary.requests == 16 and all(r.completion_tokens == 8 for r in results)
+    assert all(0 < r.ttft_s <= r.latency_s for r in results)
+    assert summary.generation_tokens_per_s == pytest.approx(16 * 8 / wall)
 
 
 def test_log_names_the_backends_that_ran(server):
