@@ -24,6 +24,7 @@ __all__ = [
 # fp16 bits of an E2M1 code c: sign (bit 3) to bit 15, exponent and mantissa (bits 0-2) to bits 9-11. That
 # reads as e2m1(c) * 2**-14 (e2m1's 0.5 lands on fp16's subnormal 2**-15); callers fold 2**14 into the scale.
 E2M1_FP16_SCALE = 16384.0
+_E2M1_FP16_SCALE = tl.constexpr(E2M1_FP16_SCALE)  # jit code may only read constexpr globals
 
 
 @triton.jit
@@ -97,7 +98,7 @@ def load_nvfp4_tile_pair(
     mask_s = (blocks_k[:, None] < k_end // 16) & mask_n[None, :]
     raw_scale = tl.load(scale_ptr + offs_n[None, :] * stride_sn + blocks_k[:, None], mask=mask_s, other=0)
     # Eight packed bytes share one scale block; the scale also carries the decode's 2**14.
-    block_scale = tl.reshape(e4m3_to_float(raw_scale) * E2M1_FP16_SCALE, (SCALES_K, 1, BLOCK_N))
+    block_scale = tl.reshape(e4m3_to_float(raw_scale) * _E2M1_FP16_SCALE, (SCALES_K, 1, BLOCK_N))
     w_low, w_high = e2m1_pair_to_float(packed)
     w_low = tl.reshape(w_low, (SCALES_K, 8, BLOCK_N)) * block_scale
     w_high = tl.reshape(w_high, (SCALES_K, 8, BLOCK_N)) * block_scale
