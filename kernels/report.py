@@ -152,7 +152,7 @@ def shipped_variants() -> list[KernelVariant]:
             config.num_stages,
         )
 
-    def fp8(config):
+    def fp8(config, block_scales):
         label, variant = gemm(config)
         signature = {k: v for k, v in variant.signature.items() if k != "global_ptr"}
         signature = {
@@ -163,10 +163,10 @@ def shipped_variants() -> list[KernelVariant]:
             "SCALE_BLOCK": "constexpr",
         }
         signature = {k: signature[k] for k in _fp8_gemm_kernel.arg_names}
-        constexprs = {**variant.constexprs, "BLOCK_SCALES": True, "SCALE_BLOCK": 128}
+        constexprs = {**variant.constexprs, "BLOCK_SCALES": block_scales, "SCALE_BLOCK": 128}
         return label, KernelVariant(
             "fp8_gemm",
-            label + " block-scaled",
+            label + (" block-scaled" if block_scales else " per-channel"),
             _fp8_gemm_kernel,
             signature,
             constexprs,
@@ -208,7 +208,8 @@ def shipped_variants() -> list[KernelVariant]:
             lambda c: moe_stage(_moe_gate_up_kernel, "gate_up", c.block_m, c.gate_up, {"ACTIVATION": 0}),
         ),
         *_grouped(moe_rows, lambda c: moe_stage(_moe_down_kernel, "down", c.block_m, c.down, {})),
-        *_grouped(shipped_fp8_configs(), fp8),
+        *_grouped(shipped_fp8_configs(), lambda c: fp8(c, block_scales=False)),
+        *_grouped(shipped_fp8_configs(), lambda c: fp8(c, block_scales=True)),
     ]
 
 
