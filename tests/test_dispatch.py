@@ -95,3 +95,13 @@ def test_engine_layers_log_their_backend_once(monkeypatch, caplog):
     lines = [r.getMessage() for r in caplog.records if "nvfp4_w4a16_moe" in r.getMessage()]
     assert lines == ["nvfp4_ext: nvfp4_w4a16_moe layers run on the torch backend"]
     assert common.BACKENDS_USED == {"nvfp4_w4a16_moe": "torch"}
+
+
+def test_unimplemented_backend_falls_back_to_triton_with_a_warning(monkeypatch, caplog):
+    monkeypatch.setattr(common, "BACKENDS_USED", {})
+    monkeypatch.setattr(logging.getLogger("nvfp4_ext"), "propagate", True)
+    monkeypatch.setattr(common, "select_backend", lambda kind, capability: "flashinfer")
+    with caplog.at_level(logging.INFO, logger="nvfp4_ext"):
+        chosen = common.backend_for("nvfp4_moe", torch.device("cpu"), implemented=("torch", "triton"))
+    assert chosen == "triton" and common.BACKENDS_USED == {"nvfp4_moe": "triton"}
+    assert "nvfp4_moe has no flashinfer path here" in caplog.text

@@ -272,3 +272,17 @@ def test_scheme_resolution_maps_vllm_prefixes(plugin):
     config.apply_vllm_mapper(SimpleNamespace(orig_to_new_prefix={"model.decoder.": "model."}))
     config.modules = frozenset({"model.decoder.layers.0.mlp.experts.0.gate_proj"})
     assert config.hf_name("model.layers.0.mlp.experts") == "model.decoder.layers.0.mlp.experts"
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize(("rows", "cols"), [(128, 4), (200, 6), (48, 2)])
+def test_flashinfer_scale_swizzle_inverts_with_vllms_reader(rows, cols):
+    from vllm.model_executor.layers.quantization.utils.nvfp4_emulation_utils import convert_swizzled_to_linear
+
+    from nvfp4_ext.engines.common import swizzle_block_scales
+
+    scale = (torch.rand(rows, cols, generator=torch.Generator().manual_seed(rows)) * 8 + 0.1).to(torch.float8_e4m3fn)
+    swizzled = swizzle_block_scales(scale)
+    assert swizzled.shape == (-(-rows // 128) * 128, -(-cols // 4) * 4)
+    back = convert_swizzled_to_linear(swizzled.view(torch.uint8), rows, cols * 16, 16)
+    assert torch.equal(back[:rows, :cols], scale.view(torch.uint8))  # its column slice is in elements, not scales

@@ -31,6 +31,7 @@ __all__ = [
     "nvfp4_moe_forward",
     "per_row_global",
     "per_shard_global",
+    "swizzle_block_scales",
     "working_tp_sizes",
 ]
 
@@ -129,10 +130,21 @@ def assert_loaded(layer_name: str, params: dict[str, torch.Tensor], method: str)
 
 
 # ------------------------------------------------------------------------------------------- dispatch
-def backend_for(kind: LayerKind, device: torch.device) -> Backend:
-    """The backend for a layer kind on `device`, logged once per kind and process."""
+def backend_for(kind: LayerKind, device: torch.device, *, implemented: Sequence[str] | None = None) -> Backend:
+    """The backend for a layer kind on `device`, logged once per kind and process.
+
+    Args:
+        kind: the layer kind (see `nvfp4_ext.dispatch.LAYER_KINDS`).
+        device: where the layer's weights live.
+        implemented: backends this layer type has a code path for; a chosen backend outside it falls back
+            to "triton" with the reason logged (e.g. FlashInfer's FP4 MoE is not wired in).
+    """
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
     backend = select_backend(kind, capability)
+    if implemented is not None and backend not in implemented:
+        if kind not in BACKENDS_USED:
+            logger.warning("nvfp4_ext: %s has no %s path here; using our Triton kernels", kind, backend)
+        backend = "triton"
     if kind not in BACKENDS_USED:
         BACKENDS_USED[kind] = backend
         logger.info("nvfp4_ext: %s layers run on the %s backend", kind, backend)
@@ -151,6 +163,7 @@ def nvfp4_linear_forward(
     bias: torch.Tensor | None,
     backend: Backend,
     input_global: torch.Tensor | None = None,
+    weight_scale_swizzled: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y = x @ dequant(W).T (+ bias) for an NVFP4 linear layer with per-row global multipliers.
 
@@ -160,12 +173,15 @@ def nvfp4_linear_forward(
         backend: from `backend_for`: "torch"/"triton" run weight-only (W4A16); "flashinfer" runs W4A4 on
             FP4 tensor cores with the static `input_global` multiplier (GPU only).
         input_global: float32 multiplier of the activations (W4A4 only).
+        weight_scale_swizzled: `swizzle_block_scales(weight_scale)`, precomputed at load (FlashInfer only).
     Returns:
         [..., N] in x.dtype.
     """
     flat, lead = _flatten(x)
     if backend == "flashinfer":
-        out = _flashinfer_nvfp4_linear(flat, weight, weight_scale, global_per_row, bias, input_global)
+        if weight_scale_swizzled is None:
+            weight_scale_swizzled = swizzle_block_scales(weight_scale)
+        out = _flashinfer_nvfp4_linear(flat, weight, weight_scale_swizzled, global_per_row, bias, input_global)
     else:
         from nvfp4_ext.kernels import nvfp4_gemm
 
@@ -173,25 +189,42 @@ def nvfp4_linear_forward(
     return out.reshape(*lead, out.shape[-1])
 
 
+def swizzle_block_scales(scale: torch.Tensor) -> torch.Tensor:
+    """Lay out e4m3 block scales [M, K/16] in the 128x4 tiles CUTLASS/FlashInfer FP4 GEMMs read.
+
+    Rows are padded to a multiple of 128 and scale columns to a multiple of 4 (zeros), then each
+    128x4 tile is stored as 32 x (4 x 4). Pure torch, on the tensor's own device.
+
+    Returns:
+        float8_e4m3fn [ceil(M/128)*128, ceil(K16/4)*4].
+    """
+    m, k = scale.shape
+    mp, kp = ceil_div(m, 128) * 128, ceil_div(k, 4) * 4
+    padded = torch.zeros(mp, kp, dtype=scale.dtype, device=scale.device)
+    padded[:m, :k] = scale
+    tiles = padded.view(torch.uint8).reshape(mp // 128, 4, 32, kp // 4, 4).permute(0, 3, 2, 1, 4)
+    return tiles.contiguous().reshape(mp, kp).view(scale.dtype)
+
+
 def _flashinfer_nvfp4_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
-    weight_scale: torch.Tensor,
+    weight_scale_swizzled: torch.Tensor,
     global_per_row: torch.Tensor,
     bias: torch.Tensor | None,
     input_global: torch.Tensor | None,
 ) -> torch.Tensor:
-    """W4A4 GEMM with FlashInfer (sm >= 100). The per-row weight global is applied to the output columns,
-    which is exact: it is constant along K. GPU-only; the CPU tests cover only its dispatch."""
+    """W4A4 GEMM with FlashInfer on FP4 tensor cores (sm >= 100). The per-row weight global is applied to the
+    output columns, which is exact (it is constant along K). GPU-only; CPU tests cover its dispatch and the
+    scale swizzle."""
     import flashinfer
 
     if input_global is None:
         raise ConfigError("FlashInfer W4A4 needs the layer's input_scale (static activation global scale)")
-    x_global_inv = (1.0 / input_global.float()).reshape(1)
-    x_fp4, x_sf = flashinfer.fp4_quantize(x, x_global_inv)
-    w_sf = flashinfer.nvfp4_block_scale_interleave(weight_scale.view(torch.uint8))
+    x_fp4, x_sf = flashinfer.fp4_quantize(x, (1.0 / input_global.float()).reshape(1))
     out = flashinfer.mm_fp4(
-        x_fp4, weight.t(), x_sf, w_sf.t(), input_global.float().reshape(1), torch.bfloat16, backend="cutlass"
+        x_fp4, weight.t(), x_sf, weight_scale_swizzled.t(), input_global.float().reshape(1), torch.bfloat16,
+        backend="cutlass",
     )
     out = out.float() * global_per_row.float()
     if bias is not None:
@@ -218,7 +251,7 @@ def nvfp4_moe_forward(
         x: [T, H]; w13 uint8 [E, 2I, H/2]; w13_scale e4m3 [E, 2I, H/16]; w13_global float32 [E, 2I] per row;
         w2 uint8 [E, H, I/2]; w2_scale e4m3 [E, H, I/16]; w2_global float32 [E, H];
         topk_weights float32 [T, k]; topk_ids int [T, k]; activation "gelu_tanh" or "silu".
-        backend: "torch" or "triton" (FlashInfer's FP4 MoE is not wired in: it falls back to "triton").
+        backend: "torch" or "triton" (FlashInfer's FP4 MoE is not wired in; see `backend_for(implemented=)`).
     Returns:
         [T, H] in x.dtype.
     """

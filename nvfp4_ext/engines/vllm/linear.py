@@ -23,6 +23,7 @@ from nvfp4_ext.engines.common import (
     fp8_linear_forward,
     nvfp4_linear_forward,
     per_row_global,
+    swizzle_block_scales,
 )
 from nvfp4_ext.errors import CheckpointError, ConfigError
 from nvfp4_ext.format import FP8_BLOCK, NVFP4_BLOCK_SIZE
@@ -113,6 +114,9 @@ class Nvfp4ExtLinearMethod(LinearMethodBase):
 
             layer.nvfp4_input_global = global_multiplier(stored_input.float(), self.convention).max()
         self.backend = backend_for(self.kind, getattr(layer, self.names["weight"]).device)
+        layer.nvfp4_scale_swizzled = None
+        if self.backend == "flashinfer":
+            layer.nvfp4_scale_swizzled = swizzle_block_scales(getattr(layer, self.names["scale"]).data)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return nvfp4_linear_forward(
@@ -123,6 +127,7 @@ class Nvfp4ExtLinearMethod(LinearMethodBase):
             bias,
             self.backend,
             layer.nvfp4_input_global,
+            layer.nvfp4_scale_swizzled,
         )
 
 

@@ -96,7 +96,7 @@ class Nvfp4ExtFusedMoEMethod(FusedMoEMethodBase):
         hidden = getattr(layer, f"w2_{self.names['weight']}").shape[1]
         layer.nvfp4_w13_global = w13_shard.repeat_interleave(inter, dim=1).contiguous()  # [E, 2I]
         layer.nvfp4_w2_global = w2_expert.unsqueeze(1).expand(-1, hidden).contiguous()  # [E, H]
-        self.backend = backend_for(self.kind, layer.nvfp4_w13_global.device)
+        self.backend = backend_for(self.kind, layer.nvfp4_w13_global.device, implemented=("torch", "triton"))
 
     def get_fused_moe_quant_config(self, layer: torch.nn.Module):
         return None
