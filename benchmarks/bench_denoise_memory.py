@@ -47,7 +47,9 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        inputs = {
+            t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
+        }
         for tensor in tree_leaves(out):
             if isinstance(tensor, torch.Tensor):
                 self._track(tensor, inputs)
@@ -87,15 +89,25 @@ def naive_step(hidden: torch.Tensor, weight: torch.Tensor, temps: torch.Tensor, 
     return z.argmax(-1), sample, entropy, probs.max(-1).values, soft
 
 
-def fused_step(hidden: torch.Tensor, weight: torch.Tensor, temps: torch.Tensor, embed_scale: float,
-               chunk: int = DEFAULT_CHUNK):
-    return fused_denoise_stats(hidden, weight, temps, seed=0, cap=30.0, embed_scale=embed_scale, chunk_size=chunk)
+def fused_step(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    temps: torch.Tensor,
+    embed_scale: float,
+    chunk: int = DEFAULT_CHUNK,
+):
+    return fused_denoise_stats(
+        hidden, weight, temps, seed=0, cap=30.0, embed_scale=embed_scale, chunk_size=chunk
+    )
 
 
 def _inputs(rows: int, hidden: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
-    return (torch.randn(rows, hidden, generator=gen), torch.randn(vocab, hidden, generator=gen) * 0.05,
-            torch.full((rows,), 0.6))
+    return (
+        torch.randn(rows, hidden, generator=gen),
+        torch.randn(vocab, hidden, generator=gen) * 0.05,
+        torch.full((rows,), 0.6),
+    )
 
 
 def measure_tensor_bytes(path: str, rows: int, hidden: int, vocab: int, chunk: int) -> int:
@@ -130,8 +142,20 @@ def measure_rss(path: str, rows: int, hidden: int, vocab: int, chunk: int) -> in
     if not Path("/proc/self/clear_refs").exists():
         return None
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, __file__, "--child", path, "--rows", str(rows), "--hidden", str(hidden),
-           "--vocab", str(vocab), "--chunk", str(chunk)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        path,
+        "--rows",
+        str(rows),
+        "--hidden",
+        str(hidden),
+        "--vocab",
+        str(vocab),
+        "--chunk",
+        str(chunk),
+    ]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1])
 
@@ -160,28 +184,42 @@ def main(argv: list[str] | None = None) -> int:
     torch.testing.assert_close(naive[2], fused.entropy, rtol=1e-4, atol=1e-4)
 
     rows_out = []
-    print(f"vocab {args.vocab}, canvas {args.canvas}, hidden {args.hidden}, chunk {args.chunk}; "
-          f"goal per request <= canvas*vocab*4/16 = {goal / 2**20:.2f} MiB")
-    print(f"{'requests':>8} {'path':>6} {'tensor peak MiB/req':>20} {'RSS peak MiB/req':>17} {'ratio to goal':>14}")
+    print(
+        f"vocab {args.vocab}, canvas {args.canvas}, hidden {args.hidden}, chunk {args.chunk}; "
+        f"goal per request <= canvas*vocab*4/16 = {goal / 2**20:.2f} MiB"
+    )
+    print(
+        f"{'requests':>8} {'path':>6} {'tensor peak MiB/req':>20} {'RSS peak MiB/req':>17} "
+        f"{'ratio to goal':>14}"
+    )
     for requests in args.requests:
         rows = requests * args.canvas
         for path in ("naive", "fused"):
             tensor_peak = measure_tensor_bytes(path, rows, args.hidden, args.vocab, args.chunk)
             rss_peak = None if args.no_rss else measure_rss(path, rows, args.hidden, args.vocab, args.chunk)
-            row = {"requests": requests, "path": path, "tensor_peak_bytes_per_request": tensor_peak / requests,
-                   "rss_peak_bytes_per_request": None if rss_peak is None else rss_peak / requests,
-                   "goal_bytes_per_request": goal}
+            row = {
+                "requests": requests,
+                "path": path,
+                "tensor_peak_bytes_per_request": tensor_peak / requests,
+                "rss_peak_bytes_per_request": None if rss_peak is None else rss_peak / requests,
+                "goal_bytes_per_request": goal,
+            }
             rows_out.append(row)
             rss_text = "n/a" if rss_peak is None else f"{rss_peak / requests / 2**20:.2f}"
-            print(f"{requests:>8} {path:>6} {tensor_peak / requests / 2**20:>20.2f} {rss_text:>17} "
-                  f"{tensor_peak / requests / goal:>14.3f}")
+            print(
+                f"{requests:>8} {path:>6} {tensor_peak / requests / 2**20:>20.2f} {rss_text:>17} "
+                f"{tensor_peak / requests / goal:>14.3f}"
+            )
         naive_row, fused_row = rows_out[-2], rows_out[-1]
         ratio = fused_row["tensor_peak_bytes_per_request"] / naive_row["tensor_peak_bytes_per_request"]
         print(f"{'':>8} fused/naive = {ratio:.4f} (1/{1 / ratio:.0f})")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        env = {"torch": torch.__version__, "device": "cpu", "args": {k: v for k, v in vars(args).items()
-                                                                     if k not in ("child", "rows", "out")}}
+        env = {
+            "torch": torch.__version__,
+            "device": "cpu",
+            "args": {k: v for k, v in vars(args).items() if k not in ("child", "rows", "out")},
+        }
         args.out.write_text(json.dumps({"env": env, "rows": rows_out}, indent=2))
     return 0
 

@@ -41,17 +41,38 @@ def _hash32(x):
 
 
 @triton.jit
-def _tempered_logits(h_ptr, e_ptr, rows, cols, row_mask, col_mask, inv_t, H, stride_hm, stride_ev, cap,
-                     HAS_CAP: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_R: tl.constexpr,
-                     BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+def _tempered_logits(
+    h_ptr,
+    e_ptr,
+    rows,
+    cols,
+    row_mask,
+    col_mask,
+    inv_t,
+    H,
+    stride_hm,
+    stride_ev,
+    cap,
+    HAS_CAP: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     acc = tl.zeros((BLOCK_R, BLOCK_V), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_H):
         ks = k0 + tl.arange(0, BLOCK_H)
         k_mask = ks < H
-        h = tl.load(h_ptr + rows[:, None] * stride_hm + ks[None, :], mask=row_mask[:, None] & k_mask[None, :],
-                    other=0.0)
-        e = tl.load(e_ptr + cols[None, :] * stride_ev + ks[:, None], mask=col_mask[None, :] & k_mask[:, None],
-                    other=0.0)
+        h = tl.load(
+            h_ptr + rows[:, None] * stride_hm + ks[None, :],
+            mask=row_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        e = tl.load(
+            e_ptr + cols[None, :] * stride_ev + ks[:, None],
+            mask=col_mask[None, :] & k_mask[:, None],
+            other=0.0,
+        )
         if DOT_FP32:
             h = h.to(tl.float32)
             e = e.to(tl.float32)
@@ -64,11 +85,27 @@ def _tempered_logits(h_ptr, e_ptr, rows, cols, row_mask, col_mask, inv_t, H, str
 @triton.jit
 def _denoise_stats_kernel(
     # pointers
-    h_ptr, e_ptr, temp_ptr, row_key_ptr, argmax_ptr, sample_ptr, entropy_ptr, max_ptr, sum_ptr,
+    h_ptr,
+    e_ptr,
+    temp_ptr,
+    row_key_ptr,
+    argmax_ptr,
+    sample_ptr,
+    entropy_ptr,
+    max_ptr,
+    sum_ptr,
     # shapes and strides
-    M, V, H, stride_hm, stride_ev, cap,
+    M,
+    V,
+    H,
+    stride_hm,
+    stride_ev,
+    cap,
     # meta
-    HAS_CAP: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_CAP: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -84,8 +121,24 @@ def _denoise_stats_kernel(
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < V
-        z = _tempered_logits(h_ptr, e_ptr, rows, cols, row_mask, col_mask, inv_t, H, stride_hm, stride_ev, cap,
-                             HAS_CAP, DOT_FP32, BLOCK_R, BLOCK_V, BLOCK_H)
+        z = _tempered_logits(
+            h_ptr,
+            e_ptr,
+            rows,
+            cols,
+            row_mask,
+            col_mask,
+            inv_t,
+            H,
+            stride_hm,
+            stride_ev,
+            cap,
+            HAS_CAP,
+            DOT_FP32,
+            BLOCK_R,
+            BLOCK_V,
+            BLOCK_H,
+        )
         z = tl.where(col_mask[None, :], z, float("-inf"))
         bits = _hash32(row_key[:, None] ^ cols[None, :].to(tl.uint32))
         u = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
@@ -118,12 +171,28 @@ def _denoise_stats_kernel(
 @triton.jit
 def _soft_embedding_kernel(
     # pointers
-    h_ptr, e_ptr, temp_ptr, max_ptr, sum_ptr, out_ptr,
+    h_ptr,
+    e_ptr,
+    temp_ptr,
+    max_ptr,
+    sum_ptr,
+    out_ptr,
     # shapes and strides
-    M, V, H, stride_hm, stride_ev, stride_om, cap, embed_scale,
+    M,
+    V,
+    H,
+    stride_hm,
+    stride_ev,
+    stride_om,
+    cap,
+    embed_scale,
     # meta
-    HAS_CAP: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_HO: tl.constexpr,
+    HAS_CAP: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HO: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < M
@@ -135,15 +204,37 @@ def _soft_embedding_kernel(
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < V
-        z = _tempered_logits(h_ptr, e_ptr, rows, cols, row_mask, col_mask, inv_t, H, stride_hm, stride_ev, cap,
-                             HAS_CAP, DOT_FP32, BLOCK_R, BLOCK_V, BLOCK_H)
+        z = _tempered_logits(
+            h_ptr,
+            e_ptr,
+            rows,
+            cols,
+            row_mask,
+            col_mask,
+            inv_t,
+            H,
+            stride_hm,
+            stride_ev,
+            cap,
+            HAS_CAP,
+            DOT_FP32,
+            BLOCK_R,
+            BLOCK_V,
+            BLOCK_H,
+        )
         w = tl.where(col_mask[None, :], tl.exp(z - row_max[:, None]), 0.0)
-        e = tl.load(e_ptr + cols[:, None] * stride_ev + outs[None, :], mask=col_mask[:, None] & out_mask[None, :],
-                    other=0.0).to(tl.float32)
+        e = tl.load(
+            e_ptr + cols[:, None] * stride_ev + outs[None, :],
+            mask=col_mask[:, None] & out_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)
         acc += tl.dot(w, e)
     scale = embed_scale / tl.load(sum_ptr + rows, mask=row_mask, other=1.0)
-    tl.store(out_ptr + rows[:, None] * stride_om + outs[None, :], acc * scale[:, None],
-             mask=row_mask[:, None] & out_mask[None, :])
+    tl.store(
+        out_ptr + rows[:, None] * stride_om + outs[None, :],
+        acc * scale[:, None],
+        mask=row_mask[:, None] & out_mask[None, :],
+    )
 
 
 def denoise_stats_triton(
@@ -163,9 +254,15 @@ def denoise_stats_triton(
         hidden: [M, H] fp32/fp16/bf16, last dim contiguous; embed_weight: [V, H] same dtype, contiguous rows.
         temps: [M] float32; row_ids: [M] int64; blocks: (BLOCK_R, BLOCK_V, BLOCK_H, BLOCK_HO, num_warps).
     """
-    if hidden.dtype != embed_weight.dtype or hidden.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"expected hidden and embed_weight in one of fp32/fp16/bf16, got {hidden.dtype} and "
-                         f"{embed_weight.dtype}")
+    if hidden.dtype != embed_weight.dtype or hidden.dtype not in (
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+    ):
+        raise ValueError(
+            f"expected hidden and embed_weight in one of fp32/fp16/bf16, got {hidden.dtype} and "
+            f"{embed_weight.dtype}"
+        )
     if hidden.stride(-1) != 1 or embed_weight.stride(-1) != 1:
         raise ValueError("expected hidden and embed_weight with a contiguous last dimension")
     block_r, block_v, block_h, block_ho, num_warps = blocks
@@ -181,19 +278,54 @@ def denoise_stats_triton(
         soft = torch.empty(0, hidden_size, device=device) if embed_scale is not None else None
         return DenoiseStats(argmax, sample, entropy, entropy.clone(), soft)
     dot_fp32 = hidden.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
-    common = dict(HAS_CAP=cap is not None, DOT_FP32=dot_fp32, BLOCK_R=block_r, BLOCK_V=block_v, BLOCK_H=block_h,
-                  num_warps=num_warps)
+    common = dict(
+        HAS_CAP=cap is not None,
+        DOT_FP32=dot_fp32,
+        BLOCK_R=block_r,
+        BLOCK_V=block_v,
+        BLOCK_H=block_h,
+        num_warps=num_warps,
+    )
     grid_rows = triton.cdiv(rows, block_r)
     _denoise_stats_kernel[(grid_rows,)](
-        hidden, embed_weight, temps, row_keys, argmax, sample, entropy, row_max, exp_sum,
-        rows, vocab, hidden_size, hidden.stride(0), embed_weight.stride(0), float(cap or 1.0), **common)
+        hidden,
+        embed_weight,
+        temps,
+        row_keys,
+        argmax,
+        sample,
+        entropy,
+        row_max,
+        exp_sum,
+        rows,
+        vocab,
+        hidden_size,
+        hidden.stride(0),
+        embed_weight.stride(0),
+        float(cap or 1.0),
+        **common,
+    )
     soft = None
     if embed_scale is not None:
         soft = torch.empty(rows, hidden_size, dtype=torch.float32, device=device)
         _soft_embedding_kernel[(grid_rows, triton.cdiv(hidden_size, block_ho))](
-            hidden, embed_weight, temps, row_max, exp_sum, soft, rows, vocab, hidden_size, hidden.stride(0),
-            embed_weight.stride(0), soft.stride(0), float(cap or 1.0), float(embed_scale), BLOCK_HO=block_ho,
-            **common)
+            hidden,
+            embed_weight,
+            temps,
+            row_max,
+            exp_sum,
+            soft,
+            rows,
+            vocab,
+            hidden_size,
+            hidden.stride(0),
+            embed_weight.stride(0),
+            soft.stride(0),
+            float(cap or 1.0),
+            float(embed_scale),
+            BLOCK_HO=block_ho,
+            **common,
+        )
     return DenoiseStats(argmax, sample, entropy, 1.0 / exp_sum, soft)
 
 
@@ -202,16 +334,52 @@ def kernel_variants(dtype: str = "bf16", blocks: tuple[int, int, int, int, int] 
     from .report import KernelVariant
 
     block_r, block_v, block_h, block_ho, num_warps = blocks
-    meta = {"HAS_CAP": True, "DOT_FP32": dtype == "fp32", "BLOCK_R": block_r, "BLOCK_V": block_v, "BLOCK_H": block_h}
+    meta = {
+        "HAS_CAP": True,
+        "DOT_FP32": dtype == "fp32",
+        "BLOCK_R": block_r,
+        "BLOCK_V": block_v,
+        "BLOCK_H": block_h,
+    }
     sizes = {"M": "i32", "V": "i32", "H": "i32", "stride_hm": "i32", "stride_ev": "i32"}
-    stats_sig = {"h_ptr": f"*{dtype}", "e_ptr": f"*{dtype}", "temp_ptr": "*fp32", "row_key_ptr": "*i64",
-                 "argmax_ptr": "*i64", "sample_ptr": "*i64", "entropy_ptr": "*fp32", "max_ptr": "*fp32",
-                 "sum_ptr": "*fp32", **sizes, "cap": "fp32", **{k: "constexpr" for k in meta}}
+    stats_sig = {
+        "h_ptr": f"*{dtype}",
+        "e_ptr": f"*{dtype}",
+        "temp_ptr": "*fp32",
+        "row_key_ptr": "*i64",
+        "argmax_ptr": "*i64",
+        "sample_ptr": "*i64",
+        "entropy_ptr": "*fp32",
+        "max_ptr": "*fp32",
+        "sum_ptr": "*fp32",
+        **sizes,
+        "cap": "fp32",
+        **{k: "constexpr" for k in meta},
+    }
     soft_meta = {**meta, "BLOCK_HO": block_ho}
-    soft_sig = {"h_ptr": f"*{dtype}", "e_ptr": f"*{dtype}", "temp_ptr": "*fp32", "max_ptr": "*fp32",
-                "sum_ptr": "*fp32", "out_ptr": "*fp32", **sizes, "stride_om": "i32", "cap": "fp32",
-                "embed_scale": "fp32", **{k: "constexpr" for k in soft_meta}}
+    soft_sig = {
+        "h_ptr": f"*{dtype}",
+        "e_ptr": f"*{dtype}",
+        "temp_ptr": "*fp32",
+        "max_ptr": "*fp32",
+        "sum_ptr": "*fp32",
+        "out_ptr": "*fp32",
+        **sizes,
+        "stride_om": "i32",
+        "cap": "fp32",
+        "embed_scale": "fp32",
+        **{k: "constexpr" for k in soft_meta},
+    }
     label = f"{block_r}x{block_v}x{block_h} w{num_warps} {dtype}"
-    return [KernelVariant("denoise_stats", label, _denoise_stats_kernel, stats_sig, meta, num_warps, 1),
-            KernelVariant("denoise_soft_embedding", f"{label} ho{block_ho}", _soft_embedding_kernel, soft_sig,
-                          soft_meta, num_warps, 1)]
+    return [
+        KernelVariant("denoise_stats", label, _denoise_stats_kernel, stats_sig, meta, num_warps, 1),
+        KernelVariant(
+            "denoise_soft_embedding",
+            f"{label} ho{block_ho}",
+            _soft_embedding_kernel,
+            soft_sig,
+            soft_meta,
+            num_warps,
+            1,
+        ),
+    ]

@@ -1,4 +1,4 @@
-"""`nvfp4-ext generate` on a tiny DiffusionGemma: JSON contract, HF parity, NVFP4 checkpoints, clear errors."""
+"""`nvfp4-ext generate` on a tiny DiffusionGemma: JSON contract, HF parity, NVFP4 input, clear errors."""
 
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory):
 def nvfp4_dir(model_dir, tmp_path_factory: pytest.TempPathFactory):
     from nvfp4_ext.quantize import quantize_checkpoint
 
-    return quantize_checkpoint(model_dir, tmp_path_factory.mktemp("q") / "w4a16", recipe="w4a16", progress=False)
+    return quantize_checkpoint(
+        model_dir, tmp_path_factory.mktemp("q") / "w4a16", recipe="w4a16", progress=False
+    )
 
 
 def _generate_json(capsys: pytest.CaptureFixture, *argv: str) -> dict:
@@ -32,8 +34,20 @@ def _generate_json(capsys: pytest.CaptureFixture, *argv: str) -> dict:
 
 
 def test_json_contract_and_hf_parity(model_dir, capsys: pytest.CaptureFixture) -> None:
-    out = _generate_json(capsys, model_dir, "--prompt-ids", "2,17,5", "--seed", "3", "--max-new-tokens", "32",
-                         "--max-denoising-steps", "2", "--stats", "hf-exact")
+    out = _generate_json(
+        capsys,
+        model_dir,
+        "--prompt-ids",
+        "2,17,5",
+        "--seed",
+        "3",
+        "--max-new-tokens",
+        "32",
+        "--max-denoising-steps",
+        "2",
+        "--stats",
+        "hf-exact",
+    )
     assert len(out["token_ids"]) == 32 and out["steps"] == [2, 2]
     assert out["policy"] == {"policy": "entropy_bound", "bound": 0.1}
     model = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(model_dir).eval()
@@ -63,7 +77,7 @@ def test_nvfp4_checkpoint_generates(nvfp4_dir, model_dir, capsys: pytest.Capture
     assert quantized["steps"] == [2]
     # the same seed gives the same noise; NVFP4 weights change some argmaxes but not all of them
     agree = sum(a == b for a, b in zip(quantized["token_ids"], plain["token_ids"], strict=True))
-    assert 0 < agree
+    assert agree > 0
 
 
 @pytest.mark.parametrize(
@@ -78,8 +92,9 @@ def test_nvfp4_checkpoint_generates(nvfp4_dir, model_dir, capsys: pytest.Capture
         (["--prompt-ids", "2,99999"], "input_ids: token ids must lie in"),
     ],
 )
-def test_bad_flags_exit_2_with_the_field(model_dir, capsys: pytest.CaptureFixture, argv: list[str],
-                                         message: str) -> None:
+def test_bad_flags_exit_2_with_the_field(
+    model_dir, capsys: pytest.CaptureFixture, argv: list[str], message: str
+) -> None:
     assert main(["generate", str(model_dir), *argv]) == 2
     last_line = capsys.readouterr().err.strip().splitlines()[-1]
     assert last_line.startswith("error: ") and message in last_line

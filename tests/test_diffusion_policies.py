@@ -18,7 +18,9 @@ from nvfp4_ext.errors import ConfigError
 hf_gen = pytest.importorskip("transformers.models.diffusion_gemma.generation_diffusion_gemma")
 
 
-def _random_stats(seed: int, batch: int = 3, length: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _random_stats(
+    seed: int, batch: int = 3, length: int = 16
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     logits = torch.randn(batch, length, 50, generator=gen) * torch.rand(batch, length, 1, generator=gen) * 12
     probs = logits.softmax(-1)
@@ -103,13 +105,17 @@ def test_policy_from_extra_args() -> None:
     extra = {"diffusion_policy": "fixed_k", "diffusion_policy_k": 2, "diffusion_max_steps": 4}
     assert policy_from_mapping(extra, prefix="diffusion_") == FixedKPolicy(k=2)
     # the checkpoint's bound applies to the default policy only
-    assert policy_from_mapping({}, prefix="diffusion_", default_params={"bound": 0.2}) == EntropyBoundPolicy(0.2)
+    assert policy_from_mapping({}, prefix="diffusion_", default_params={"bound": 0.2}) == EntropyBoundPolicy(
+        0.2
+    )
     with pytest.raises(ConfigError, match="^diffusion_policy_k:"):
         policy_from_mapping({"diffusion_policy": "fixed_k", "diffusion_policy_k": -1}, prefix="diffusion_")
     with pytest.raises(ConfigError, match="^diffusion_policy:"):
         policy_from_mapping({"diffusion_policy": "nope"}, prefix="diffusion_")
     with pytest.raises(ConfigError, match="^diffusion_policy_tau:"):
-        policy_from_mapping({"diffusion_policy": "confidence", "diffusion_policy_tau": 0.5}, prefix="diffusion_")
+        policy_from_mapping(
+            {"diffusion_policy": "confidence", "diffusion_policy_tau": 0.5}, prefix="diffusion_"
+        )
 
 
 def test_settings_validation_and_schedule_matches_hf() -> None:
@@ -120,12 +126,20 @@ def test_settings_validation_and_schedule_matches_hf() -> None:
         assert torch.equal(scores / temperature(step, settings), processor(None, scores, cur_step=step))
     assert temperature(48, settings) == pytest.approx(0.8)
     assert torch.allclose(temperature(torch.tensor([48, 24]), settings), torch.tensor([0.8, 0.6]))
-    for field, value in [("max_denoising_steps", 0), ("t_min", -1.0), ("t_max", 0.1),
-                         ("stability_threshold", -1), ("confidence_threshold", 0.0)]:
+    for field, value in [
+        ("max_denoising_steps", 0),
+        ("t_min", -1.0),
+        ("t_max", 0.1),
+        ("stability_threshold", -1),
+        ("confidence_threshold", 0.0),
+    ]:
         with pytest.raises(ConfigError, match=rf"^{field}:"):
             DenoiseSettings(**{field: value})
-    loaded = DenoiseSettings.from_generation_config({"t_min": 0.5, "max_denoising_steps": 10, "other": 1},
-                                                    stability_threshold=None, confidence_threshold=0.1)
+    loaded = DenoiseSettings.from_generation_config(
+        {"t_min": 0.5, "max_denoising_steps": 10, "other": 1},
+        stability_threshold=None,
+        confidence_threshold=0.1,
+    )
     assert loaded == DenoiseSettings(max_denoising_steps=10, t_min=0.5, confidence_threshold=0.1)
 
 

@@ -23,15 +23,18 @@ def _inputs(rows: int, hidden: int, vocab: int, seed: int = 0, dtype: torch.dtyp
     return h, weight, temps
 
 
-@pytest.mark.parametrize(("rows", "vocab", "chunk"), [(5, 1000, 128), (16, 777, 100), (3, 257, 4096),
-                                                      (9, 300, 1), (0, 64, 16)],
-                         ids=["v1000-c128", "v777-c100", "chunk>vocab", "chunk1", "zero-rows"])
+@pytest.mark.parametrize(
+    ("rows", "vocab", "chunk"),
+    [(5, 1000, 128), (16, 777, 100), (3, 257, 4096), (9, 300, 1), (0, 64, 16)],
+    ids=["v1000-c128", "v777-c100", "chunk>vocab", "chunk1", "zero-rows"],
+)
 def test_fused_equals_naive(rows: int, vocab: int, chunk: int) -> None:
     hidden = 32
     h, weight, temps = _inputs(rows, hidden, vocab)
     noise = gumbel_noise(11, torch.arange(rows), torch.arange(vocab))
-    ref = denoise_stats_ref(softcap(h @ weight.T, 30.0), temps, noise=noise, embed_weight=weight,
-                            embed_scale=hidden**0.5)
+    ref = denoise_stats_ref(
+        softcap(h @ weight.T, 30.0), temps, noise=noise, embed_weight=weight, embed_scale=hidden**0.5
+    )
     out = fused_denoise_stats(h, weight, temps, seed=11, cap=30.0, embed_scale=hidden**0.5, chunk_size=chunk)
     assert torch.equal(out.argmax, ref.argmax)
     assert torch.equal(out.sample, ref.sample)
@@ -43,7 +46,9 @@ def test_fused_equals_naive(rows: int, vocab: int, chunk: int) -> None:
 def test_fused_handles_peaked_rows_and_scalar_temperature() -> None:
     h, weight, _ = _inputs(4, 16, 500, seed=2)
     h[0] = weight[450] * 6  # a near one-hot row whose max sits in a late chunk: exercises the rescaling
-    ref = denoise_stats_ref(softcap(h @ weight.T, 30.0), 0.4, noise=gumbel_noise(3, torch.arange(4), torch.arange(500)))
+    ref = denoise_stats_ref(
+        softcap(h @ weight.T, 30.0), 0.4, noise=gumbel_noise(3, torch.arange(4), torch.arange(500))
+    )
     out = fused_denoise_stats(h, weight, 0.4, seed=3, chunk_size=64)
     assert out.soft_embedding is None
     assert torch.equal(out.argmax, ref.argmax) and torch.equal(out.sample, ref.sample)

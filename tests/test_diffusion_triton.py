@@ -24,18 +24,33 @@ interp_only = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INT
 @pytest.mark.skipif(INTERPRETED, reason="the cases run in this process directly")
 def test_interpreter_cases() -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)), "-k", "interp_"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        str(Path(__file__)),
+        "-k",
+        "interp_",
+    ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and "skipped" not in result.stdout.split("\n")[-2]
 
 
 @interp_only
-@pytest.mark.parametrize(("rows", "hidden", "vocab", "dtype"), [(5, 32, 1000, torch.float32),
-                                                                (20, 48, 333, torch.float32),
-                                                                (16, 64, 250, torch.float16),
-                                                                (3, 16, 64, torch.float32)],
-                         ids=["v1000", "odd-shapes", "fp16", "one-tile"])
+@pytest.mark.parametrize(
+    ("rows", "hidden", "vocab", "dtype"),
+    [
+        (5, 32, 1000, torch.float32),
+        (20, 48, 333, torch.float32),
+        (16, 64, 250, torch.float16),
+        (3, 16, 64, torch.float32),
+    ],
+    ids=["v1000", "odd-shapes", "fp16", "one-tile"],
+)
 def test_interp_kernel_matches_torch(rows: int, hidden: int, vocab: int, dtype: torch.dtype) -> None:
     from nvfp4_ext.diffusion.stats import fused_denoise_stats
 
@@ -70,7 +85,9 @@ def test_interp_without_cap_or_soft_embedding_and_zero_rows() -> None:
 
 @pytest.mark.skipif(INTERPRETED, reason="AOT compilation needs real (non-interpreted) kernels")
 @pytest.mark.parametrize("capability", [80, 90])
-def test_aot_compiles_without_spills(tmp_path: Path, capability: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_aot_compiles_without_spills(
+    tmp_path: Path, capability: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from nvfp4_ext.kernels.denoise_stats import kernel_variants
     from nvfp4_ext.kernels.report import compile_variant
 
@@ -85,8 +102,22 @@ def test_launcher_rejects_bad_inputs() -> None:
     from nvfp4_ext.kernels.denoise_stats import denoise_stats_triton
 
     with pytest.raises(ValueError, match="fp32/fp16/bf16"):
-        denoise_stats_triton(torch.zeros(2, 8), torch.zeros(4, 8, dtype=torch.float16), torch.ones(2), seed=0,
-                             row_ids=torch.arange(2), cap=30.0, embed_scale=None)
+        denoise_stats_triton(
+            torch.zeros(2, 8),
+            torch.zeros(4, 8, dtype=torch.float16),
+            torch.ones(2),
+            seed=0,
+            row_ids=torch.arange(2),
+            cap=30.0,
+            embed_scale=None,
+        )
     with pytest.raises(ValueError, match="contiguous"):
-        denoise_stats_triton(torch.zeros(8, 2).T, torch.zeros(4, 8), torch.ones(2), seed=0, row_ids=torch.arange(2),
-                             cap=30.0, embed_scale=None)
+        denoise_stats_triton(
+            torch.zeros(8, 2).T,
+            torch.zeros(4, 8),
+            torch.ones(2),
+            seed=0,
+            row_ids=torch.arange(2),
+            cap=30.0,
+            embed_scale=None,
+        )

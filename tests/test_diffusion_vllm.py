@@ -38,18 +38,27 @@ def _vllm_sample_step():
     pytest.fail("vLLM's diffusion_gemma.py has no _compiled_sample_step")
 
 
-def _state(gen: torch.Generator, reqs: int = 6, cl: int = 8, vocab: int = 50, hidden: int = 4, st: int = 2) -> dict:
+def _state(
+    gen: torch.Generator, reqs: int = 6, cl: int = 8, vocab: int = 50, hidden: int = 4, st: int = 2
+) -> dict:
     def ri(high: int, *shape: int, dtype=torch.int64) -> torch.Tensor:
         return torch.randint(0, high, shape, generator=gen).to(dtype)
 
     return {
-        "canvas": ri(vocab, reqs, cl), "argmax_canvas": ri(vocab, reqs, cl), "step": ri(4, reqs, dtype=torch.int32),
-        "is_encoder_phase": ri(2, reqs).bool(), "confident": torch.zeros(reqs, dtype=torch.bool),
-        "sc_embeds": torch.zeros(reqs, cl, hidden), "history": ri(2, reqs, st, cl),
-        "history_len": ri(4, reqs, dtype=torch.int32), "max_steps": torch.tensor([4, 1, 4, 4, 4, 3], dtype=torch.int32),
-        "pin_mask": torch.rand(reqs, cl, generator=gen) < 0.1, "seed_canvas": ri(vocab, reqs, cl),
+        "canvas": ri(vocab, reqs, cl),
+        "argmax_canvas": ri(vocab, reqs, cl),
+        "step": ri(4, reqs, dtype=torch.int32),
+        "is_encoder_phase": ri(2, reqs).bool(),
+        "confident": torch.zeros(reqs, dtype=torch.bool),
+        "sc_embeds": torch.zeros(reqs, cl, hidden),
+        "history": ri(2, reqs, st, cl),
+        "history_len": ri(4, reqs, dtype=torch.int32),
+        "max_steps": torch.tensor([4, 1, 4, 4, 4, 3], dtype=torch.int32),
+        "pin_mask": torch.rand(reqs, cl, generator=gen) < 0.1,
+        "seed_canvas": ri(vocab, reqs, cl),
         "read_only": torch.tensor([False, False, True, False, False, False]),
-        "sampled": torch.zeros(5, cl, dtype=torch.int32), "num_sampled": torch.zeros(5, dtype=torch.int32),
+        "sampled": torch.zeros(5, cl, dtype=torch.int32),
+        "num_sampled": torch.zeros(5, dtype=torch.int32),
         "draft_tokens": torch.zeros(reqs, cl + 2, dtype=torch.int64),
     }
 
@@ -72,23 +81,75 @@ def test_batched_step_equals_vllm_builtin_step(compute_sc: bool) -> None:
         entropy = torch.rand(4, cl, generator=gen) * torch.tensor([[1.0], [0.01], [0.5], [0.02]])
         probs = torch.randn(4, cl, vocab, generator=gen).softmax(-1)
         torch.manual_seed(100 + iteration)
-        vllm_step(new_tokens, argmax_tokens, entropy, probs if compute_sc else None, decode_slots, decode_idx,
-                  all_slots, valid, theirs["canvas"], theirs["argmax_canvas"], theirs["step"],
-                  theirs["is_encoder_phase"], theirs["confident"], theirs["sc_embeds"], embed, normalizer,
-                  theirs["history"], theirs["history_len"], theirs["max_steps"], theirs["pin_mask"],
-                  theirs["seed_canvas"], theirs["read_only"], theirs["sampled"], theirs["num_sampled"],
-                  theirs["draft_tokens"], confidence_threshold=threshold, vocab_size=vocab, CL=cl, ST=2,
-                  entropy_bound=bound, sc_vocab_start=0, sc_vocab_end=vocab, tp_size=1, tp_group_name="",
-                  compute_sc=compute_sc)
+        vllm_step(
+            new_tokens,
+            argmax_tokens,
+            entropy,
+            probs if compute_sc else None,
+            decode_slots,
+            decode_idx,
+            all_slots,
+            valid,
+            theirs["canvas"],
+            theirs["argmax_canvas"],
+            theirs["step"],
+            theirs["is_encoder_phase"],
+            theirs["confident"],
+            theirs["sc_embeds"],
+            embed,
+            normalizer,
+            theirs["history"],
+            theirs["history_len"],
+            theirs["max_steps"],
+            theirs["pin_mask"],
+            theirs["seed_canvas"],
+            theirs["read_only"],
+            theirs["sampled"],
+            theirs["num_sampled"],
+            theirs["draft_tokens"],
+            confidence_threshold=threshold,
+            vocab_size=vocab,
+            CL=cl,
+            ST=2,
+            entropy_bound=bound,
+            sc_vocab_start=0,
+            sc_vocab_end=vocab,
+            tp_size=1,
+            tp_group_name="",
+            compute_sc=compute_sc,
+        )
         soft = torch.matmul(probs.to(embed.dtype), embed) * normalizer if compute_sc else None
         torch.manual_seed(100 + iteration)
         batched_denoise_step(
-            new_tokens, argmax_tokens, entropy, EntropyBoundPolicy(bound).accept(entropy, entropy), soft,
-            decode_slots, decode_idx, all_slots, valid, ours["canvas"], ours["argmax_canvas"], ours["step"],
-            ours["is_encoder_phase"], ours["confident"], ours["sc_embeds"], ours["history"], ours["history_len"],
-            ours["max_steps"], ours["pin_mask"], ours["seed_canvas"], ours["read_only"], ours["sampled"],
-            ours["num_sampled"], ours["draft_tokens"], confidence_threshold=threshold, vocab_size=vocab,
-            canvas_length=cl, stability_slots=2)
+            new_tokens,
+            argmax_tokens,
+            entropy,
+            EntropyBoundPolicy(bound).accept(entropy, entropy),
+            soft,
+            decode_slots,
+            decode_idx,
+            all_slots,
+            valid,
+            ours["canvas"],
+            ours["argmax_canvas"],
+            ours["step"],
+            ours["is_encoder_phase"],
+            ours["confident"],
+            ours["sc_embeds"],
+            ours["history"],
+            ours["history_len"],
+            ours["max_steps"],
+            ours["pin_mask"],
+            ours["seed_canvas"],
+            ours["read_only"],
+            ours["sampled"],
+            ours["num_sampled"],
+            ours["draft_tokens"],
+            confidence_threshold=threshold,
+            vocab_size=vocab,
+            canvas_length=cl,
+            stability_slots=2,
+        )
         for name in theirs:
             assert torch.equal(ours[name], theirs[name]), f"{name} differs at iteration {iteration}"
     assert int(theirs["num_sampled"].sum()) > 0  # some slots committed and emitted along the way
@@ -100,18 +161,22 @@ def test_policy_accept_masks_pick_each_rows_policy() -> None:
     policies = [FixedKPolicy(2), EntropyBoundPolicy(0.5), FixedKPolicy(2), ConfidencePolicy(0.6)]
     mask = policy_accept_masks(policies, entropy, top_prob)
     for row, policy in enumerate(policies):
-        assert torch.equal(mask[row], policy.accept(entropy[row:row + 1], top_prob[row:row + 1])[0])
+        assert torch.equal(mask[row], policy.accept(entropy[row : row + 1], top_prob[row : row + 1])[0])
     assert mask[0].sum() == 2 and bool((mask.sum(-1) >= 1).all())
 
 
 def test_request_policy_defaults_and_errors() -> None:
     assert request_policy(None, 0.1) == EntropyBoundPolicy(0.1)
     assert request_policy({"diffusion_max_steps": 3}, 0.25) == EntropyBoundPolicy(0.25)
-    assert request_policy({"diffusion_policy": "confidence", "diffusion_policy_threshold": 0.8}) == ConfidencePolicy(0.8)
+    assert request_policy(
+        {"diffusion_policy": "confidence", "diffusion_policy_threshold": 0.8}
+    ) == ConfidencePolicy(0.8)
     assert request_policy({"diffusion_policy_bound": 0.4}, 0.1) == EntropyBoundPolicy(0.4)
-    for extra, key in [({"diffusion_policy": "fixed_k", "diffusion_policy_k": "3"}, "diffusion_policy_k"),
-                       ({"diffusion_policy": 7}, "diffusion_policy"),
-                       ({"diffusion_policy": "confidence", "diffusion_policy_k": 2}, "diffusion_policy_k")]:
+    for extra, key in [
+        ({"diffusion_policy": "fixed_k", "diffusion_policy_k": "3"}, "diffusion_policy_k"),
+        ({"diffusion_policy": 7}, "diffusion_policy"),
+        ({"diffusion_policy": "confidence", "diffusion_policy_k": 2}, "diffusion_policy_k"),
+    ]:
         with pytest.raises(ConfigError, match=f"^{key}:"):
             request_policy(extra)
     validate_policy_request({"diffusion_policy": "fixed_k"}, wants_logprobs=False)
@@ -121,8 +186,10 @@ def test_request_policy_defaults_and_errors() -> None:
 
 
 def test_module_import_does_not_import_vllm() -> None:
-    code = ("import sys, nvfp4_ext.engines.vllm.diffusion_gemma as m; "
-            "assert not [k for k in sys.modules if k.startswith('vllm')], 'vllm imported'")
+    code = (
+        "import sys, nvfp4_ext.engines.vllm.diffusion_gemma as m; "
+        "assert not [k for k in sys.modules if k.startswith('vllm')], 'vllm imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -134,16 +201,25 @@ def test_admission_hook_turns_bad_policy_args_into_validation_errors(monkeypatch
 
     from nvfp4_ext.engines.vllm.diffusion_gemma import install_admission_validation
 
-    monkeypatch.setattr(input_processor, "validate_diffusion_sampling_params",
-                        input_processor.validate_diffusion_sampling_params)
+    monkeypatch.setattr(
+        input_processor,
+        "validate_diffusion_sampling_params",
+        input_processor.validate_diffusion_sampling_params,
+    )
     install_admission_validation()
     install_admission_validation()  # idempotent
     validate = input_processor.validate_diffusion_sampling_params
-    validate(SamplingParams(extra_args={"diffusion_policy": "fixed_k", "diffusion_policy_k": 4}),
-             canvas_length=16, vocab_size=4096)
+    validate(
+        SamplingParams(extra_args={"diffusion_policy": "fixed_k", "diffusion_policy_k": 4}),
+        canvas_length=16,
+        vocab_size=4096,
+    )
     with pytest.raises(VLLMValidationError) as info:
-        validate(SamplingParams(extra_args={"diffusion_policy": "fixed_k", "diffusion_policy_k": 0}),
-                 canvas_length=16, vocab_size=4096)
+        validate(
+            SamplingParams(extra_args={"diffusion_policy": "fixed_k", "diffusion_policy_k": 0}),
+            canvas_length=16,
+            vocab_size=4096,
+        )
     assert info.value.parameter == "diffusion_policy_k" and "diffusion_policy_k" in str(info.value)
     with pytest.raises(VLLMValidationError, match="diffusion_max_steps"):  # vLLM's own checks still run
         validate(SamplingParams(extra_args={"diffusion_max_steps": 0}), canvas_length=16, vocab_size=4096)

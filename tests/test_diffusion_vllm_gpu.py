@@ -29,7 +29,9 @@ def _free_port() -> int:
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
             return response.status, json.loads(response.read())
@@ -47,19 +49,34 @@ def _write_image_processor(model_dir) -> None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
+    import torch
+
     from nvfp4_ext.quantize import quantize_checkpoint
     from nvfp4_ext.tiny_models import build_tiny_diffusion_gemma
-
-    import torch
 
     root = tmp_path_factory.mktemp("dg_vllm")
     plain = build_tiny_diffusion_gemma(root / "bf16", dtype=torch.bfloat16)
     model_dir = quantize_checkpoint(plain, root / "nvfp4", recipe="w4a16", progress=False)
     _write_image_processor(model_dir)
     port = _free_port()
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-           "--quantization", "nvfp4_ext", "--port", str(port), "--max-model-len", "512", "--enforce-eager",
-           "--dtype", "bfloat16", "--limit-mm-per-prompt", '{"image": 1}']
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--quantization",
+        "nvfp4_ext",
+        "--port",
+        str(port),
+        "--max-model-len",
+        "512",
+        "--enforce-eager",
+        "--dtype",
+        "bfloat16",
+        "--limit-mm-per-prompt",
+        '{"image": 1}',
+    ]
     process = subprocess.Popen(cmd, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     base = f"http://127.0.0.1:{port}"
     try:
@@ -79,29 +96,39 @@ def server(tmp_path_factory: pytest.TempPathFactory):
         process.wait(timeout=60)
 
 
-@pytest.mark.parametrize("xargs", [
-    {},
-    {"diffusion_policy": "entropy_bound", "diffusion_policy_bound": 0.5},
-    {"diffusion_policy": "confidence", "diffusion_policy_threshold": 0.5},
-    {"diffusion_policy": "fixed_k", "diffusion_policy_k": 4, "diffusion_max_steps": 8},
-], ids=["default", "entropy_bound", "confidence", "fixed_k"])
+@pytest.mark.parametrize(
+    "xargs",
+    [
+        {},
+        {"diffusion_policy": "entropy_bound", "diffusion_policy_bound": 0.5},
+        {"diffusion_policy": "confidence", "diffusion_policy_threshold": 0.5},
+        {"diffusion_policy": "fixed_k", "diffusion_policy_k": 4, "diffusion_max_steps": 8},
+    ],
+    ids=["default", "entropy_bound", "confidence", "fixed_k"],
+)
 def test_one_request_per_policy(server, xargs: dict) -> None:
     base, model = server
-    status, body = _post(f"{base}/v1/completions", {"model": model, "prompt": "w5 w6 w7", "max_tokens": 16,
-                                                    "vllm_xargs": xargs})
+    status, body = _post(
+        f"{base}/v1/completions",
+        {"model": model, "prompt": "w5 w6 w7", "max_tokens": 16, "vllm_xargs": xargs},
+    )
     assert status == 200, body
     assert body["usage"]["completion_tokens"] >= 1
 
 
-@pytest.mark.parametrize(("xargs", "key"), [
-    ({"diffusion_policy": "greedy"}, "diffusion_policy"),
-    ({"diffusion_policy": "fixed_k", "diffusion_policy_k": 0}, "diffusion_policy_k"),
-    ({"diffusion_policy": "confidence", "diffusion_policy_threshold": 3}, "diffusion_policy_threshold"),
-])
+@pytest.mark.parametrize(
+    ("xargs", "key"),
+    [
+        ({"diffusion_policy": "greedy"}, "diffusion_policy"),
+        ({"diffusion_policy": "fixed_k", "diffusion_policy_k": 0}, "diffusion_policy_k"),
+        ({"diffusion_policy": "confidence", "diffusion_policy_threshold": 3}, "diffusion_policy_threshold"),
+    ],
+)
 def test_bad_policy_args_are_http_400_naming_the_key(server, xargs: dict, key: str) -> None:
     base, model = server
-    status, body = _post(f"{base}/v1/completions", {"model": model, "prompt": "w5", "max_tokens": 8,
-                                                    "vllm_xargs": xargs})
+    status, body = _post(
+        f"{base}/v1/completions", {"model": model, "prompt": "w5", "max_tokens": 8, "vllm_xargs": xargs}
+    )
     assert status == 400
     assert key in json.dumps(body)
 
@@ -113,9 +140,19 @@ def test_image_request(server) -> None:
     buffer = io.BytesIO()
     Image.new("RGB", (48, 48), (200, 30, 30)).save(buffer, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                             {"type": "text", "text": "w5 w6"}]}]
-    status, body = _post(f"{base}/v1/chat/completions", {"model": model, "messages": messages, "max_tokens": 16,
-                                                         "vllm_xargs": {"diffusion_policy": "fixed_k",
-                                                                        "diffusion_policy_k": 8}})
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "w5 w6"}],
+        }
+    ]
+    status, body = _post(
+        f"{base}/v1/chat/completions",
+        {
+            "model": model,
+            "messages": messages,
+            "max_tokens": 16,
+            "vllm_xargs": {"diffusion_policy": "fixed_k", "diffusion_policy_k": 8},
+        },
+    )
     assert status == 200, body

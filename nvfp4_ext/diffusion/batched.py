@@ -18,7 +18,9 @@ from nvfp4_ext.diffusion.policies import DenoisePolicy
 __all__ = ["batched_denoise_step", "policy_accept_masks"]
 
 
-def policy_accept_masks(policies: list[DenoisePolicy], entropy: torch.Tensor, top_prob: torch.Tensor) -> torch.Tensor:
+def policy_accept_masks(
+    policies: list[DenoisePolicy], entropy: torch.Tensor, top_prob: torch.Tensor
+) -> torch.Tensor:
     """[n, CL] accepted mask, row i chosen by `policies[i]`; rows sharing a policy are decided together."""
     mask = torch.zeros_like(entropy, dtype=torch.bool)
     groups: dict[DenoisePolicy, list[int]] = {}
@@ -78,11 +80,14 @@ def batched_denoise_step(
     is_commit = is_encoder_phase[decode_slots]
     is_denoise = ~is_commit
     cur_step = step_tensor[decode_slots].float()
-    step_tensor[decode_slots] = torch.where(is_denoise, (cur_step + 1).to(step_tensor.dtype),
-                                            step_tensor.new_zeros(num_decode))
+    step_tensor[decode_slots] = torch.where(
+        is_denoise, (cur_step + 1).to(step_tensor.dtype), step_tensor.new_zeros(num_decode)
+    )
 
     # One draw of uniform noise serves both renoising and a committed slot's fresh canvas (vLLM's order).
-    random_tokens = torch.randint(0, vocab_size, (num_decode, canvas_length), device=device, dtype=canvas.dtype)
+    random_tokens = torch.randint(
+        0, vocab_size, (num_decode, canvas_length), device=device, dtype=canvas.dtype
+    )
     denoise_canvas = torch.where(accept_mask, new_tokens, random_tokens)
     denoise_canvas = torch.where(pin_mask[decode_slots], seed_canvas[decode_slots], denoise_canvas)
     canvas[decode_slots] = torch.where(is_commit.unsqueeze(1), random_tokens, denoise_canvas)
@@ -92,7 +97,9 @@ def batched_denoise_step(
     for i in range(stability_slots):
         write_here = ((write_pos == i) & is_denoise).unsqueeze(1)
         history[decode_slots, i] = torch.where(write_here, argmax_tokens, history[decode_slots, i])
-    argmax_canvas[decode_slots] = torch.where(is_denoise.unsqueeze(1), argmax_tokens, argmax_canvas[decode_slots])
+    argmax_canvas[decode_slots] = torch.where(
+        is_denoise.unsqueeze(1), argmax_tokens, argmax_canvas[decode_slots]
+    )
     new_hist_len = torch.where(is_denoise, hist_len + 1, hist_len.new_zeros(num_decode))
     history_len_tensor[decode_slots] = new_hist_len
 
@@ -101,7 +108,8 @@ def batched_denoise_step(
     for h in range(1, stability_slots):
         mismatch = mismatch + (reference != history[decode_slots, h]).sum(dim=-1).int()
     converged = ((mismatch == 0) & confident_tensor[decode_slots] & (new_hist_len >= stability_slots)) | (
-        step_tensor[decode_slots] >= max_steps_tensor[decode_slots])
+        step_tensor[decode_slots] >= max_steps_tensor[decode_slots]
+    )
     is_encoder_phase[decode_slots] = torch.where(is_commit, is_commit.new_zeros(num_decode), converged)
 
     emit = is_commit | (is_denoise & converged & read_only[decode_slots])

@@ -23,30 +23,46 @@ _POLICY_FLAGS = {"bound": "entropy_bound", "threshold": "confidence", "k": "fixe
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model_dir", metavar="MODEL_DIR", help="DiffusionGemma checkpoint (plain or quantized)")
+    parser.add_argument(
+        "model_dir", metavar="MODEL_DIR", help="DiffusionGemma checkpoint (plain or quantized)"
+    )
     prompt = parser.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--prompt", help="prompt text (tokenized with the checkpoint's tokenizer; BOS prepended if missing)")
+    prompt.add_argument(
+        "--prompt", help="prompt text (tokenized with the checkpoint's tokenizer; BOS prepended if missing)"
+    )
     prompt.add_argument("--prompt-ids", help="comma-separated prompt token ids, e.g. 2,17,5")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--max-new-tokens", type=int, help="default: generation_config.max_new_tokens")
-    parser.add_argument("--policy", choices=sorted(POLICIES), default=DEFAULT_POLICY,
-                        help="denoise policy (default entropy_bound with the checkpoint's bound)")
-    parser.add_argument("--bound", type=float, help="entropy_bound: the entropy bound (default: checkpoint, 0.1)")
+    parser.add_argument(
+        "--policy",
+        choices=sorted(POLICIES),
+        default=DEFAULT_POLICY,
+        help="denoise policy (default entropy_bound with the checkpoint's bound)",
+    )
+    parser.add_argument(
+        "--bound", type=float, help="entropy_bound: the entropy bound (default: checkpoint, 0.1)"
+    )
     parser.add_argument("--threshold", type=float, help="confidence: top-probability threshold (default 0.9)")
     parser.add_argument("--k", type=int, help="fixed_k: tokens accepted per step (default 4)")
     parser.add_argument("--max-denoising-steps", type=int, help="step cap per canvas (default: checkpoint)")
     parser.add_argument("--t-min", type=float, help="temperature at the last step")
     parser.add_argument("--t-max", type=float, help="temperature at the first step")
-    parser.add_argument("--stability-threshold", type=int, help="previous equal argmax canvases needed to stop")
+    parser.add_argument(
+        "--stability-threshold", type=int, help="previous equal argmax canvases needed to stop"
+    )
     parser.add_argument("--confidence-threshold", type=float, help="mean-entropy threshold to stop")
-    parser.add_argument("--stats", choices=["fused", "hf-exact"], default="fused",
-                        help="fused: memory-lean statistics (default); hf-exact: transformers' random stream")
+    parser.add_argument(
+        "--stats",
+        choices=["fused", "hf-exact"],
+        default="fused",
+        help="fused: memory-lean statistics (default); hf-exact: transformers' random stream",
+    )
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="run dtype")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
 def parse_prompt_ids(text: str) -> list[int]:
-    """"2,17,5" -> [2, 17, 5]; raises ConfigError naming --prompt-ids."""
+    """ "2,17,5" -> [2, 17, 5]; raises ConfigError naming --prompt-ids."""
     try:
         ids = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
@@ -97,19 +113,37 @@ def run(args: argparse.Namespace) -> int:
         if bos is not None and prompt_ids[0] != bos:  # DiffusionGemma prompts start with BOS
             prompt_ids = [bos, *prompt_ids]
     try:
-        settings = default_settings(model, max_denoising_steps=args.max_denoising_steps, t_min=args.t_min,
-                                    t_max=args.t_max, stability_threshold=args.stability_threshold,
-                                    confidence_threshold=args.confidence_threshold)
+        settings = default_settings(
+            model,
+            max_denoising_steps=args.max_denoising_steps,
+            t_min=args.t_min,
+            t_max=args.t_max,
+            stability_threshold=args.stability_threshold,
+            confidence_threshold=args.confidence_threshold,
+        )
     except ConfigError as exc:
         raise ConfigError(f"--{str(exc).replace('_', '-')}") from None
     policy = _policy(args, model)
-    result = generate(model, torch.tensor([prompt_ids]), settings=settings, policy=policy,
-                      max_new_tokens=args.max_new_tokens, stats=args.stats, seed=args.seed)
+    result = generate(
+        model,
+        torch.tensor([prompt_ids]),
+        settings=settings,
+        policy=policy,
+        max_new_tokens=args.max_new_tokens,
+        stats=args.stats,
+        seed=args.seed,
+    )
     payload = result.to_json()
     text = tokenizer.decode(payload["token_ids"], skip_special_tokens=True) if tokenizer is not None else None
     if args.json:
-        payload.update(prompt_ids=prompt_ids, policy=policy.to_dict(), settings=settings.to_dict(),
-                       stats=args.stats, seed=args.seed, text=text)
+        payload.update(
+            prompt_ids=prompt_ids,
+            policy=policy.to_dict(),
+            settings=settings.to_dict(),
+            stats=args.stats,
+            seed=args.seed,
+            text=text,
+        )
         print(json.dumps(payload))
     else:
         print(text if text is not None else " ".join(map(str, payload["token_ids"])))

@@ -78,7 +78,7 @@ def default_policy(model: Any) -> DenoisePolicy:
 
 
 class _SoftEmbeddingInjector:
-    """Forward pre-hook on the decoder's self-conditioning block that swaps in a precomputed soft embedding."""
+    """Forward pre-hook on the decoder's self-conditioning block: swaps in a precomputed soft embedding."""
 
     def __init__(self, module: torch.nn.Module) -> None:
         self.soft: torch.Tensor | None = None
@@ -134,13 +134,17 @@ def generate(
     if stats not in ("hf-exact", "fused"):
         raise ConfigError(f"stats: must be 'hf-exact' or 'fused', got {stats!r}")
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ConfigError(f"input_ids: expected a non-empty [batch, length] tensor, got shape {tuple(input_ids.shape)}")
+        raise ConfigError(
+            f"input_ids: expected a non-empty [batch, length] tensor, got shape {tuple(input_ids.shape)}"
+        )
     config = model.config
     text_config = config.get_text_config(decoder=True)
     vocab, canvas_len = text_config.vocab_size, config.canvas_length
     if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
-        raise ConfigError(f"input_ids: token ids must lie in [0, {vocab}), got {int(input_ids.min())}.."
-                          f"{int(input_ids.max())}")
+        raise ConfigError(
+            f"input_ids: token ids must lie in [0, {vocab}), got {int(input_ids.min())}.."
+            f"{int(input_ids.max())}"
+        )
     settings = settings or default_settings(model)
     policy = policy or default_policy(model)
     max_new_tokens = _resolve_max_new_tokens(model, max_new_tokens)
@@ -171,8 +175,11 @@ def generate(
     cache = DynamicCache(config=text_config)
     enc_pos = torch.arange(0, prompt_len, dtype=torch.int32, device=device)[None]
     dec_pos = torch.arange(prompt_len, prompt_len + canvas_len, dtype=torch.int32, device=device)[None]
-    mask = (attention_mask.bool() if attention_mask is not None
-            else torch.ones(batch, prompt_len, dtype=torch.bool, device=device))
+    mask = (
+        attention_mask.bool()
+        if attention_mask is not None
+        else torch.ones(batch, prompt_len, dtype=torch.bool, device=device)
+    )
     dec_mask = torch.nn.functional.pad(mask, (0, canvas_len), value=True)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     tracker = StabilityTracker(settings.stability_threshold)
@@ -183,15 +190,25 @@ def generate(
         for canvas_idx in range(math.ceil(max_new_tokens / canvas_len)):
             to_encode = (sequences if canvas_idx == 0 else sequences[:, -canvas_len:]).contiguous()
             enc_masks = encoder.create_masks_for_generate(
-                config=config, inputs_embeds=torch.empty((batch, to_encode.shape[1], 0), dtype=model.dtype, device=device),
-                attention_mask=mask, past_key_values=cache, position_ids=enc_pos, mm_token_type_ids=None)
-            encoder(input_ids=to_encode, attention_mask=enc_masks, past_key_values=cache, position_ids=enc_pos)
+                config=config,
+                inputs_embeds=torch.empty((batch, to_encode.shape[1], 0), dtype=model.dtype, device=device),
+                attention_mask=mask,
+                past_key_values=cache,
+                position_ids=enc_pos,
+                mm_token_type_ids=None,
+            )
+            encoder(
+                input_ids=to_encode, attention_mask=enc_masks, past_key_values=cache, position_ids=enc_pos
+            )
 
             canvas = randint_canvas()
             argmax_canvas = canvas
             dec_masks = decoder.create_diffusion_decoder_attention_mask(
-                config=config, inputs_embeds=canvas.unsqueeze(-1), past_key_values=cache,
-                decoder_attention_mask=dec_mask)
+                config=config,
+                inputs_embeds=canvas.unsqueeze(-1),
+                past_key_values=cache,
+                decoder_attention_mask=dec_mask,
+            )
             done = torch.zeros(batch, dtype=torch.bool, device=device)
             tracker.reset()
             steps_used = torch.zeros(batch, dtype=torch.int64, device=device)
@@ -202,9 +219,13 @@ def generate(
                 steps_used += ~(done | finished)
                 temp = temperature(steps_remaining, settings)
                 if stats == "hf-exact":
-                    logits = model(decoder_input_ids=canvas, self_conditioning_logits=sc_logits,
-                                   decoder_attention_mask=dec_masks, past_key_values=cache,
-                                   decoder_position_ids=dec_pos).logits
+                    logits = model(
+                        decoder_input_ids=canvas,
+                        self_conditioning_logits=sc_logits,
+                        decoder_attention_mask=dec_masks,
+                        past_key_values=cache,
+                        decoder_position_ids=dec_pos,
+                    ).logits
                     z = logits / temp
                     probs = torch.softmax(z, dim=-1, dtype=torch.float32)
                     sample = torch.multinomial(probs.view(-1, vocab), num_samples=1).view(batch, canvas_len)
@@ -214,12 +235,22 @@ def generate(
                     del probs
                 else:
                     injector.soft = soft
-                    hidden = decoder(decoder_input_ids=canvas, past_key_values=cache,
-                                     decoder_attention_mask=dec_masks, decoder_position_ids=dec_pos).last_hidden_state
+                    hidden = decoder(
+                        decoder_input_ids=canvas,
+                        past_key_values=cache,
+                        decoder_attention_mask=dec_masks,
+                        decoder_position_ids=dec_pos,
+                    ).last_hidden_state
                     noise_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
                     step_stats = fused_denoise_stats(
-                        hidden.reshape(-1, hidden.shape[-1]), embed.weight, temp, seed=noise_seed, cap=cap,
-                        embed_scale=embed_scale, chunk_size=chunk_size)
+                        hidden.reshape(-1, hidden.shape[-1]),
+                        embed.weight,
+                        temp,
+                        seed=noise_seed,
+                        cap=cap,
+                        embed_scale=embed_scale,
+                        chunk_size=chunk_size,
+                    )
                     shape = (batch, canvas_len)
                     sample, new_argmax = step_stats.sample.view(shape), step_stats.argmax.view(shape)
                     entropy, top_prob = step_stats.entropy.view(shape), step_stats.top_prob.view(shape)
@@ -246,7 +277,9 @@ def generate(
             result.accepted.append(accepted_log)
 
             sequences = torch.cat([sequences, argmax_canvas], dim=-1)
-            sequences, finished = _finalize_canvas(sequences, finished, canvas_len, max_length, eos_ids, pad_id)
+            sequences, finished = _finalize_canvas(
+                sequences, finished, canvas_len, max_length, eos_ids, pad_id
+            )
             if bool(finished.all()):
                 break
             cur_len += canvas_len
@@ -262,8 +295,14 @@ def generate(
     return result
 
 
-def _finalize_canvas(sequences: torch.Tensor, finished: torch.Tensor, canvas_len: int, max_length: int,
-                     eos_ids: torch.Tensor, pad_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _finalize_canvas(
+    sequences: torch.Tensor,
+    finished: torch.Tensor,
+    canvas_len: int,
+    max_length: int,
+    eos_ids: torch.Tensor,
+    pad_id: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """HF's `_finalize_canvas`: stop rows at max length or with an EOS in the new canvas; pad after EOS."""
     new = sequences[:, -canvas_len:]
     has_eos = torch.isin(new, eos_ids) if eos_ids.numel() else torch.zeros_like(new, dtype=torch.bool)

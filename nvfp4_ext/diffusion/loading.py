@@ -56,8 +56,10 @@ def load_diffusion_gemma(model_dir: str | os.PathLike, dtype: str | torch.dtype 
     config = _read_config(root)
     architectures = config.get("architectures") or []
     if ARCHITECTURE not in architectures:
-        raise CheckpointError(f"architectures is {architectures!r}; `generate` runs {ARCHITECTURE} only",
-                              file=str(root / "config.json"))
+        raise CheckpointError(
+            f"architectures is {architectures!r}; `generate` runs {ARCHITECTURE} only",
+            file=str(root / "config.json"),
+        )
     from transformers import DiffusionGemmaForBlockDiffusion
 
     if not is_quantized(root):
@@ -72,7 +74,9 @@ def load_diffusion_gemma(model_dir: str | os.PathLike, dtype: str | torch.dtype 
 def load_tokenizer(model_dir: str | os.PathLike) -> Any | None:
     """The checkpoint's tokenizer, or None when it has none."""
     root = Path(model_dir)
-    if not any((root / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+    if not any(
+        (root / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    ):
         return None
     from transformers import AutoTokenizer
 

@@ -100,7 +100,9 @@ class ConfidencePolicy(_PolicyBase):
     def __post_init__(self) -> None:
         value = _number(self.threshold, "threshold")
         if not 0 < value <= 1:
-            raise ConfigError(f"threshold: the top-probability threshold must be in (0, 1], got {self.threshold!r}")
+            raise ConfigError(
+                f"threshold: the top-probability threshold must be in (0, 1], got {self.threshold!r}"
+            )
 
     def accept(self, entropy: torch.Tensor, top_prob: torch.Tensor) -> torch.Tensor:
         accepted = top_prob >= self.threshold
@@ -117,7 +119,9 @@ class FixedKPolicy(_PolicyBase):
 
     def __post_init__(self) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
-            raise ConfigError(f"k: the number of tokens accepted per step must be an integer >= 1, got {self.k!r}")
+            raise ConfigError(
+                f"k: the number of tokens accepted per step must be an integer >= 1, got {self.k!r}"
+            )
 
     def accept(self, entropy: torch.Tensor, top_prob: torch.Tensor) -> torch.Tensor:
         k = min(self.k, entropy.shape[-1])
@@ -147,8 +151,13 @@ def get_policy(name: str = DEFAULT_POLICY, **params: Any) -> DenoisePolicy:
     return cls(**{k: v for k, v in params.items() if v is not None})  # type: ignore[return-value]
 
 
-def policy_from_mapping(values: Mapping[str, Any], *, prefix: str = "", default: str = DEFAULT_POLICY,
-                        default_params: Mapping[str, Any] | None = None) -> DenoisePolicy:
+def policy_from_mapping(
+    values: Mapping[str, Any],
+    *,
+    prefix: str = "",
+    default: str = DEFAULT_POLICY,
+    default_params: Mapping[str, Any] | None = None,
+) -> DenoisePolicy:
     """Build a policy from flat keys: `{prefix}policy` names it, `{prefix}policy_<param>` sets a parameter.
 
     Used for vLLM `extra_args` (prefix `diffusion_`). `default_params` apply only to the default policy
@@ -159,7 +168,7 @@ def policy_from_mapping(values: Mapping[str, Any], *, prefix: str = "", default:
         raise ConfigError(f"{prefix}policy: must be a policy name string, got {name!r}")
     params: dict[str, Any] = dict(default_params or {}) if name == default else {}
     marker = f"{prefix}policy_"
-    params.update({key[len(marker):]: v for key, v in values.items() if key.startswith(marker)})
+    params.update({key[len(marker) :]: v for key, v in values.items() if key.startswith(marker)})
     try:
         return get_policy(name, **params)
     except ConfigError as exc:

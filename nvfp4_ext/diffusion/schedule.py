@@ -48,16 +48,30 @@ class DenoiseSettings:
 
     def __post_init__(self) -> None:
         steps = self.max_denoising_steps
-        _require(isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1,
-                 "max_denoising_steps", f"must be an integer >= 1, got {steps!r}")
-        _require(_is_number(self.t_min) and self.t_min > 0, "t_min", f"must be a number > 0, got {self.t_min!r}")
-        _require(_is_number(self.t_max) and self.t_max >= self.t_min, "t_max",
-                 f"must be a number >= t_min ({self.t_min!r}), got {self.t_max!r}")
+        _require(
+            isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1,
+            "max_denoising_steps",
+            f"must be an integer >= 1, got {steps!r}",
+        )
+        _require(
+            _is_number(self.t_min) and self.t_min > 0, "t_min", f"must be a number > 0, got {self.t_min!r}"
+        )
+        _require(
+            _is_number(self.t_max) and self.t_max >= self.t_min,
+            "t_max",
+            f"must be a number >= t_min ({self.t_min!r}), got {self.t_max!r}",
+        )
         stab = self.stability_threshold
-        _require(isinstance(stab, int) and not isinstance(stab, bool) and stab >= 0,
-                 "stability_threshold", f"must be an integer >= 0, got {stab!r}")
-        _require(_is_number(self.confidence_threshold) and self.confidence_threshold > 0,
-                 "confidence_threshold", f"must be a number > 0, got {self.confidence_threshold!r}")
+        _require(
+            isinstance(stab, int) and not isinstance(stab, bool) and stab >= 0,
+            "stability_threshold",
+            f"must be an integer >= 0, got {stab!r}",
+        )
+        _require(
+            _is_number(self.confidence_threshold) and self.confidence_threshold > 0,
+            "confidence_threshold",
+            f"must be a number > 0, got {self.confidence_threshold!r}",
+        )
 
     @classmethod
     def from_generation_config(cls, config: Mapping[str, Any], **overrides: Any) -> DenoiseSettings:
@@ -114,7 +128,10 @@ class StabilityTracker:
             return torch.ones(batch, dtype=torch.bool, device=argmax_canvas.device)
         if self._history is None:
             self._history = torch.full(
-                (self.threshold, *argmax_canvas.shape), -1, dtype=argmax_canvas.dtype, device=argmax_canvas.device
+                (self.threshold, *argmax_canvas.shape),
+                -1,
+                dtype=argmax_canvas.dtype,
+                device=argmax_canvas.device,
             )
         stable = (self._history == argmax_canvas[None]).all(dim=-1).all(dim=0)
         self._history = torch.roll(self._history, shifts=-1, dims=0)

@@ -123,7 +123,7 @@ def denoise_stats_ref(
         temperature: a float or [R] tensor.
         noise: [R, V] Gumbel noise for the sample; None samples argmax(z) (i.e. no noise).
         embed_weight: [V, H] tied embedding for the soft embedding (skipped when None).
-        embed_scale: multiplier of the soft embedding (sqrt(H) for DiffusionGemma); required with embed_weight.
+        embed_scale: soft-embedding multiplier (sqrt(H) for DiffusionGemma); required with embed_weight.
     """
     temps = _as_row_tensor(temperature, logits.shape[0], logits.device)
     z = logits.float() / temps[:, None]
@@ -168,8 +168,10 @@ def fused_denoise_stats(
         rounding.
     """
     if hidden.dim() != 2 or embed_weight.dim() != 2 or hidden.shape[1] != embed_weight.shape[1]:
-        raise ValueError(f"expected hidden [R, H] and embed_weight [V, H], got {tuple(hidden.shape)} and "
-                         f"{tuple(embed_weight.shape)}")
+        raise ValueError(
+            f"expected hidden [R, H] and embed_weight [V, H], got {tuple(hidden.shape)} and "
+            f"{tuple(embed_weight.shape)}"
+        )
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     rows, device = hidden.shape[0], hidden.device
@@ -179,13 +181,21 @@ def fused_denoise_stats(
     if backend == "triton":
         from nvfp4_ext.kernels.denoise_stats import denoise_stats_triton
 
-        return denoise_stats_triton(hidden, embed_weight, temps, seed=seed, row_ids=row_ids, cap=cap,
-                                    embed_scale=embed_scale)
+        return denoise_stats_triton(
+            hidden, embed_weight, temps, seed=seed, row_ids=row_ids, cap=cap, embed_scale=embed_scale
+        )
     if backend != "torch":
         raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
 
-    return _online_stats(_chunks_from_hidden(hidden, embed_weight, temps, cap, chunk_size), rows, hidden.shape[1],
-                         device, seed, row_ids, embed_scale)
+    return _online_stats(
+        _chunks_from_hidden(hidden, embed_weight, temps, cap, chunk_size),
+        rows,
+        hidden.shape[1],
+        device,
+        seed,
+        row_ids,
+        embed_scale,
+    )
 
 
 def logits_denoise_stats(
@@ -222,24 +232,32 @@ def logits_denoise_stats(
 
     def chunks():
         for start in range(0, logits.shape[1], chunk_size):
-            z = logits[:, start:start + chunk_size].float() / temps[:, None]
-            yield start, z, None if embed_weight is None else embed_weight[start:start + chunk_size]
+            z = logits[:, start : start + chunk_size].float() / temps[:, None]
+            yield start, z, None if embed_weight is None else embed_weight[start : start + chunk_size]
 
     return _online_stats(chunks(), rows, hidden_size, device, seed, row_ids, embed_scale)
 
 
-def _chunks_from_hidden(hidden: torch.Tensor, embed_weight: torch.Tensor, temps: torch.Tensor, cap: float | None,
-                        chunk_size: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+def _chunks_from_hidden(
+    hidden: torch.Tensor, embed_weight: torch.Tensor, temps: torch.Tensor, cap: float | None, chunk_size: int
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     for start in range(0, embed_weight.shape[0], chunk_size):
-        weight = embed_weight[start:start + chunk_size]
+        weight = embed_weight[start : start + chunk_size]
         z = (hidden @ weight.T).float()
         if cap is not None:  # HF's softcap, in place to keep one [rows, chunk] buffer
             z.div_(cap).tanh_().mul_(cap)
         yield start, z.div_(temps[:, None]), weight
 
 
-def _online_stats(chunks: Iterable[tuple[int, torch.Tensor, torch.Tensor | None]], rows: int, hidden_size: int,
-                  device: torch.device, seed: int, row_ids: torch.Tensor, embed_scale: float | None) -> DenoiseStats:
+def _online_stats(
+    chunks: Iterable[tuple[int, torch.Tensor, torch.Tensor | None]],
+    rows: int,
+    hidden_size: int,
+    device: torch.device,
+    seed: int,
+    row_ids: torch.Tensor,
+    embed_scale: float | None,
+) -> DenoiseStats:
     """One pass over tempered [R, chunk] blocks with an online max / sum (flash-softmax style)."""
     run_max = torch.full((rows,), -torch.inf, device=device)
     run_arg = torch.zeros(rows, dtype=torch.int64, device=device)

@@ -30,15 +30,20 @@ import numpy as np
 import torch
 
 from nvfp4_ext.diffusion.batched import batched_denoise_step, policy_accept_masks
-from nvfp4_ext.diffusion.policies import DEFAULT_POLICY, DenoisePolicy, EntropyBoundPolicy, policy_from_mapping
+from nvfp4_ext.diffusion.policies import (
+    DEFAULT_POLICY,
+    DenoisePolicy,
+    EntropyBoundPolicy,
+    policy_from_mapping,
+)
 from nvfp4_ext.diffusion.stats import DEFAULT_CHUNK, logits_denoise_stats
 from nvfp4_ext.errors import ConfigError
 
 __all__ = [
     "ARCHITECTURE",
-    "Nvfp4ExtDiffusionGemma",
-    "Nvfp4ExtDiffusionGemmaModelState",
-    "Nvfp4ExtDiffusionSampler",
+    "Nvfp4ExtDiffusionGemma",  # noqa: F822 (built lazily by __getattr__)
+    "Nvfp4ExtDiffusionGemmaModelState",  # noqa: F822
+    "Nvfp4ExtDiffusionSampler",  # noqa: F822
     "install_admission_validation",
     "request_policy",
     "validate_policy_request",
@@ -63,8 +68,9 @@ def request_policy(extra_args: Mapping[str, Any] | None, default_bound: float | 
     return policy_from_mapping(extra_args or {}, prefix=EXTRA_ARG_PREFIX, default_params=defaults)
 
 
-def validate_policy_request(extra_args: Mapping[str, Any] | None, *, wants_logprobs: bool = False,
-                            constrained: bool = False) -> None:
+def validate_policy_request(
+    extra_args: Mapping[str, Any] | None, *, wants_logprobs: bool = False, constrained: bool = False
+) -> None:
     """Admission check of the policy keys (no-op without them)."""
     extra_args = extra_args or {}
     if not _has_policy_keys(extra_args):
@@ -72,8 +78,9 @@ def validate_policy_request(extra_args: Mapping[str, Any] | None, *, wants_logpr
     policy = request_policy(extra_args)
     if policy.name != DEFAULT_POLICY and (wants_logprobs or constrained):
         feature = "logprobs" if wants_logprobs else "diffusion_constrained"
-        raise ConfigError(f"{_POLICY_KEY}: policy {policy.name!r} cannot be combined with {feature}; "
-                          f"use {DEFAULT_POLICY!r}")
+        raise ConfigError(
+            f"{_POLICY_KEY}: policy {policy.name!r} cannot be combined with {feature}; use {DEFAULT_POLICY!r}"
+        )
 
 
 def install_admission_validation() -> None:
@@ -94,8 +101,11 @@ def install_admission_validation() -> None:
         extra = params.extra_args or {}
         try:
             validate_policy_request(
-                extra, wants_logprobs=params.logprobs is not None or bool(getattr(params, "logprob_token_ids", None)),
-                constrained=bool(extra.get("diffusion_constrained")))
+                extra,
+                wants_logprobs=params.logprobs is not None
+                or bool(getattr(params, "logprob_token_ids", None)),
+                constrained=bool(extra.get("diffusion_constrained")),
+            )
         except ConfigError as exc:
             key = str(exc).split(":", 1)[0]
             raise VLLMValidationError(str(exc), parameter=key, value=extra.get(key)) from None
@@ -104,15 +114,23 @@ def install_admission_validation() -> None:
     input_processor.validate_diffusion_sampling_params = validate
 
 
-def _local_soft_embedding(logits: torch.Tensor, temps: torch.Tensor, argmax: torch.Tensor, top_prob: torch.Tensor,
-                          embed_shard: torch.Tensor, start: int, end: int, chunk: int) -> torch.Tensor:
+def _local_soft_embedding(
+    logits: torch.Tensor,
+    temps: torch.Tensor,
+    argmax: torch.Tensor,
+    top_prob: torch.Tensor,
+    embed_shard: torch.Tensor,
+    start: int,
+    end: int,
+    chunk: int,
+) -> torch.Tensor:
     """This rank's share of softmax(z) @ E under vocab-parallel TP: p = exp(z - z_max) * top_prob."""
     z_max = logits.gather(1, argmax[:, None]).float() / temps[:, None]
     soft = torch.zeros(logits.shape[0], embed_shard.shape[1], device=logits.device)
     for lo in range(start, end, chunk):
         hi = min(lo + chunk, end)
         weights = torch.exp(logits[:, lo:hi].float() / temps[:, None] - z_max)
-        soft += weights @ embed_shard[lo - start:hi - start].float()
+        soft += weights @ embed_shard[lo - start : hi - start].float()
     return soft * top_prob[:, None]
 
 
@@ -144,8 +162,10 @@ def _build_classes() -> dict[str, type]:
 
         def _needs_builtin(self, slots_np: np.ndarray) -> bool:
             states = self.diffusion_states
-            wants_logprobs = (self.sampling_states.max_num_logprobs(slots_np) >= 0
-                              or self.logprob_token_ids_state.max_num_token_ids(slots_np) > 0)
+            wants_logprobs = (
+                self.sampling_states.max_num_logprobs(slots_np) >= 0
+                or self.logprob_token_ids_state.max_num_token_ids(slots_np) > 0
+            )
             return states.step_allowed is not None or bool(states.constrained) or wants_logprobs
 
         def __call__(self, logits: torch.Tensor, input_batch: Any, draft_logits: torch.Tensor | None = None):
@@ -169,7 +189,9 @@ def _build_classes() -> dict[str, type]:
             valid_len = async_tensor_h2d(valid_len_np.astype(np.int64), device=device)
             if num_decode > 0:
                 top_k, top_p = self.sampling_states.get_top_k_top_p(
-                    decode_slots.repeat_interleave(valid_len, output_size=int(valid_len_np.sum())), decode_slots_np)
+                    decode_slots.repeat_interleave(valid_len, output_size=int(valid_len_np.sum())),
+                    decode_slots_np,
+                )
                 if top_k is not None or top_p is not None:
                     logits = apply_top_k_top_p(logits.float(), top_k, top_p)
             row_starts_np = np.concatenate(([0], np.cumsum(valid_len_np)[:-1])).astype(np.int64)
@@ -180,56 +202,115 @@ def _build_classes() -> dict[str, type]:
             widths_np = states.canvas_width_np[decode_slots_np]
             for width in sorted(set(widths_np.tolist())):
                 sel_np = np.where(widths_np == width)[0]
-                self._denoise_tile(logits, sel_np, int(width), decode_slots, decode_slots_np, decode_idx,
-                                   valid_len, valid_len_np, row_starts_np, all_slots, sampled, num_sampled)
+                self._denoise_tile(
+                    logits,
+                    sel_np,
+                    int(width),
+                    decode_slots,
+                    decode_slots_np,
+                    decode_idx,
+                    valid_len,
+                    valid_len_np,
+                    row_starts_np,
+                    all_slots,
+                    sampled,
+                    num_sampled,
+                )
             return self._build_output(input_batch, sampled, num_sampled, per_req_nlogits_np, device)
 
-        def _denoise_tile(self, logits, sel_np, width, decode_slots, decode_slots_np, decode_idx, valid_len,
-                          valid_len_np, row_starts_np, all_slots, sampled, num_sampled) -> None:
+        def _denoise_tile(
+            self,
+            logits,
+            sel_np,
+            width,
+            decode_slots,
+            decode_slots_np,
+            decode_idx,
+            valid_len,
+            valid_len_np,
+            row_starts_np,
+            all_slots,
+            sampled,
+            num_sampled,
+        ) -> None:
             states, device, n = self.diffusion_states, logits.device, len(sel_np)
             sel = torch.as_tensor(sel_np, dtype=torch.int64, device=device)
             tile_slots = decode_slots[sel]
             contiguous = bool((np.diff(sel_np) == 1).all()) and int(valid_len_np[sel_np].min()) == width
             if contiguous:  # the common case: a view, no copy of the logits
                 first = int(row_starts_np[sel_np[0]])
-                tile_logits = logits[first:first + n * width]
+                tile_logits = logits[first : first + n * width]
             else:
                 positions = torch.arange(width, device=device)
                 starts = torch.as_tensor(row_starts_np[sel_np], device=device)
                 src = (starts[:, None] + positions[None]).clamp_max(logits.shape[0] - 1).reshape(-1)
                 valid = (positions[None] < valid_len[sel][:, None]).reshape(-1, 1)
-                # Phantom positions of a truncated canvas get zero logits (uniform, never committed), as in vLLM.
+                # Phantom positions of a truncated canvas get zero logits (uniform, never committed).
                 tile_logits = logits[src].masked_fill_(~valid, 0)
             compute_sc = not states.single_step_slots or not states.single_step_slots.issuperset(
-                decode_slots_np[sel_np].tolist())
-            temp = vdg._denoise_temperature(states.step, tile_slots, float(states.max_denoising_steps),
-                                            self.t_min, self.t_max)
+                decode_slots_np[sel_np].tolist()
+            )
+            temp = vdg._denoise_temperature(
+                states.step, tile_slots, float(states.max_denoising_steps), self.t_min, self.t_max
+            )
             row_temps = temp.repeat_interleave(width)
             seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
             full_vocab_sc = compute_sc and self.tp_size == 1
             stats = logits_denoise_stats(
-                tile_logits, row_temps, seed=seed, chunk_size=self.chunk_size,
+                tile_logits,
+                row_temps,
+                seed=seed,
+                chunk_size=self.chunk_size,
                 embed_weight=self.embed_weight if full_vocab_sc else None,
-                embed_scale=float(self.normalizer) if full_vocab_sc else None)
+                embed_scale=float(self.normalizer) if full_vocab_sc else None,
+            )
             soft = stats.soft_embedding
             if compute_sc and self.tp_size > 1:
-                soft = _local_soft_embedding(tile_logits, row_temps, stats.argmax, stats.top_prob, self.embed_weight,
-                                             self.sc_vocab_start, self.sc_vocab_end, self.chunk_size)
+                soft = _local_soft_embedding(
+                    tile_logits,
+                    row_temps,
+                    stats.argmax,
+                    stats.top_prob,
+                    self.embed_weight,
+                    self.sc_vocab_start,
+                    self.sc_vocab_end,
+                    self.chunk_size,
+                )
                 soft = torch.ops.vllm.all_reduce(soft, group_name=self.tp_group_name) * float(self.normalizer)
-            policies = [self._policies.get(int(slot), self._default_policy) for slot in decode_slots_np[sel_np]]
+            policies = [
+                self._policies.get(int(slot), self._default_policy) for slot in decode_slots_np[sel_np]
+            ]
             entropy, top_prob = stats.entropy.view(n, width), stats.top_prob.view(n, width)
             batched_denoise_step(
-                stats.sample.view(n, width), stats.argmax.view(n, width), entropy,
+                stats.sample.view(n, width),
+                stats.argmax.view(n, width),
+                entropy,
                 policy_accept_masks(policies, entropy, top_prob),
                 soft.view(n, width, -1) if soft is not None else None,
-                tile_slots, decode_idx[sel], all_slots, valid_len[sel],
-                states.canvas[:, :width], states.argmax_canvas[:, :width], states.step, states.is_encoder_phase,
-                states.confident, states.self_conditioning_embeds[:, :width],
-                states.accepted_canvas_history[:, :, :width], states.accepted_canvas_history_len,
-                states.max_steps, states.pin_mask[:, :width], states.seed_canvas[:, :width], states.read_only,
-                sampled[:, :width], num_sampled, self.req_states.draft_tokens,
-                confidence_threshold=self.confidence_threshold, vocab_size=self.vocab_size,
-                canvas_length=width, stability_slots=states.stability_threshold)
+                tile_slots,
+                decode_idx[sel],
+                all_slots,
+                valid_len[sel],
+                states.canvas[:, :width],
+                states.argmax_canvas[:, :width],
+                states.step,
+                states.is_encoder_phase,
+                states.confident,
+                states.self_conditioning_embeds[:, :width],
+                states.accepted_canvas_history[:, :, :width],
+                states.accepted_canvas_history_len,
+                states.max_steps,
+                states.pin_mask[:, :width],
+                states.seed_canvas[:, :width],
+                states.read_only,
+                sampled[:, :width],
+                num_sampled,
+                self.req_states.draft_tokens,
+                confidence_threshold=self.confidence_threshold,
+                vocab_size=self.vocab_size,
+                canvas_length=width,
+                stability_slots=states.stability_threshold,
+            )
 
     class Nvfp4ExtDiffusionGemmaModelState(vdg.DiffusionGemmaModelState):
         """vLLM's DiffusionGemma model state, handing the runner `Nvfp4ExtDiffusionSampler`."""
@@ -245,8 +326,10 @@ def _build_classes() -> dict[str, type]:
         def get_model_state_cls() -> type:
             return Nvfp4ExtDiffusionGemmaModelState
 
-    classes = {cls.__name__: cls for cls in (Nvfp4ExtDiffusionSampler, Nvfp4ExtDiffusionGemmaModelState,
-                                             Nvfp4ExtDiffusionGemma)}
+    classes = {
+        cls.__name__: cls
+        for cls in (Nvfp4ExtDiffusionSampler, Nvfp4ExtDiffusionGemmaModelState, Nvfp4ExtDiffusionGemma)
+    }
     for cls in classes.values():  # module-level names, so the classes pickle by reference
         cls.__qualname__ = cls.__name__
         cls.__module__ = __name__
