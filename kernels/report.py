@@ -4,6 +4,8 @@ Each distinct (kernel, config) of the shipped tables is compiled with `triton.co
 target=GPUTarget("cuda", cap, 32))`; Triton's bundled `ptxas-blackwell -v` then reports registers, spills
 and stack of the PTX, and Triton's metadata gives the dynamic shared memory. The occupancy estimate uses
 the per-SM limits below (registers, warps, shared memory, CTAs), as the CUDA occupancy calculator does.
+"K-loop SASS / weight" is the main loop's instruction count (nvdisasm) per decoded weight element and lane:
+about 5 is what an H100 can issue while streaming NVFP4 weights at full bandwidth (see `sass.py`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .sass import loop_instruction_mix
 
 __all__ = [
     "ARCHES",
@@ -52,6 +56,7 @@ class KernelVariant:
     constexprs: dict[str, Any] = field(repr=False)
     num_warps: int
     num_stages: int
+    weight_tile: int = 0  # weight elements one program decodes per K step
     used_by: tuple[str, ...] = ()
 
 
@@ -69,6 +74,7 @@ class CompileResult:
     smem_bytes: int
     ctas_per_sm: int
     occupancy: float
+    loop_sass_per_weight: float | None
     used_by: tuple[str, ...]
 
     @property
@@ -150,6 +156,7 @@ def shipped_variants() -> list[KernelVariant]:
             constexprs,
             config.num_warps,
             config.num_stages,
+            config.block_n * config.block_k,
         )
 
     def fp8(config, block_scales):
@@ -172,6 +179,7 @@ def shipped_variants() -> list[KernelVariant]:
             constexprs,
             config.num_warps,
             config.num_stages,
+            config.block_n * config.block_k,
         )
 
     def moe_stage(fn, stage, block_m, tile, extra):
@@ -196,8 +204,16 @@ def shipped_variants() -> list[KernelVariant]:
             **extra,
         }
         signature.update({k: "constexpr" for k in constexprs})
+        rows = 2 * tile.block_n if stage == "gate_up" else tile.block_n  # gate and up rows side by side
         return (stage, label), KernelVariant(
-            f"nvfp4_moe_{stage}", label, fn, signature, constexprs, tile.num_warps, tile.num_stages
+            f"nvfp4_moe_{stage}",
+            label,
+            fn,
+            signature,
+            constexprs,
+            tile.num_warps,
+            tile.num_stages,
+            rows * tile.block_k,
         )
 
     moe_rows = shipped_moe_configs()
@@ -274,6 +290,11 @@ def compile_variant(variant: KernelVariant, capability: int, workdir: Path) -> C
     registers = number(r"Used (\d+) registers")
     smem = int(compiled.metadata.shared)
     ctas, occ = occupancy(registers, smem, variant.num_warps, capability)
+    loop_instructions, _ = loop_instruction_mix(compiled.asm["cubin"])
+    # Each warp runs the loop body once per K step; lanes x warps x instructions over the decoded tile.
+    per_weight = (
+        loop_instructions * 32 * variant.num_warps / variant.weight_tile if variant.weight_tile else None
+    )
     return CompileResult(
         kernel=variant.kernel,
         config=variant.config,
@@ -285,6 +306,7 @@ def compile_variant(variant: KernelVariant, capability: int, workdir: Path) -> C
         smem_bytes=smem,
         ctas_per_sm=ctas,
         occupancy=occ,
+        loop_sass_per_weight=per_weight,
         used_by=variant.used_by,
     )
 
@@ -314,13 +336,17 @@ def compile_all(
 def format_table(results: list[CompileResult]) -> str:
     """A markdown table of the results, one row per (kernel, config, arch)."""
     lines = [
-        "| kernel | config | arch | registers | spill st/ld (B) | smem (KiB) | CTAs/SM | occupancy |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        (
+            "| kernel | config | arch | registers | spill st/ld (B) | smem (KiB) | CTAs/SM | occupancy "
+            "| K-loop SASS / weight |"
+        ),
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
+        per_weight = f"{r.loop_sass_per_weight:.1f}" if r.loop_sass_per_weight else "-"
         lines.append(
             f"| {r.kernel} | {r.config} | {r.arch} | {r.registers} | {r.spill_stores}/{r.spill_loads} | "
-            f"{r.smem_bytes / 1024:.0f} | {r.ctas_per_sm} | {r.occupancy:.0%} |"
+            f"{r.smem_bytes / 1024:.0f} | {r.ctas_per_sm} | {r.occupancy:.0%} | {per_weight} |"
         )
     return "\n".join(lines)
 

@@ -36,6 +36,8 @@ def test_every_shipped_variant_compiles_for_every_arch(results):
     for r in results:
         assert 0 < r.registers <= 255 and r.smem_bytes > 0, r
         assert r.ctas_per_sm >= 1, f"{r.kernel} [{r.config}] cannot be resident on {r.arch}: {r}"
+        # The K loop was found in the SASS: decoding a weight costs instructions, and so does the dot.
+        assert r.loop_sass_per_weight is not None and r.loop_sass_per_weight > 1, r
 
 
 def test_no_shipped_config_spills(results):
