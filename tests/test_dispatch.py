@@ -89,6 +89,7 @@ def test_engine_layers_log_their_backend_once(monkeypatch, caplog):
     monkeypatch.setattr(common, "BACKENDS_USED", {})
     # register() may have routed our logger to vLLM's handlers in this process; capture it here instead.
     monkeypatch.setattr(logging.getLogger("nvfp4_ext"), "propagate", True)
+    monkeypatch.setattr(logging.getLogger("nvfp4_ext"), "handlers", [])
     with caplog.at_level(logging.INFO, logger="nvfp4_ext"):
         for _ in range(3):
             assert common.backend_for("nvfp4_w4a16_moe", torch.device("cpu")) == "torch"
@@ -100,6 +101,7 @@ def test_engine_layers_log_their_backend_once(monkeypatch, caplog):
 def test_unimplemented_backend_falls_back_to_triton_with_a_warning(monkeypatch, caplog):
     monkeypatch.setattr(common, "BACKENDS_USED", {})
     monkeypatch.setattr(logging.getLogger("nvfp4_ext"), "propagate", True)
+    monkeypatch.setattr(logging.getLogger("nvfp4_ext"), "handlers", [])
     monkeypatch.setattr(common, "select_backend", lambda kind, capability: "flashinfer")
     with caplog.at_level(logging.INFO, logger="nvfp4_ext"):
         chosen = common.backend_for("nvfp4_moe", torch.device("cpu"), implemented=("torch", "triton"))
