@@ -286,3 +286,23 @@ def test_flashinfer_scale_swizzle_inverts_with_vllms_reader(rows, cols):
     assert swizzled.shape == (-(-rows // 128) * 128, -(-cols // 4) * 4)
     back = convert_swizzled_to_linear(swizzled.view(torch.uint8), rows, cols * 16, 16)
     assert torch.equal(back[:rows, :cols], scale.view(torch.uint8))  # its column slice is in elements, not scales
+
+
+_PLUGIN_PROBE = (
+    "from vllm.plugins import load_general_plugins; load_general_plugins(); "
+    "from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS; "
+    "print('REGISTERED=' + str('nvfp4_ext' in QUANTIZATION_METHODS))"
+)
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize(("plugins", "expected"), [("nvfp4_ext", "True"), ("other_plugin", "False")])
+def test_vllm_plugins_env_selects_or_disables_the_entry_point(plugins, expected):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "VLLM_PLUGINS": plugins}
+    proc = subprocess.run([sys.executable, "-c", _PLUGIN_PROBE], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"REGISTERED={expected}" in proc.stdout
