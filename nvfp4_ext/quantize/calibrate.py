@@ -87,7 +87,9 @@ class _AmaxRecorder:
             amax = float(tokens.abs().amax())
             self.expert_in[key][expert] = max(self.expert_in[key][expert], amax)
             self.layer_in[key] = max(self.layer_in[key], amax)
-            gate, up = torch.nn.functional.linear(tokens, module.gate_up_proj[expert].detach()).chunk(2, dim=-1)
+            gate, up = torch.nn.functional.linear(tokens, module.gate_up_proj[expert].detach()).chunk(
+                2, dim=-1
+            )
             mid = module.act_fn(gate) * up
             self.expert_mid[key][expert] = max(self.expert_mid[key][expert], float(mid.abs().amax()))
 
@@ -106,7 +108,9 @@ def _run(model: torch.nn.Module, tokenizer: object, text: str, max_tokens: int, 
             if canvas is not None:  # block diffusion: encode a prompt, denoise a canvas of the next tokens
                 split = max(1, chunk.shape[1] // 2)
                 prompt, target = chunk[:, :split], chunk[:, split:]
-                target = torch.nn.functional.pad(target, (0, max(0, canvas - target.shape[1])), value=0)[:, :canvas]
+                target = torch.nn.functional.pad(target, (0, max(0, canvas - target.shape[1])), value=0)[
+                    :, :canvas
+                ]
                 model(input_ids=prompt, decoder_input_ids=target)
             else:
                 model(input_ids=chunk)
@@ -177,7 +181,8 @@ def collect_activation_amax(
 
 
 def _experts_checkpoint_prefix(names: list[str], checkpoint_names: set[str]) -> str | None:
-    """`X.experts` whose fused (`X.experts.gate_up_proj`) or per-expert (`X.experts.0.gate_proj.weight`) tensors
+    """`X.experts` whose fused (`X.experts.gate_up_proj`) or per-expert (`X.experts.0.gate_proj.weight`)
+    tensors
     the checkpoint stores."""
     for name in names:
         parent = name[: -len(".gate_up_proj")]

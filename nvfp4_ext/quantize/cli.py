@@ -17,7 +17,9 @@ __all__ = ["add_arguments", "run", "summarize"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", metavar="SRC", help="input model directory (safetensors, BF16/FP16/FP32)")
-    parser.add_argument("dst", metavar="DST", help="output directory (created; must not exist unless --force)")
+    parser.add_argument(
+        "dst", metavar="DST", help="output directory (created; must not exist unless --force)"
+    )
     parser.add_argument(
         "--recipe",
         choices=RECIPES,
@@ -40,7 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="fnmatch pattern of module names to keep unquantized (repeatable), on top of the defaults "
         "(embeddings, lm_head, norms, routers, vision tower, self-conditioning)",
     )
-    parser.add_argument("--calib", metavar="FILE", help="text file to calibrate activation scales on (runs the model on CPU)")
+    parser.add_argument(
+        "--calib", metavar="FILE", help="text file to calibrate activation scales on (runs the model on CPU)"
+    )
     parser.add_argument(
         "--format",
         dest="output_format",
@@ -62,7 +66,9 @@ def summarize(out_dir: Path) -> str:
     sse_rtn = sum(layer["sse_rtn"] for layer in layers)
     signal = sum(layer["signal"] for layer in layers)
     size = sum(p.stat().st_size for p in out_dir.glob("*.safetensors"))
-    lines = [f"wrote {out_dir} ({size / 1e6:.1f} MB, {len(layers)} quantized tensors, recipe {info['recipe']})"]
+    lines = [
+        f"wrote {out_dir} ({size / 1e6:.1f} MB, {len(layers)} quantized tensors, recipe {info['recipe']})"
+    ]
     if signal > 0 and sse > 0:
         lines.append(f"weight SQNR {10 * math.log10(signal / sse):.2f} dB over quantized layers")
     if info["scales"] != "rtn" and sse_rtn > 0:

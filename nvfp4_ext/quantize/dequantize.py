@@ -74,14 +74,18 @@ class QuantizedReader:
         return self._handles[tensor.file].get_tensor(name)
 
     def module_kind(self, module: str) -> str:
-        """"nvfp4", "fp8" or "plain" for a module prefix with a `.weight` or `.weight_packed` tensor."""
+        """ "nvfp4", "fp8" or "plain" for a module prefix with a `.weight` or `.weight_packed` tensor."""
         names = self.tensors
         if f"{module}.weight_packed" in names or f"{module}.weight_scale_2" in names:
             return "nvfp4"
         weight = names.get(f"{module}.weight")
         if weight is not None and weight.dtype == "U8" and f"{module}.weight_scale" in names:
             return "nvfp4"  # compressed-tensors-style global scale under a ModelOpt name, or vice versa
-        if weight is not None and weight.dtype in ("F8_E4M3", "F8_E5M2") and f"{module}.weight_scale" in names:
+        if (
+            weight is not None
+            and weight.dtype in ("F8_E4M3", "F8_E5M2")
+            and f"{module}.weight_scale" in names
+        ):
             return "fp8"
         return "plain"
 
@@ -96,11 +100,20 @@ class QuantizedReader:
         """The module's dequantized weight in float32."""
         kind = self.module_kind(module)
         if kind == "nvfp4":
-            packed_name = f"{module}.weight_packed" if f"{module}.weight_packed" in self.tensors else f"{module}.weight"
-            global_name = f"{module}.weight_scale_2" if f"{module}.weight_scale_2" in self.tensors else f"{module}.weight_global_scale"
+            packed_name = (
+                f"{module}.weight_packed" if f"{module}.weight_packed" in self.tensors else f"{module}.weight"
+            )
+            global_name = (
+                f"{module}.weight_scale_2"
+                if f"{module}.weight_scale_2" in self.tensors
+                else f"{module}.weight_global_scale"
+            )
             convention = "modelopt" if global_name.endswith("weight_scale_2") else "compressed_tensors"
             return dequantize_nvfp4(
-                self.raw(packed_name), self.raw(f"{module}.weight_scale"), self.raw(global_name), convention=convention
+                self.raw(packed_name),
+                self.raw(f"{module}.weight_scale"),
+                self.raw(global_name),
+                convention=convention,
             )
         if kind == "fp8":
             return dequantize_fp8(self.raw(f"{module}.weight"), self.raw(f"{module}.weight_scale"))
@@ -143,7 +156,9 @@ def _jobs(reader: QuantizedReader, dtype: str) -> list[tuple[OutputTensor, Calla
         def fuse(modules: list[str] = modules, info: dict = info) -> torch.Tensor:
             weights = [reader.weight(m) for m in modules]
             per_expert = len(info["projections"])
-            stacked = [torch.cat(weights[e * per_expert : (e + 1) * per_expert]) for e in range(info["num_experts"])]
+            stacked = [
+                torch.cat(weights[e * per_expert : (e + 1) * per_expert]) for e in range(info["num_experts"])
+            ]
             return torch.stack(stacked).to(DTYPE_TO_TORCH[dtype])
 
         jobs.append((OutputTensor(source, dtype, tuple(info["shape"])), fuse))
@@ -157,18 +172,26 @@ def _jobs(reader: QuantizedReader, dtype: str) -> list[tuple[OutputTensor, Calla
             if module in covered:
                 continue
             jobs.append(
-                (OutputTensor(f"{module}.weight", dtype, tuple(reader.weight_shape(module))),
-                 lambda m=module: reader.weight(m).to(DTYPE_TO_TORCH[dtype]))
+                (
+                    OutputTensor(f"{module}.weight", dtype, tuple(reader.weight_shape(module))),
+                    lambda m=module: reader.weight(m).to(DTYPE_TO_TORCH[dtype]),
+                )
             )
         else:
             jobs.append(_copy_job(reader, tensor, dtype))
     return sorted(jobs, key=lambda job: job[0].name)
 
 
-def _copy_job(reader: QuantizedReader, tensor: SourceTensor, dtype: str) -> tuple[OutputTensor, Callable[[], torch.Tensor]]:
+def _copy_job(
+    reader: QuantizedReader, tensor: SourceTensor, dtype: str
+) -> tuple[OutputTensor, Callable[[], torch.Tensor]]:
     floating = tensor.dtype in ("F32", "F16", "BF16")
     out_dtype = dtype if floating else tensor.dtype
-    produce = (lambda: reader.raw(tensor.name).to(DTYPE_TO_TORCH[dtype])) if floating else (lambda: reader.raw(tensor.name))
+    produce = (
+        (lambda: reader.raw(tensor.name).to(DTYPE_TO_TORCH[dtype]))
+        if floating
+        else (lambda: reader.raw(tensor.name))
+    )
     return OutputTensor(tensor.name, out_dtype, tensor.shape), produce
 
 

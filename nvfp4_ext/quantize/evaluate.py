@@ -155,7 +155,11 @@ def evaluate(
 def _markdown(report: dict) -> str:
     lines = [f"# NVFP4 evaluation\n\nreference `{report['reference']}`, quantized `{report['quantized']}`\n"]
     for title, key in (("By precision", "by_precision"), ("By layer type", "by_layer_type")):
-        lines += [f"## {title}\n", "| group | modules | params | SQNR (dB) | min SQNR (dB) | rel. error |", "|---|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"## {title}\n",
+            "| group | modules | params | SQNR (dB) | min SQNR (dB) | rel. error |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
         for name, s in report[key].items():
             lines.append(
                 f"| {name} | {s['modules']} | {s['params']} | {s['sqnr_db']:.2f} | {s['min_sqnr_db']:.2f} | "
@@ -178,7 +182,10 @@ def _markdown(report: dict) -> str:
                 )
             lines.append("")
     lines += ["## Layers\n", "| module | scheme | SQNR (dB) | rel. error |", "|---|---|---:|---:|"]
-    lines += [f"| {r['module']} | {r['scheme']} | {r['sqnr_db']:.2f} | {r['rel_error']:.4f} |" for r in report["layers"]]
+    lines += [
+        f"| {r['module']} | {r['scheme']} | {r['sqnr_db']:.2f} | {r['rel_error']:.4f} |"
+        for r in report["layers"]
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -220,9 +227,15 @@ def write_report(report: dict, out_dir: Path) -> list[Path]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("reference", metavar="REFERENCE_DIR", help="the unquantized checkpoint")
-    parser.add_argument("quantized", metavar="QUANTIZED_DIR", help="its quantized version (ModelOpt or compressed-tensors)")
-    parser.add_argument("--text", metavar="FILE", help="text for KL/top-1/perplexity (default: a text shipped with nvfp4_ext)")
-    parser.add_argument("--out", metavar="DIR", default="nvfp4_eval", help="report directory (default: ./nvfp4_eval)")
+    parser.add_argument(
+        "quantized", metavar="QUANTIZED_DIR", help="its quantized version (ModelOpt or compressed-tensors)"
+    )
+    parser.add_argument(
+        "--text", metavar="FILE", help="text for KL/top-1/perplexity (default: a text shipped with nvfp4_ext)"
+    )
+    parser.add_argument(
+        "--out", metavar="DIR", default="nvfp4_eval", help="report directory (default: ./nvfp4_eval)"
+    )
     parser.add_argument("--weights-only", action="store_true", help="skip running the models")
 
 
@@ -238,7 +251,10 @@ def run(args: argparse.Namespace) -> int:
     report = evaluate(args.reference, args.quantized, text=text, model=not args.weights_only)
     paths = write_report(report, Path(args.out))
     for name, s in report["by_precision"].items():
-        print(f"{name:12s} {s['modules']:5d} modules  SQNR {s['sqnr_db']:6.2f} dB  rel. error {s['rel_error']:.4f}")
+        print(
+            f"{name:12s} {s['modules']:5d} modules  SQNR {s['sqnr_db']:6.2f} dB  "
+            f"rel. error {s['rel_error']:.4f}"
+        )
     model = report.get("model") or {}
     if "kl_mean" in model:
         print(f"model: KL {model['kl_mean']:.5f}, top-1 agreement {100 * model['top1_agreement']:.2f}%")

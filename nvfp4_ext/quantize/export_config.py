@@ -38,8 +38,14 @@ def excluded_modules(tasks: Sequence[TensorTask]) -> list[str]:
         if task.action != "copy" or not task.modules:
             continue
         module = task.modules[0]
-        if module.endswith((".gate_up_proj", ".down_proj")) and task.source.shape and len(task.source.shape) == 3:
-            names.add(module.rsplit(".", 1)[0])  # a fused expert tensor kept whole: exclude the experts module
+        if (
+            module.endswith((".gate_up_proj", ".down_proj"))
+            and task.source.shape
+            and len(task.source.shape) == 3
+        ):
+            names.add(
+                module.rsplit(".", 1)[0]
+            )  # a fused expert tensor kept whole: exclude the experts module
         else:
             names.add(module)
     return sorted(names)
@@ -76,37 +82,66 @@ def modelopt_configs(tasks: Sequence[TensorTask]) -> tuple[dict, dict]:
         legacy_q["group_size"] = 16
     if layers:
         legacy_q["quantized_layers"] = layers
-    legacy = {"producer": {"name": "modelopt", "version": f"nvfp4_ext-{_version()}"}, "quantization": legacy_q}
+    legacy = {
+        "producer": {"name": "modelopt", "version": f"nvfp4_ext-{_version()}"},
+        "quantization": legacy_q,
+    }
     return flat, legacy
 
 
 def _ct_group(scheme: str, targets: list[str]) -> dict:
     if scheme.startswith("nvfp4"):
         weights = {
-            "num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16,
-            "symmetric": True, "dynamic": False, "observer": "minmax",
+            "num_bits": 4,
+            "type": "float",
+            "strategy": "tensor_group",
+            "group_size": 16,
+            "symmetric": True,
+            "dynamic": False,
+            "observer": "minmax",
         }
         acts = None
         if scheme == "nvfp4":
             acts = {
-                "num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16,
-                "symmetric": True, "dynamic": "local", "observer": "minmax",
+                "num_bits": 4,
+                "type": "float",
+                "strategy": "tensor_group",
+                "group_size": 16,
+                "symmetric": True,
+                "dynamic": "local",
+                "observer": "minmax",
             }
-        return {"targets": targets, "weights": weights, "input_activations": acts, "format": "nvfp4-pack-quantized"}
+        return {
+            "targets": targets,
+            "weights": weights,
+            "input_activations": acts,
+            "format": "nvfp4-pack-quantized",
+        }
     if scheme == "fp8":
         weights = {"num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True, "dynamic": False}
         acts = {"num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True, "dynamic": False}
     else:  # fp8_block: 128x128 weight blocks, dynamic per-group activations
         weights = {
-            "num_bits": 8, "type": "float", "strategy": "block", "block_structure": [128, 128],
-            "symmetric": True, "dynamic": False,
+            "num_bits": 8,
+            "type": "float",
+            "strategy": "block",
+            "block_structure": [128, 128],
+            "symmetric": True,
+            "dynamic": False,
         }
-        acts = {"num_bits": 8, "type": "float", "strategy": "group", "group_size": 128, "symmetric": True, "dynamic": True}
+        acts = {
+            "num_bits": 8,
+            "type": "float",
+            "strategy": "group",
+            "group_size": 128,
+            "symmetric": True,
+            "dynamic": True,
+        }
     return {"targets": targets, "weights": weights, "input_activations": acts, "format": "float-quantized"}
 
 
 def compressed_tensors_config(tasks: Sequence[TensorTask]) -> dict:
-    """config.json `quantization_config` in compressed-tensors form (NVFP4 global scales stored reciprocal)."""
+    """config.json `quantization_config`, compressed-tensors form (NVFP4 global scales stored reciprocal)."""
     used = sorted(set(_schemes(tasks).values()))
     groups: dict[str, dict] = {}
     if len(used) == 1:

@@ -34,6 +34,7 @@ __all__ = [
     "copy_aux_files",
     "list_source_tensors",
     "read_safetensors_header",
+    "read_tensor",
     "write_index",
 ]
 
@@ -55,7 +56,12 @@ TORCH_TO_DTYPE: dict[torch.dtype, str] = {v: k for k, v in DTYPE_TO_TORCH.items(
 _ITEMSIZE = {name: torch.empty((), dtype=dt).element_size() for name, dt in DTYPE_TO_TORCH.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 # Files a quantized checkpoint does not inherit from its source (rewritten, or meaningless after quantizing).
-_NOT_COPIED = {"config.json", "hf_quant_config.json", "model.safetensors.index.json", "nvfp4_ext_quantize.json"}
+_NOT_COPIED = {
+    "config.json",
+    "hf_quant_config.json",
+    "model.safetensors.index.json",
+    "nvfp4_ext_quantize.json",
+}
 
 
 @dataclass(frozen=True)
@@ -66,10 +72,33 @@ class SourceTensor:
     file: Path
     dtype: str
     shape: tuple[int, ...]
+    offset: int = 0  # absolute file offset of the tensor's bytes
 
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * _ITEMSIZE[self.dtype]
+
+
+def read_tensor(tensor: SourceTensor) -> torch.Tensor:
+    """Read one tensor with plain file reads (no mmap), so only its own bytes count towards RSS.
+
+    Raises:
+        CheckpointError: the file is shorter than its header says.
+    """
+    buffer = torch.empty(tensor.nbytes, dtype=torch.uint8)
+    try:
+        with tensor.file.open("rb") as f:
+            f.seek(tensor.offset)
+            got = f.readinto(memoryview(buffer.numpy())) if tensor.nbytes else 0
+    except OSError as exc:
+        raise CheckpointError(
+            f"cannot read tensor data: {exc}", file=str(tensor.file), tensor=tensor.name
+        ) from None
+    if got != tensor.nbytes:
+        raise CheckpointError(
+            f"truncated data: {got} of {tensor.nbytes} bytes", file=str(tensor.file), tensor=tensor.name
+        )
+    return buffer.view(DTYPE_TO_TORCH[tensor.dtype]).reshape(tensor.shape)
 
 
 @dataclass(frozen=True)
@@ -86,7 +115,8 @@ class OutputTensor:
 
 
 def read_safetensors_header(path: Path) -> dict[str, dict]:
-    """Parse a safetensors file's JSON header (without `__metadata__`).
+    """Parse a safetensors file's JSON header (without `__metadata__`); adds each tensor's absolute
+    `data_start` offset.
 
     Raises:
         CheckpointError: truncated file, bad header length or JSON, unknown dtype (names the file/tensor).
@@ -109,6 +139,17 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
         if not isinstance(info, dict) or info.get("dtype") not in DTYPE_TO_TORCH:
             dtype = info.get("dtype") if isinstance(info, dict) else info
             raise CheckpointError(f"unsupported or missing dtype {dtype!r}", file=str(path), tensor=name)
+        offsets, shape = info.get("data_offsets"), info.get("shape")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and isinstance(shape, list)):
+            raise CheckpointError("malformed header entry (shape/data_offsets)", file=str(path), tensor=name)
+        expected = math.prod(shape) * _ITEMSIZE[info["dtype"]]
+        if offsets[1] - offsets[0] != expected:
+            raise CheckpointError(
+                f"data_offsets span {offsets[1] - offsets[0]} bytes, shape {shape} needs {expected}",
+                file=str(path),
+                tensor=name,
+            )
+        info["data_start"] = 8 + length + offsets[0]
     return header
 
 
@@ -132,13 +173,17 @@ def list_source_tensors(model_dir: Path) -> list[SourceTensor]:
     else:
         paths = sorted(model_dir.glob("*.safetensors"))
     if not paths:
-        raise CheckpointError("no *.safetensors files (only safetensors checkpoints are supported)", file=str(model_dir))
+        raise CheckpointError(
+            "no *.safetensors files (only safetensors checkpoints are supported)", file=str(model_dir)
+        )
     tensors: dict[str, SourceTensor] = {}
     for path in paths:
         for name, info in read_safetensors_header(path).items():
             if name in tensors:
-                raise CheckpointError(f"tensor appears in both {tensors[name].file.name} and {path.name}", tensor=name)
-            tensors[name] = SourceTensor(name, path, info["dtype"], tuple(info["shape"]))
+                raise CheckpointError(
+                    f"tensor appears in both {tensors[name].file.name} and {path.name}", tensor=name
+                )
+            tensors[name] = SourceTensor(name, path, info["dtype"], tuple(info["shape"]), info["data_start"])
     return list(tensors.values())
 
 
@@ -156,7 +201,11 @@ class ShardWriter:
         header: dict[str, dict] = {"__metadata__": {"format": "pt", **(metadata or {})}}
         offset = 0
         for spec in plan:
-            header[spec.name] = {"dtype": spec.dtype, "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
+            header[spec.name] = {
+                "dtype": spec.dtype,
+                "shape": list(spec.shape),
+                "data_offsets": [offset, offset + spec.nbytes],
+            }
             offset += spec.nbytes
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * ((8 - len(encoded) % 8) % 8)
@@ -184,7 +233,9 @@ class ShardWriter:
         self._file.close()
         if self._next != len(self.plan):
             missing = self.plan[self._next].name
-            raise RuntimeError(f"{self.path.name}: closed after {self._next}/{len(self.plan)} tensors ({missing} missing)")
+            raise RuntimeError(
+                f"{self.path.name}: closed after {self._next}/{len(self.plan)} tensors ({missing} missing)"
+            )
 
 
 def write_index(out_dir: Path, shards: list[tuple[str, list[OutputTensor]]]) -> None:
@@ -196,10 +247,14 @@ def write_index(out_dir: Path, shards: list[tuple[str, list[OutputTensor]]]) -> 
 
 
 def copy_aux_files(src: Path, dst: Path) -> list[str]:
-    """Copy tokenizer, generation config and other non-weight files (not *.safetensors nor rewritten configs)."""
+    """Copy tokenizer, generation config and other non-weight files (no weights, no rewritten configs)."""
     copied = []
     for item in sorted(src.iterdir()):
-        if item.name in _NOT_COPIED or item.suffix in (".safetensors", ".bin", ".pt", ".pth") or item.name.startswith("."):
+        if (
+            item.name in _NOT_COPIED
+            or item.suffix in (".safetensors", ".bin", ".pt", ".pth")
+            or item.name.startswith(".")
+        ):
             continue
         if item.is_dir():
             shutil.copytree(item, dst / item.name)

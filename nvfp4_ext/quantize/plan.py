@@ -53,7 +53,17 @@ DEFAULT_EXCLUDES: tuple[str, ...] = (
 
 _PER_EXPERT = re.compile(r"(^|\.)experts\.\d+\.")
 _FUSED_EXPERT = re.compile(r"^(?P<parent>.*\.experts)\.(?P<proj>gate_up_proj|down_proj)$")
-_DENSE_SEGMENTS = {"self_attn", "attn", "attention", "cross_attn", "mlp", "feed_forward", "ffn", "shared_expert", "shared_experts"}
+_DENSE_SEGMENTS = {
+    "self_attn",
+    "attn",
+    "attention",
+    "cross_attn",
+    "mlp",
+    "feed_forward",
+    "ffn",
+    "shared_expert",
+    "shared_experts",
+}
 
 
 @dataclass(frozen=True)
@@ -148,7 +158,9 @@ def _weight_outputs(module: str, scheme: Scheme, shape: tuple[int, int], fmt: st
 
 
 def _copy(tensor: SourceTensor, reason: str | None = None, module: str | None = None) -> TensorTask:
-    task = TensorTask(tensor, "copy", outputs=[OutputTensor(tensor.name, tensor.dtype, tensor.shape)], reason=reason)
+    task = TensorTask(
+        tensor, "copy", outputs=[OutputTensor(tensor.name, tensor.dtype, tensor.shape)], reason=reason
+    )
     if module is not None:
         task.modules = [module]
     return task
@@ -185,7 +197,9 @@ def plan_tasks(
     if recipe not in RECIPES:
         raise ConfigError(f"--recipe: unknown recipe {recipe!r}; expected one of {', '.join(RECIPES)}")
     if output_format not in OUTPUT_FORMATS:
-        raise ConfigError(f"--format: unknown format {output_format!r}; expected one of {', '.join(OUTPUT_FORMATS)}")
+        raise ConfigError(
+            f"--format: unknown format {output_format!r}; expected one of {', '.join(OUTPUT_FORMATS)}"
+        )
     patterns = (*DEFAULT_EXCLUDES, *exclude)
     shapes = {t.name: t.shape for t in tensors}
     tasks = []
@@ -204,7 +218,13 @@ def plan_tasks(
             continue
         scheme = _scheme(module, bool(_PER_EXPERT.search(module)), recipe, calibrated)
         if scheme is None:
-            tasks.append(_copy(tensor, f"recipe {recipe} keeps non-attention, non-MLP linears in source precision", module))
+            tasks.append(
+                _copy(
+                    tensor,
+                    f"recipe {recipe} keeps non-attention, non-MLP linears in source precision",
+                    module,
+                )
+            )
             continue
         if scheme.startswith("nvfp4") and tensor.shape[1] % NVFP4_BLOCK_SIZE:
             reason = f"K={tensor.shape[1]} is not a multiple of {NVFP4_BLOCK_SIZE}"

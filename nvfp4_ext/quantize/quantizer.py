@@ -15,19 +15,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from nvfp4_ext.errors import CheckpointError, ConfigError, Nvfp4ExtError
-from nvfp4_ext.format import NVFP4_GLOBAL_DENOM, F8E4M3_MAX, quantize_fp8, stored_global_scale
+from nvfp4_ext.format import F8E4M3_MAX, NVFP4_GLOBAL_DENOM, quantize_fp8, stored_global_scale
 from nvfp4_ext.quantize.export_config import compressed_tensors_config, modelopt_configs
 from nvfp4_ext.quantize.io import (
-    DTYPE_TO_TORCH,
     OutputTensor,
     ShardWriter,
     SourceTensor,
     atomic_output_dir,
     copy_aux_files,
     list_source_tensors,
+    read_tensor,
     write_index,
 )
 from nvfp4_ext.quantize.plan import TensorTask, plan_tasks
@@ -66,9 +65,12 @@ def _reject_quantized(src: Path, config: dict, tensors: Sequence[SourceTensor]) 
             file=str(src / "hf_quant_config.json"),
         )
     for tensor in tensors:
-        if tensor.dtype in ("U8", "F8_E4M3", "F8_E5M2") and tensor.name.endswith((".weight", ".weight_packed")):
+        if tensor.dtype in ("U8", "F8_E4M3", "F8_E5M2") and tensor.name.endswith(
+            (".weight", ".weight_packed")
+        ):
             raise CheckpointError(
-                f"the input looks already quantized ({tensor.dtype} weight); quantize the original checkpoint",
+                f"the input looks already quantized ({tensor.dtype} weight); "
+                "quantize the original checkpoint",
                 file=tensor.file.name,
                 tensor=tensor.name,
             )
@@ -77,7 +79,9 @@ def _reject_quantized(src: Path, config: dict, tensors: Sequence[SourceTensor]) 
 def _read_config(src: Path) -> dict:
     path = src / "config.json"
     if not path.is_file():
-        raise CheckpointError("config.json not found (expected a Hugging Face model directory)", file=str(src))
+        raise CheckpointError(
+            "config.json not found (expected a Hugging Face model directory)", file=str(src)
+        )
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -100,23 +104,6 @@ def _shard_plan(tasks: list[TensorTask], max_bytes: int) -> list[list[TensorTask
     return shards
 
 
-class _SourceReader:
-    """Keeps at most one input shard open; `get` returns one tensor."""
-
-    def __init__(self) -> None:
-        self._path: Path | None = None
-        self._handle = None
-
-    def get(self, tensor: SourceTensor) -> torch.Tensor:
-        if self._path != tensor.file:
-            self._handle = safe_open(str(tensor.file), framework="pt")
-            self._path = tensor.file
-        try:
-            return self._handle.get_tensor(tensor.name)
-        except Exception as exc:  # safetensors raises its own error types for corrupt data
-            raise CheckpointError(f"cannot read tensor: {exc}", file=tensor.file.name, tensor=tensor.name) from None
-
-
 def _input_scale(amax: dict[str, float], module: str, denom: float) -> torch.Tensor:
     if module not in amax or amax[module] <= 0:
         raise ConfigError(
@@ -127,11 +114,21 @@ def _input_scale(amax: dict[str, float], module: str, denom: float) -> torch.Ten
 
 
 def _nvfp4_tensors(
-    module: str, w: torch.Tensor, task: TensorTask, method: str, fmt: str, amax: dict[str, float], stats: ScaleStats
+    module: str,
+    w: torch.Tensor,
+    task: TensorTask,
+    method: str,
+    fmt: str,
+    amax: dict[str, float],
+    stats: ScaleStats,
 ) -> list[tuple[str, torch.Tensor]]:
     q = quantize_weight(w, method, stats=stats)  # type: ignore[arg-type]
     if fmt == "modelopt":
-        out = [(f"{module}.weight", q.qdata), (f"{module}.weight_scale", q.scale), (f"{module}.weight_scale_2", q.global_scale)]
+        out = [
+            (f"{module}.weight", q.qdata),
+            (f"{module}.weight_scale", q.scale),
+            (f"{module}.weight_scale_2", q.global_scale),
+        ]
         if task.scheme == "nvfp4":
             out.append((f"{module}.input_scale", _input_scale(amax, module, NVFP4_GLOBAL_DENOM)))
         return out
@@ -147,7 +144,9 @@ def _nvfp4_tensors(
     return out
 
 
-def _fp8_tensors(module: str, w: torch.Tensor, task: TensorTask, amax: dict[str, float]) -> list[tuple[str, torch.Tensor]]:
+def _fp8_tensors(
+    module: str, w: torch.Tensor, task: TensorTask, amax: dict[str, float]
+) -> list[tuple[str, torch.Tensor]]:
     if task.scheme == "fp8":
         q, scale = quantize_fp8(w, "tensor")
         return [
@@ -182,7 +181,9 @@ def _process(
             outputs += _nvfp4_tensors(module, piece, task, method, fmt, amax, stats)
         else:
             fp8 = _fp8_tensors(module, piece, task, amax)
-            deq = fp8[0][1].float() * (fp8[1][1] if fp8[1][1].dim() == 0 else _block_expand(fp8[1][1], piece.shape))
+            deq = fp8[0][1].float() * (
+                fp8[1][1] if fp8[1][1].dim() == 0 else _block_expand(fp8[1][1], piece.shape)
+            )
             sse = float((deq - piece.float()).square().sum())
             stats.add(ScaleStats(sse, sse, float(piece.float().square().sum()), 0, 0))
             outputs += fp8
@@ -256,9 +257,13 @@ def quantize_checkpoint(
     config = _read_config(src)
     tensors = list_source_tensors(src)
     _reject_quantized(src, config, tensors)
-    tasks = plan_tasks(tensors, recipe=recipe, calibrated=calib is not None, exclude=exclude, output_format=output_format)
+    tasks = plan_tasks(
+        tensors, recipe=recipe, calibrated=calib is not None, exclude=exclude, output_format=output_format
+    )
     if all(task.action == "copy" for task in tasks):
-        raise ConfigError(f"nothing to quantize in {src}: every weight is excluded or not a 2-D/expert weight")
+        raise ConfigError(
+            f"nothing to quantize in {src}: every weight is excluded or not a 2-D/expert weight"
+        )
     for task in tasks:
         if task.reason:
             log.warning("keeping %s in %s: %s", task.source.name, task.source.dtype, task.reason)
@@ -273,7 +278,9 @@ def quantize_checkpoint(
         with atomic_output_dir(dst, force=force) as tmp:
             _write_shards(shards, tmp, scales, output_format, amax, result, progress)
             _write_configs(tmp, config, tasks, output_format)
-            _write_provenance(tmp, src, tasks, result, recipe=recipe, scales=scales, output_format=output_format)
+            _write_provenance(
+                tmp, src, tasks, result, recipe=recipe, scales=scales, output_format=output_format
+            )
             copy_aux_files(src, tmp)
     except OSError as exc:
         raise Nvfp4ExtError(f"writing the output failed ({exc}); nothing was written to {dst}") from exc
@@ -293,7 +300,6 @@ def _write_shards(
 
     total_bytes = sum(task.source.nbytes for shard in shards for task in shard)
     count = sum(len(shard) for shard in shards)
-    reader = _SourceReader()
     written: list[tuple[str, list[OutputTensor]]] = []
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="quantize", disable=not progress) as bar:
         done = 0
@@ -303,9 +309,7 @@ def _write_shards(
             writer = ShardWriter(out / name, plan)
             try:
                 for task in shard:
-                    w = reader.get(task.source)
-                    if tuple(w.shape) != task.source.shape or w.dtype != DTYPE_TO_TORCH[task.source.dtype]:
-                        raise CheckpointError("tensor data does not match its header", tensor=task.source.name)
+                    w = read_tensor(task.source)
                     for out_name, tensor in _process(task, w, method, fmt, amax, result):
                         writer.write(out_name, tensor)
                     done += 1
@@ -348,7 +352,9 @@ def _write_provenance(
         "version": 1,
         **options,
         "source": str(src.absolute()),
-        "source_tensors": {t.source.name: {"dtype": t.source.dtype, "shape": list(t.source.shape)} for t in tasks},
+        "source_tensors": {
+            t.source.name: {"dtype": t.source.dtype, "shape": list(t.source.shape)} for t in tasks
+        },
         "fused_experts": fused,
         "kept": {t.source.name: t.reason for t in tasks if t.reason},
         "layers": result.layers,

@@ -1,0 +1,154 @@
+"""Quantizer throughput (MB/s of input) and peak RSS on a synthetic multi-GB BF16 MoE checkpoint.
+
+Builds a Gemma-4-shaped checkpoint (fused experts [E, 2I, H] / [E, H, I], attention and dense-MLP
+linears, an embedding) of about --size-gb GB in --shard-gb shards under a temporary directory, then runs
+`quantize_checkpoint` in a child process and reports wall time, MB/s and the child's peak RSS against the
+goals (>= 200 MB/s on 2 cores; peak RSS <= 2x the largest input shard). Nothing is kept unless --keep.
+
+    python benchmarks/bench_quantize_throughput.py [--size-gb 3] [--shard-gb 1] [--scales rtn] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import torch
+
+# DiffusionGemma-26B shapes with fewer experts per layer, so a few GB hold several layers.
+HIDDEN, MOE_INTER, DENSE_INTER, HEADS_DIM, KV_DIM = 2816, 704, 2112, 16 * 256, 8 * 256
+
+_CHILD = textwrap.dedent(
+    """
+    import json, sys, time
+    from nvfp4_ext.quantize import quantize_checkpoint
+    start = time.perf_counter()
+    quantize_checkpoint(sys.argv[1], sys.argv[2], recipe="w4a16", scales=sys.argv[3], progress=False)
+    print(json.dumps({"seconds": time.perf_counter() - start}))
+    """
+)
+
+
+def _layer(i: int, experts: int) -> dict[str, tuple[int, ...]]:
+    p = f"model.layers.{i}"
+    return {
+        f"{p}.self_attn.q_proj.weight": (HEADS_DIM, HIDDEN),
+        f"{p}.self_attn.k_proj.weight": (KV_DIM, HIDDEN),
+        f"{p}.self_attn.v_proj.weight": (KV_DIM, HIDDEN),
+        f"{p}.self_attn.o_proj.weight": (HIDDEN, HEADS_DIM),
+        f"{p}.mlp.gate_proj.weight": (DENSE_INTER, HIDDEN),
+        f"{p}.mlp.up_proj.weight": (DENSE_INTER, HIDDEN),
+        f"{p}.mlp.down_proj.weight": (HIDDEN, DENSE_INTER),
+        f"{p}.router.proj.weight": (experts, HIDDEN),
+        f"{p}.experts.gate_up_proj": (experts, 2 * MOE_INTER, HIDDEN),
+        f"{p}.experts.down_proj": (experts, HIDDEN, MOE_INTER),
+        f"{p}.input_layernorm.weight": (HIDDEN,),
+    }
+
+
+def build(root: Path, size_gb: float, shard_gb: float, experts: int = 32) -> tuple[int, int]:
+    """Write the synthetic checkpoint; returns (total bytes, largest shard bytes)."""
+    from safetensors.torch import save_file
+
+    root.mkdir(parents=True)
+    (root / "config.json").write_text(json.dumps({"architectures": ["Synthetic"], "model_type": "synthetic"}))
+    shapes = {"model.embed_tokens.weight": (32768, HIDDEN)}
+    layer = 0
+    while sum(torch.Size(s).numel() for s in shapes.values()) * 2 < size_gb * 1e9:
+        shapes.update(_layer(layer, experts))
+        layer += 1
+    generator = torch.Generator().manual_seed(0)
+    shard: dict[str, torch.Tensor] = {}
+    sizes, weight_map = [], {}
+
+    def flush() -> None:
+        name = f"model-{len(sizes) + 1:05d}.safetensors"
+        save_file(shard, str(root / name), metadata={"format": "pt"})
+        sizes.append(sum(t.numel() * 2 for t in shard.values()))
+        weight_map.update({k: name for k in shard})
+        shard.clear()
+
+    for name, shape in shapes.items():
+        tensor = torch.randn(shape, generator=generator, dtype=torch.float32).to(torch.bfloat16) * 0.02
+        if shard and (sum(t.numel() * 2 for t in shard.values()) + tensor.numel() * 2) > shard_gb * 1e9:
+            flush()
+        shard[name] = tensor
+    flush()
+    index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
+    (root / "model.safetensors.index.json").write_text(json.dumps(index))
+    return sum(sizes), max(sizes)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-gb", type=float, default=3.0)
+    parser.add_argument("--shard-gb", type=float, default=1.0)
+    parser.add_argument("--scales", default="rtn", choices=("rtn", "four-over-six", "mse"))
+    parser.add_argument("--workdir", type=Path, help="where to build (default: a temporary directory)")
+    parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="nvfp4_bench_", dir=args.workdir))
+    try:
+        start = time.perf_counter()
+        total, largest = build(work / "src", args.size_gb, args.shard_gb)
+        print(
+            f"built {total / 1e9:.2f} GB in {time.perf_counter() - start:.1f} s "
+            f"(largest shard {largest / 1e9:.2f} GB)"
+        )
+        child = subprocess.run(
+            [sys.executable, "-c", _CHILD, str(work / "src"), str(work / "dst"), args.scales],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        seconds = json.loads(child.stdout.strip().splitlines()[-1])["seconds"]
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        peak_rss = usage.ru_maxrss * 1024
+        cpu_seconds = usage.ru_utime + usage.ru_stime
+        out_bytes = sum(p.stat().st_size for p in (work / "dst").glob("*.safetensors"))
+        result = {
+            "input_bytes": total,
+            "output_bytes": out_bytes,
+            "largest_input_shard": largest,
+            "scales": args.scales,
+            "seconds": seconds,
+            "mb_per_s": total / 1e6 / seconds,
+            "cpu_seconds": cpu_seconds,
+            "mb_per_cpu_second": total / 1e6 / cpu_seconds,
+            "peak_rss_bytes": peak_rss,
+            "rss_over_largest_shard": peak_rss / largest,
+        }
+        print(
+            f"quantize ({args.scales}): {seconds:.1f} s, {result['mb_per_s']:.0f} MB/s of input "
+            "(goal >= 200), "
+            f"output {out_bytes / 1e9:.2f} GB"
+        )
+        print(
+            f"CPU time {cpu_seconds:.1f} s (child, incl. imports): {result['mb_per_cpu_second']:.0f} MB per "
+            "CPU-second; on a shared machine wall-clock MB/s understates what 2 idle cores do"
+        )
+        print(
+            f"peak RSS {peak_rss / 1e9:.2f} GB = {result['rss_over_largest_shard']:.2f}x "
+            "the largest input shard "
+            "(goal <= 2x)"
+        )
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=1))
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
