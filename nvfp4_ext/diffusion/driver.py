@@ -264,12 +264,13 @@ def generate(
                     if stats == "hf-exact":
                         z = torch.where(done[:, None, None], sc_logits, z)
                         entropy = categorical_entropy(z)
+                was_done = done.clone()
                 done |= tracker.update(new_argmax) & is_confident(entropy, settings.confidence_threshold)
                 if stats == "hf-exact":
                     sc_logits = z.to(embed.weight.dtype)
                 else:
                     new_soft = step_stats.soft_embedding.view(batch, canvas_len, -1)
-                    soft = new_soft if soft is None else torch.where(done[:, None, None], soft, new_soft)
+                    soft = new_soft if soft is None else torch.where(was_done[:, None, None], soft, new_soft)
                 canvas, argmax_canvas = new_canvas, new_argmax
                 if bool(done.all()):
                     break
