@@ -223,3 +223,18 @@ def test_admission_hook_turns_bad_policy_args_into_validation_errors(monkeypatch
     assert info.value.parameter == "diffusion_policy_k" and "diffusion_policy_k" in str(info.value)
     with pytest.raises(VLLMValidationError, match="diffusion_max_steps"):  # vLLM's own checks still run
         validate(SamplingParams(extra_args={"diffusion_max_steps": 0}), canvas_length=16, vocab_size=4096)
+
+
+def test_tensor_parallel_soft_embedding_shards_sum_to_the_full_one() -> None:
+    from nvfp4_ext.diffusion.stats import logits_denoise_stats
+    from nvfp4_ext.engines.vllm.diffusion_gemma import _local_soft_embedding
+
+    gen = torch.Generator().manual_seed(3)
+    logits, embed = torch.randn(6, 100, generator=gen) * 4, torch.randn(100, 8, generator=gen)
+    temps = torch.rand(6, generator=gen) + 0.4
+    full = logits_denoise_stats(logits, temps, seed=0, embed_weight=embed, embed_scale=1.0, chunk_size=16)
+    shards = [
+        _local_soft_embedding(logits, temps, full.argmax, full.top_prob, embed[lo:hi], lo, hi, 16)
+        for lo, hi in ((0, 50), (50, 100))
+    ]
+    torch.testing.assert_close(shards[0] + shards[1], full.soft_embedding, rtol=1e-5, atol=1e-5)
