@@ -15,7 +15,6 @@ import argparse
 import http.client
 import json
 import platform
-import statistics
 import sys
 import threading
 import time
@@ -77,12 +76,20 @@ def first_model(base_url: str, timeout: float = 10.0) -> str:
         conn.close()
 
 
-def stream_one(base_url: str, model: str, prompt: str, max_tokens: int, chat: bool, timeout: float) -> RequestResult:
+def stream_one(
+    base_url: str, model: str, prompt: str, max_tokens: int, chat: bool, timeout: float
+) -> RequestResult:
     """Send one streaming request and time it (TTFT = first chunk carrying generated text)."""
     base = urllib.parse.urlparse(base_url)
     path = base.path.rstrip("/") + ("/v1/chat/completions" if chat else "/v1/completions")
-    body: dict = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                  "stream_options": {"include_usage": True}, "ignore_eos": True}
+    body: dict = {
+        "model": model,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+    }
     body.update({"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt})
     start = time.perf_counter()
     result = RequestResult(ok=False)
@@ -123,8 +130,16 @@ def stream_one(base_url: str, model: str, prompt: str, max_tokens: int, chat: bo
     return result
 
 
-def run_clients(base_url: str, model: str, clients: int, requests: int, prompt: str, max_tokens: int, chat: bool,
-                timeout: float) -> tuple[list[RequestResult], float]:
+def run_clients(
+    base_url: str,
+    model: str,
+    clients: int,
+    requests: int,
+    prompt: str,
+    max_tokens: int,
+    chat: bool,
+    timeout: float,
+) -> tuple[list[RequestResult], float]:
     """All clients start at a barrier; returns every result and the wall time."""
     results: list[RequestResult] = []
     lock = threading.Lock()
@@ -133,7 +148,9 @@ def run_clients(base_url: str, model: str, clients: int, requests: int, prompt: 
     def client(index: int) -> None:
         barrier.wait()
         for r in range(requests):
-            res = stream_one(base_url, model, f"{prompt} (client {index}, request {r})", max_tokens, chat, timeout)
+            res = stream_one(
+                base_url, model, f"{prompt} (client {index}, request {r})", max_tokens, chat, timeout
+            )
             with lock:
                 results.append(res)
 
@@ -174,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=1, help="requests per client, sent one after another")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--prompt", default="Describe this picture in one detailed paragraph.")
-    parser.add_argument("--chat", action="store_true", help="use /v1/chat/completions instead of /v1/completions")
+    parser.add_argument(
+        "--chat", action="store_true", help="use /v1/chat/completions instead of /v1/completions"
+    )
     parser.add_argument("--timeout", type=float, default=300.0, help="per-request socket timeout (s)")
     parser.add_argument("--out", type=Path, default=None, help="write the summary and every request as JSON")
     args = parser.parse_args(argv)
@@ -185,23 +204,46 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, http.client.HTTPException, KeyError, IndexError, json.JSONDecodeError) as exc:
         print(f"error: cannot list models at {args.base_url}/v1/models: {exc}", file=sys.stderr)
         return 2
-    results, wall = run_clients(args.base_url, model, args.clients, args.requests, args.prompt, args.max_tokens,
-                                args.chat, args.timeout)
+    results, wall = run_clients(
+        args.base_url,
+        model,
+        args.clients,
+        args.requests,
+        args.prompt,
+        args.max_tokens,
+        args.chat,
+        args.timeout,
+    )
     summary = summarize(results, args.clients, wall)
     fmt = lambda v: "n/a" if v is None else f"{v * 1000:.0f} ms"  # noqa: E731
-    print(f"{summary.requests} requests from {summary.clients} clients in {summary.wall_s:.2f} s, "
-          f"{summary.errors} errors")
-    print(f"prompt {summary.prompt_tokens_per_s:.1f} tok/s, generation {summary.generation_tokens_per_s:.1f} tok/s")
-    print(f"TTFT p50 {fmt(summary.ttft_p50_s)} p99 {fmt(summary.ttft_p99_s)}; "
-          f"latency p50 {fmt(summary.latency_p50_s)} p99 {fmt(summary.latency_p99_s)}")
+    print(
+        f"{summary.requests} requests from {summary.clients} clients in {summary.wall_s:.2f} s, "
+        f"{summary.errors} errors"
+    )
+    print(
+        f"prompt {summary.prompt_tokens_per_s:.1f} tok/s, "
+        f"generation {summary.generation_tokens_per_s:.1f} tok/s"
+    )
+    print(
+        f"TTFT p50 {fmt(summary.ttft_p50_s)} p99 {fmt(summary.ttft_p99_s)}; "
+        f"latency p50 {fmt(summary.latency_p50_s)} p99 {fmt(summary.latency_p99_s)}"
+    )
     for sample in summary.error_samples:
         print(f"  error: {sample}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        env = {"base_url": args.base_url, "model": model, "python": platform.python_version(),
-               "host": platform.node(), "args": {k: str(v) for k, v in vars(args).items()}}
-        args.out.write_text(json.dumps({"env": env, "summary": asdict(summary),
-                                        "requests": [asdict(r) for r in results]}, indent=1))
+        env = {
+            "base_url": args.base_url,
+            "model": model,
+            "python": platform.python_version(),
+            "host": platform.node(),
+            "args": {k: str(v) for k, v in vars(args).items()},
+        }
+        args.out.write_text(
+            json.dumps(
+                {"env": env, "summary": asdict(summary), "requests": [asdict(r) for r in results]}, indent=1
+            )
+        )
     return 1 if summary.errors else 0
 
 

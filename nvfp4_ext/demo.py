@@ -32,11 +32,19 @@ _BACKEND_LINE = re.compile(r"nvfp4_ext: (\S+) layers run on the (\S+) backend")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=MODELS, default="gemma4-moe", help="tiny model family to build")
-    parser.add_argument("--recipe", choices=("w4a16", "nvfp4"), default="w4a16",
-                        help="w4a16 (weight-only) or nvfp4 (W4A4, calibrated on a shipped text)")
+    parser.add_argument(
+        "--recipe",
+        choices=("w4a16", "nvfp4"),
+        default="w4a16",
+        help="w4a16 (weight-only) or nvfp4 (W4A4, calibrated on a shipped text)",
+    )
     parser.add_argument("--port", type=int, default=0, help="server port on 127.0.0.1 (default: a free one)")
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="keep the models and the server log here (default: a temporary directory)")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="keep the models and the server log here (default: a temporary directory)",
+    )
     parser.add_argument("--prompt", default="w5 w17 w99 w3", help="chat message to send")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the server")
@@ -77,15 +85,24 @@ def _wait_ready(proc: subprocess.Popen, port: int, timeout: float) -> bool:
 
 
 def _chat(port: int, model: str, prompt: str, max_tokens: int) -> str:
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0}
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
             return json.loads(response.read())["choices"][0]["message"]["content"]
     except urllib.error.HTTPError as exc:
-        raise Nvfp4ExtError(f"chat completion failed: HTTP {exc.code}: {exc.read().decode(errors='replace')}") from None
+        raise Nvfp4ExtError(
+            f"chat completion failed: HTTP {exc.code}: {exc.read().decode(errors='replace')}"
+        ) from None
 
 
 def _stop(proc: subprocess.Popen) -> int:
@@ -105,7 +122,9 @@ def _tail(path: Path, lines: int = 40) -> str:
 
 def run(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("vllm") is None:
-        raise ConfigError("vLLM is not installed: run scripts/install.sh (CPU) or `pip install nvfp4-ext[vllm]` (GPU)")
+        raise ConfigError(
+            "vLLM is not installed: run scripts/install.sh (CPU) or `pip install nvfp4-ext[vllm]` (GPU)"
+        )
     import torch
 
     from nvfp4_ext.quantize import quantize_checkpoint
@@ -122,11 +141,27 @@ def run(args: argparse.Namespace) -> int:
         _step(2, f"quantizing it to NVFP4 ({args.recipe}) -> {quantized}")
         if not (quantized / "config.json").is_file():
             calib = Path(__file__).parent / "data" / "eval_text.txt" if args.recipe == "nvfp4" else None
-            quantize_checkpoint(source, quantized, recipe=args.recipe, calib=calib, force=True, progress=False)
+            quantize_checkpoint(
+                source, quantized, recipe=args.recipe, calib=calib, force=True, progress=False
+            )
         port = args.port or _free_port()
-        command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(quantized),
-                   "--quantization", "nvfp4_ext", "--host", "127.0.0.1", "--port", str(port),
-                   "--dtype", "float32" if on_cpu else "bfloat16", "--max-model-len", "256"]
+        command = [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(quantized),
+            "--quantization",
+            "nvfp4_ext",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dtype",
+            "float32" if on_cpu else "bfloat16",
+            "--max-model-len",
+            "256",
+        ]
         if on_cpu:
             command.append("--enforce-eager")
         log_path = workdir / "server.log"
@@ -142,8 +177,14 @@ def run(args: argparse.Namespace) -> int:
             answer = _chat(port, str(quantized), args.prompt, args.max_tokens)
             print(f"      answer: {answer.strip()!r}", flush=True)
             backends = dict(_BACKEND_LINE.findall(log_path.read_text(errors="replace")))
-            _step(5, "nvfp4_ext backends that ran: "
-                  + (", ".join(f"{kind} -> {backend}" for kind, backend in sorted(backends.items())) or "none logged"))
+            _step(
+                5,
+                "nvfp4_ext backends that ran: "
+                + (
+                    ", ".join(f"{kind} -> {backend}" for kind, backend in sorted(backends.items()))
+                    or "none logged"
+                ),
+            )
         finally:
             code = _stop(proc)
         print(f"      server stopped (exit code {code})", flush=True)

@@ -1,4 +1,5 @@
-"""Backend dispatch per layer kind and device: FlashInfer on sm>=100 (W4A4), Triton on other CUDA, torch on CPU."""
+"""Backend dispatch per layer kind and device: FlashInfer on sm>=100 (W4A4), Triton on other CUDA, torch on
+CPU."""
 
 from __future__ import annotations
 
@@ -29,7 +30,9 @@ def test_pre_blackwell_cuda_runs_triton(kind, capability):
 def test_blackwell_w4a4_runs_flashinfer_when_importable(kind, monkeypatch):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
-        dispatch.importlib.util, "find_spec", lambda name, *a: object() if name == "flashinfer" else real_find_spec(name, *a)
+        dispatch.importlib.util,
+        "find_spec",
+        lambda name, *a: object() if name == "flashinfer" else real_find_spec(name, *a),
     )
     assert flashinfer_available()
     assert select_backend(kind, (10, 0)) == "flashinfer"
@@ -40,7 +43,9 @@ def test_blackwell_w4a4_runs_flashinfer_when_importable(kind, monkeypatch):
 def test_blackwell_without_flashinfer_runs_triton(kind, monkeypatch):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
-        dispatch.importlib.util, "find_spec", lambda name, *a: None if name == "flashinfer" else real_find_spec(name, *a)
+        dispatch.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "flashinfer" else real_find_spec(name, *a),
     )
     assert not flashinfer_available()
     assert select_backend(kind, (10, 0)) == "triton"

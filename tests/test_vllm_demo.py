@@ -1,4 +1,4 @@
-"""The README main job: `nvfp4-ext demo` builds, quantizes, serves through vLLM, chats and stops the server."""
+"""The README main job: `nvfp4-ext demo` builds, quantizes, serves through vLLM, chats, stops the server."""
 
 from __future__ import annotations
 

@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_vllm_helpers import PROMPT_LONG, PROMPTS, hf_greedy, make_llm, tiny_checkpoint, vllm_greedy
 
 pytestmark = pytest.mark.vllm
@@ -43,8 +42,15 @@ def _plugin_layers(model) -> dict:
         if sizes and len(sizes) > 1:
             stored = getattr(module, method.names["global"]).data.float().tolist()
             rows = module.nvfp4_global_per_row.tolist()
-            fused.append({"layer": name, "sizes": sizes, "stored": stored, "rows": rows,
-                          "convention": method.convention})
+            fused.append(
+                {
+                    "layer": name,
+                    "sizes": sizes,
+                    "stored": stored,
+                    "rows": rows,
+                    "convention": method.convention,
+                }
+            )
     return {"methods": methods, "fused": fused}
 
 
@@ -58,7 +64,10 @@ def vllm_runs(ckpt_root) -> dict:
         if key not in cache:
             llm = make_llm(tiny_checkpoint(ckpt_root, model, form))
             try:
-                cache[key] = {"tokens": vllm_greedy(llm, PROMPTS), "layers": llm.apply_model(_plugin_layers)[0]}
+                cache[key] = {
+                    "tokens": vllm_greedy(llm, PROMPTS),
+                    "layers": llm.apply_model(_plugin_layers)[0],
+                }
             finally:
                 del llm
                 gc.collect()
@@ -100,8 +109,12 @@ def test_mixed_precision_checkpoint_fp8_attention_nvfp4_experts(ckpt_root, vllm_
     assert config["quantization_config"]["quant_algo"] == "MIXED_PRECISION"
     result = vllm_runs("qwen3-moe", "mixed")
     methods = result["layers"]["methods"]
-    assert methods.get("Nvfp4ExtFp8LinearMethod", 0) > 0 and methods.get("Nvfp4ExtFusedMoEMethod") == 2, methods
-    assert result["tokens"] == hf_greedy(tiny_checkpoint(ckpt_root, "qwen3-moe", "dequantized-mixed"), PROMPTS)
+    assert methods.get("Nvfp4ExtFp8LinearMethod", 0) > 0 and methods.get("Nvfp4ExtFusedMoEMethod") == 2, (
+        methods
+    )
+    assert result["tokens"] == hf_greedy(
+        tiny_checkpoint(ckpt_root, "qwen3-moe", "dequantized-mixed"), PROMPTS
+    )
 
 
 def test_fused_layers_carry_each_shards_own_global_scale(vllm_runs):
@@ -110,7 +123,9 @@ def test_fused_layers_carry_each_shards_own_global_scale(vllm_runs):
     for layer in fused:
         start = 0
         for size, stored in zip(layer["sizes"], layer["stored"], strict=True):
-            assert layer["rows"][start : start + size] == [stored] * size  # exact: modelopt stores multipliers
+            assert (
+                layer["rows"][start : start + size] == [stored] * size
+            )  # exact: modelopt stores multipliers
             start += size
     # The shards' globals differ in this model, so a single fused global (vLLM's max) would be lossy.
     assert any(len(set(f["stored"])) > 1 for f in fused)
@@ -144,7 +159,9 @@ def test_tensor_parallel_2_equals_tp_1(ckpt_root, vllm_runs, tmp_path):
     assert json.loads(lines[0].removeprefix("TOKENS=")) == vllm_runs("qwen3-moe")["tokens"]
 
 
-@pytest.mark.parametrize(("form", "builtin"), [("modelopt", "modelopt_fp4"), ("compressed-tensors", "compressed-tensors")])
+@pytest.mark.parametrize(
+    ("form", "builtin"), [("modelopt", "modelopt_fp4"), ("compressed-tensors", "compressed-tensors")]
+)
 def test_without_our_flag_vllm_resolves_the_checkpoint_as_before(ckpt_root, form, builtin):
     from vllm.config import ModelConfig
 

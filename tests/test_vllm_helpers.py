@@ -41,9 +41,9 @@ def tiny_checkpoint(root: Path, model: str, form: str = "modelopt") -> Path:
     Args:
         model: a key of `nvfp4_ext.tiny_models.TINY_BUILDERS` ("gemma4-moe", "qwen3-moe", "qwen3-dense").
         form: "source" (bf16), "modelopt" / "compressed-tensors" (NVFP4 W4A16 from the project quantizer, same
-            codes and block scales), "w4a4" (ModelOpt NVFP4 with calibrated input scales), "mixed" (MIXED_PRECISION: NVFP4
-            experts, block-FP8 attention), or "dequantized" / "dequantized-w4a4" / "dequantized-mixed" (float32
-            HF checkpoints of those weights).
+            codes and block scales), "w4a4" (ModelOpt NVFP4 with calibrated input scales), "mixed"
+            (MIXED_PRECISION: NVFP4 experts, block-FP8 attention), or "dequantized" / "dequantized-w4a4" /
+            "dequantized-mixed" (float32 HF checkpoints of those weights).
     """
     from nvfp4_ext.quantize import dequantize_checkpoint, quantize_checkpoint
     from nvfp4_ext.tiny_models import TINY_BUILDERS
@@ -54,11 +54,14 @@ def tiny_checkpoint(root: Path, model: str, form: str = "modelopt") -> Path:
     if form == "source":
         TINY_BUILDERS[model](out)
     elif form in ("modelopt", "compressed-tensors"):
-        quantize_checkpoint(tiny_checkpoint(root, model, "source"), out, recipe="w4a16", output_format=form,
-                            progress=False)
+        quantize_checkpoint(
+            tiny_checkpoint(root, model, "source"), out, recipe="w4a16", output_format=form, progress=False
+        )
     elif form == "w4a4":
         calib = Path(__file__).parents[1] / "nvfp4_ext" / "data" / "eval_text.txt"
-        quantize_checkpoint(tiny_checkpoint(root, model, "source"), out, recipe="nvfp4", calib=calib, progress=False)
+        quantize_checkpoint(
+            tiny_checkpoint(root, model, "source"), out, recipe="nvfp4", calib=calib, progress=False
+        )
     elif form == "mixed":
         quantize_checkpoint(tiny_checkpoint(root, model, "source"), out, recipe="mixed", progress=False)
     elif form == "dequantized-mixed":

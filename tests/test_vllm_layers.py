@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from nvfp4_ext.kernels import nvfp4_moe_ref
 from safetensors.torch import save_file
 
 from nvfp4_ext.checkpoint.config import parse_quant_config
@@ -21,7 +22,6 @@ from nvfp4_ext.engines.common import (
 )
 from nvfp4_ext.errors import CheckpointError, ConfigError
 from nvfp4_ext.format import dequantize_nvfp4, nvfp4_linear, quantize_nvfp4, stored_global_scale
-from nvfp4_ext.kernels import nvfp4_moe_ref
 
 
 def _shards(seed: int = 0) -> list[torch.Tensor]:
@@ -39,7 +39,9 @@ def test_fused_layer_equals_unfused_shards_where_max_global_does_not():
     weight = torch.cat([q.qdata for q in quantized])
     scale = torch.cat([q.scale for q in quantized])
     stored = torch.stack([q.global_scale for q in quantized])
-    ours = nvfp4_linear_forward(x, weight, scale, per_row_global(stored, [64, 32, 32], "modelopt"), None, "torch")
+    ours = nvfp4_linear_forward(
+        x, weight, scale, per_row_global(stored, [64, 32, 32], "modelopt"), None, "torch"
+    )
     torch.testing.assert_close(ours, unfused, rtol=1e-6, atol=1e-6)
 
     # vLLM's built-in: one global (the max) for the fused weight, block scales left as they are.
@@ -85,7 +87,8 @@ def test_row_parallel_split_of_packed_weight_and_block_scales_is_exact():
         scale = q.scale.narrow(1, rank * k_part // 16, k_part // 16)
         xs = x[:, rank * k_part : (rank + 1) * k_part]
         torch.testing.assert_close(
-            dequantize_nvfp4(weight, scale, q.global_scale), q.dequantize()[:, rank * k_part : (rank + 1) * k_part]
+            dequantize_nvfp4(weight, scale, q.global_scale),
+            q.dequantize()[:, rank * k_part : (rank + 1) * k_part],
         )
         partial += nvfp4_linear(xs, weight, scale, q.global_scale)
     torch.testing.assert_close(partial, full, rtol=1e-5, atol=1e-5)
@@ -97,7 +100,10 @@ def test_vllm_expert_loader_splits_nvfp4_experts_on_block_boundaries():
 
     experts, hidden, inter, tp = 4, 32, 64, 2
     gen = torch.Generator().manual_seed(5)
-    gate, up = torch.randn(experts, inter, hidden, generator=gen), torch.randn(experts, inter, hidden, generator=gen)
+    gate, up = (
+        torch.randn(experts, inter, hidden, generator=gen),
+        torch.randn(experts, inter, hidden, generator=gen),
+    )
     down = torch.randn(experts, hidden, inter, generator=gen)
     qg, qu, qd = quantize_nvfp4(gate), quantize_nvfp4(up), quantize_nvfp4(down)
     x = torch.randn(6, hidden, generator=gen)
@@ -108,9 +114,16 @@ def test_vllm_expert_loader_splits_nvfp4_experts_on_block_boundaries():
         return torch.stack([g_gate, g_up], 1).repeat_interleave(rows, dim=1)
 
     full = nvfp4_moe_ref(
-        x, torch.cat([qg.qdata, qu.qdata], 1), torch.cat([qg.scale, qu.scale], 1),
-        w13_global(qg.global_scale, qu.global_scale, inter), qd.qdata, qd.scale,
-        qd.global_scale[:, None].expand(-1, hidden), topk_w, topk_ids, "silu",
+        x,
+        torch.cat([qg.qdata, qu.qdata], 1),
+        torch.cat([qg.scale, qu.scale], 1),
+        w13_global(qg.global_scale, qu.global_scale, inter),
+        qd.qdata,
+        qd.scale,
+        qd.global_scale[:, None].expand(-1, hidden),
+        topk_w,
+        topk_ids,
+        "silu",
     )
     part = inter // tp
     total = torch.zeros_like(full)
@@ -132,8 +145,16 @@ def test_vllm_expert_loader_splits_nvfp4_experts_on_block_boundaries():
             RoutedExperts._load_w2(fake, s2[e], 1, qd.scale[e], rank)
         assert_loaded("experts", {"w13_weight_scale": s13, "w2_weight_scale": s2}, "NVFP4 MoE")
         total += nvfp4_moe_ref(
-            x, w13, s13, w13_global(qg.global_scale, qu.global_scale, part), w2, s2,
-            qd.global_scale[:, None].expand(-1, hidden), topk_w, topk_ids, "silu",
+            x,
+            w13,
+            s13,
+            w13_global(qg.global_scale, qu.global_scale, part),
+            w2,
+            s2,
+            qd.global_scale[:, None].expand(-1, hidden),
+            topk_w,
+            topk_ids,
+            "silu",
         )
     torch.testing.assert_close(total, full, rtol=1e-5, atol=1e-4)  # fp32 summation order only
 
@@ -158,7 +179,11 @@ def _write_module(root: Path, tensors: dict[str, torch.Tensor]) -> Path:
 
 def _nvfp4_tensors(prefix: str, with_input: bool = False) -> dict[str, torch.Tensor]:
     q = quantize_nvfp4(torch.randn(32, 64))
-    out = {f"{prefix}.weight": q.qdata, f"{prefix}.weight_scale": q.scale, f"{prefix}.weight_scale_2": q.global_scale}
+    out = {
+        f"{prefix}.weight": q.qdata,
+        f"{prefix}.weight_scale": q.scale,
+        f"{prefix}.weight_scale_2": q.global_scale,
+    }
     if with_input:
         out[f"{prefix}.input_scale"] = torch.tensor(0.01)
     return out
@@ -179,7 +204,9 @@ def test_header_validation_names_file_and_tensor(tmp_path):
 
     bad_shape = _nvfp4_tensors("a.o_proj")
     bad_shape["a.o_proj.weight_scale"] = bad_shape["a.o_proj.weight_scale"][:, :2].contiguous()
-    with pytest.raises(CheckpointError, match=r"model\.safetensors, tensor a\.o_proj\.weight_scale: expected shape"):
+    with pytest.raises(
+        CheckpointError, match=r"model\.safetensors, tensor a\.o_proj\.weight_scale: expected shape"
+    ):
         validate_checkpoint(_write_module(tmp_path / "bad_shape", bad_shape), w4a16)
 
     with pytest.raises(CheckpointError, match=r"a\.o_proj\.input_scale: missing"):
@@ -194,16 +221,22 @@ MODELOPT_W4A16 = {"quant_method": "modelopt", "quant_algo": "W4A16_NVFP4", "grou
 MODELOPT_MIXED = {
     "quant_method": "modelopt",
     "quant_algo": "MIXED_PRECISION",
-    "quantized_layers": {"model.layers.0.self_attn.q_proj": {"quant_algo": "FP8"},
-                         "model.layers.0.mlp.experts": {"quant_algo": "NVFP4", "group_size": 16}},
+    "quantized_layers": {
+        "model.layers.0.self_attn.q_proj": {"quant_algo": "FP8"},
+        "model.layers.0.mlp.experts": {"quant_algo": "NVFP4", "group_size": 16},
+    },
 }
 CT_NVFP4 = {
     "quant_method": "compressed-tensors",
     "format": "nvfp4-pack-quantized",
     "ignore": ["lm_head"],
-    "config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "float",
-                                                               "strategy": "tensor_group", "group_size": 16},
-                            "input_activations": None}},
+    "config_groups": {
+        "g": {
+            "targets": ["Linear"],
+            "weights": {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16},
+            "input_activations": None,
+        }
+    },
 }
 FP8 = {"quant_method": "modelopt", "quant_algo": "FP8"}
 NVFP4_FORMS = [MODELOPT_NVFP4, MODELOPT_W4A16, MODELOPT_MIXED, CT_NVFP4]
@@ -227,6 +260,21 @@ def test_register_is_idempotent_and_adds_the_method(plugin):
 
     assert QUANTIZATION_METHODS.count("nvfp4_ext") == 1
     assert get_quantization_config("nvfp4_ext") is plugin
+
+
+@pytest.mark.vllm
+def test_register_points_diffusion_gemma_at_our_class_lazily(plugin):
+    import importlib.util
+
+    from vllm import ModelRegistry
+
+    if importlib.util.find_spec("nvfp4_ext.engines.vllm.diffusion_gemma") is None:
+        pytest.skip("this installation has no nvfp4_ext.engines.vllm.diffusion_gemma module")
+    entry = ModelRegistry.models["DiffusionGemmaForBlockDiffusion"]
+    assert (entry.module_name, entry.class_name) == (
+        "nvfp4_ext.engines.vllm.diffusion_gemma",
+        "Nvfp4ExtDiffusionGemma",
+    )
 
 
 @pytest.mark.vllm
@@ -281,11 +329,15 @@ def test_flashinfer_scale_swizzle_inverts_with_vllms_reader(rows, cols):
 
     from nvfp4_ext.engines.common import swizzle_block_scales
 
-    scale = (torch.rand(rows, cols, generator=torch.Generator().manual_seed(rows)) * 8 + 0.1).to(torch.float8_e4m3fn)
+    scale = (torch.rand(rows, cols, generator=torch.Generator().manual_seed(rows)) * 8 + 0.1).to(
+        torch.float8_e4m3fn
+    )
     swizzled = swizzle_block_scales(scale)
     assert swizzled.shape == (-(-rows // 128) * 128, -(-cols // 4) * 4)
     back = convert_swizzled_to_linear(swizzled.view(torch.uint8), rows, cols * 16, 16)
-    assert torch.equal(back[:rows, :cols], scale.view(torch.uint8))  # its column slice is in elements, not scales
+    assert torch.equal(
+        back[:rows, :cols], scale.view(torch.uint8)
+    )  # its column slice is in elements, not scales
 
 
 _PLUGIN_PROBE = (
@@ -303,6 +355,8 @@ def test_vllm_plugins_env_selects_or_disables_the_entry_point(plugins, expected)
     import sys
 
     env = {**os.environ, "VLLM_PLUGINS": plugins}
-    proc = subprocess.run([sys.executable, "-c", _PLUGIN_PROBE], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _PLUGIN_PROBE], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"REGISTERED={expected}" in proc.stdout

@@ -13,8 +13,15 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
-
-from test_vllm_helpers import free_port, post_json, server_command, server_env, stop, tiny_checkpoint, wait_ready
+from test_vllm_helpers import (
+    free_port,
+    post_json,
+    server_command,
+    server_env,
+    stop,
+    tiny_checkpoint,
+    wait_ready,
+)
 
 pytestmark = pytest.mark.vllm
 psutil = pytest.importorskip("psutil")  # installed with vLLM
@@ -33,7 +40,9 @@ def server(ckpt_root, tmp_path_factory):
     with log_path.open("w") as log:
         proc = subprocess.Popen(
             server_command(model_dir, port, "--quantization", "nvfp4_ext"),
-            env=server_env(), stdout=log, stderr=subprocess.STDOUT,
+            env=server_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     try:
         ready = wait_ready(proc, port)
@@ -55,20 +64,32 @@ def _children(proc: subprocess.Popen) -> list[psutil.Process]:
 
 
 def _completion(server, i: int) -> int:
-    status, _ = post_json(server["port"], "/v1/completions",
-                          {"model": server["model"], "prompt": f"w{i + 4} w{i + 9} w7", "max_tokens": 8,
-                           "temperature": 0})
+    status, _ = post_json(
+        server["port"],
+        "/v1/completions",
+        {"model": server["model"], "prompt": f"w{i + 4} w{i + 9} w7", "max_tokens": 8, "temperature": 0},
+    )
     return status
 
 
 def test_completions_and_chat_answer_200(server):
-    status, body = post_json(server["port"], "/v1/completions",
-                             {"model": server["model"], "prompt": "w5 w17 w99", "max_tokens": 6, "temperature": 0})
+    status, body = post_json(
+        server["port"],
+        "/v1/completions",
+        {"model": server["model"], "prompt": "w5 w17 w99", "max_tokens": 6, "temperature": 0},
+    )
     assert status == 200, body
     assert body["usage"]["completion_tokens"] == 6 and body["choices"][0]["text"].strip()
-    status, body = post_json(server["port"], "/v1/chat/completions",
-                             {"model": server["model"], "messages": [{"role": "user", "content": "w5 w17"}],
-                              "max_tokens": 6, "temperature": 0})
+    status, body = post_json(
+        server["port"],
+        "/v1/chat/completions",
+        {
+            "model": server["model"],
+            "messages": [{"role": "user", "content": "w5 w17"}],
+            "max_tokens": 6,
+            "temperature": 0,
+        },
+    )
     assert status == 200, body
     assert body["choices"][0]["message"]["content"].strip()
 
@@ -86,8 +107,16 @@ def test_streaming_benchmark_clients_get_every_token(server):
     bench = importlib.util.module_from_spec(spec)
     sys.modules["serve_streams"] = bench  # dataclasses look their module up there
     spec.loader.exec_module(bench)
-    results, wall = bench.run_clients(f"http://127.0.0.1:{server['port']}", server["model"], clients=8, requests=2,
-                                      prompt="w5 w17", max_tokens=8, chat=True, timeout=120)
+    results, wall = bench.run_clients(
+        f"http://127.0.0.1:{server['port']}",
+        server["model"],
+        clients=8,
+        requests=2,
+        prompt="w5 w17",
+        max_tokens=8,
+        chat=True,
+        timeout=120,
+    )
     summary = bench.summarize(results, 8, wall)
     assert summary.errors == 0, summary.error_samples
     assert summary.requests == 16 and all(r.completion_tokens == 8 for r in results)
@@ -122,8 +151,13 @@ def test_malformed_checkpoint_fails_at_startup_with_our_message(ckpt_root, tmp_p
         else:
             (bad / item.name).write_bytes(item.read_bytes())
     port = free_port()
-    proc = subprocess.run(server_command(bad, port, "--quantization", "nvfp4_ext"), env=server_env(),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        server_command(bad, port, "--quantization", "nvfp4_ext"),
+        env=server_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert f"tensor {missing}: missing" in output, output[-3000:]

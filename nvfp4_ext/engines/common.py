@@ -1,12 +1,12 @@
 """Engine-agnostic layer logic shared by the vLLM and SGLang adapters (no engine imports here).
 
-  * global-scale assembly: fused qkv / gate_up shards keep their OWN NVFP4 global scale, carried as one float32
-    multiplier per output row ([N]), so a fused layer computes exactly what its unfused shards compute (the
-    engines' built-in methods take the max over shards and lose precision);
-  * tensor-parallel checks: packed nibbles and 16-element block scales can only be split on block boundaries;
-  * backend choice per layer kind (logged once per process) and the forward paths that call
-    `nvfp4_ext.kernels` (torch reference on CPU, our Triton kernels on CUDA, FlashInfer FP4 on sm >= 100);
-  * checks that every scale tensor a method created was filled from the checkpoint (NaN sentinels).
+* global-scale assembly: fused qkv / gate_up shards keep their OWN NVFP4 global scale, carried as one float32
+  multiplier per output row ([N]), so a fused layer computes exactly what its unfused shards compute (the
+  engines' built-in methods take the max over shards and lose precision);
+* tensor-parallel checks: packed nibbles and 16-element block scales can only be split on block boundaries;
+* backend choice per layer kind (logged once per process) and the forward paths that call
+  `nvfp4_ext.kernels` (torch reference on CPU, our Triton kernels on CUDA, FlashInfer FP4 on sm >= 100);
+* checks that every scale tensor a method created was filled from the checkpoint (NaN sentinels).
 """
 
 from __future__ import annotations
@@ -69,9 +69,7 @@ def per_row_global(
 # ------------------------------------------------------------------------------------- tensor parallelism
 def working_tp_sizes(full_size: int, candidates: Iterable[int] = (1, 2, 4, 8, 16)) -> list[int]:
     """Tensor-parallel sizes that split `full_size` into whole 16-element NVFP4 blocks."""
-    return [
-        tp for tp in candidates if full_size % tp == 0 and (full_size // tp) % NVFP4_BLOCK_SIZE == 0
-    ]
+    return [tp for tp in candidates if full_size % tp == 0 and (full_size // tp) % NVFP4_BLOCK_SIZE == 0]
 
 
 def check_nvfp4_partition(layer: str, what: str, full_size: int, size_per_partition: int) -> None:
@@ -90,7 +88,8 @@ def check_nvfp4_partition(layer: str, what: str, full_size: int, size_per_partit
     tp = max(1, round(full_size / max(size_per_partition, 1)))
     working = working_tp_sizes(full_size)
     raise ConfigError(
-        f"layer {layer}: tensor parallel size {tp} splits its {what} of {full_size} into {size_per_partition} "
+        f"layer {layer}: tensor parallel size {tp} splits its {what} of {full_size} into "
+        f"{size_per_partition} "
         f"per rank, which is not a multiple of the NVFP4 block size {NVFP4_BLOCK_SIZE}; use "
         f"--tensor-parallel-size {max(working) if working else 1} (sizes that work: "
         f"{', '.join(map(str, working)) or 'none'})"
@@ -124,13 +123,16 @@ def assert_loaded(layer_name: str, params: dict[str, torch.Tensor], method: str)
             bad = ~torch.isfinite(tensor.detach().float()) | (tensor.detach().float() <= 0)
             if bool(bad.any()):
                 raise CheckpointError(
-                    f"global/input scales must be finite and positive, got {tensor.detach().float().tolist()}",
+                    f"global/input scales must be finite and positive, got "
+                    f"{tensor.detach().float().tolist()}",
                     tensor=f"{layer_name}.{name}",
                 )
 
 
 # ------------------------------------------------------------------------------------------- dispatch
-def backend_for(kind: LayerKind, device: torch.device, *, implemented: Sequence[str] | None = None) -> Backend:
+def backend_for(
+    kind: LayerKind, device: torch.device, *, implemented: Sequence[str] | None = None
+) -> Backend:
     """The backend for a layer kind on `device`, logged once per kind and process.
 
     Args:
@@ -181,7 +183,9 @@ def nvfp4_linear_forward(
     if backend == "flashinfer":
         if weight_scale_swizzled is None:
             weight_scale_swizzled = swizzle_block_scales(weight_scale)
-        out = _flashinfer_nvfp4_linear(flat, weight, weight_scale_swizzled, global_per_row, bias, input_global)
+        out = _flashinfer_nvfp4_linear(
+            flat, weight, weight_scale_swizzled, global_per_row, bias, input_global
+        )
     else:
         from nvfp4_ext.kernels import nvfp4_gemm
 
@@ -223,7 +227,12 @@ def _flashinfer_nvfp4_linear(
         raise ConfigError("FlashInfer W4A4 needs the layer's input_scale (static activation global scale)")
     x_fp4, x_sf = flashinfer.fp4_quantize(x, (1.0 / input_global.float()).reshape(1))
     out = flashinfer.mm_fp4(
-        x_fp4, weight.t(), x_sf, weight_scale_swizzled.t(), input_global.float().reshape(1), torch.bfloat16,
+        x_fp4,
+        weight.t(),
+        x_sf,
+        weight_scale_swizzled.t(),
+        input_global.float().reshape(1),
+        torch.bfloat16,
         backend="cutlass",
     )
     out = out.float() * global_per_row.float()
@@ -259,13 +268,26 @@ def nvfp4_moe_forward(
 
     chosen = "torch" if backend == "torch" else "triton"
     return nvfp4_moe(
-        x, w13, w13_scale, w13_global, w2, w2_scale, w2_global, topk_weights, topk_ids, activation,
+        x,
+        w13,
+        w13_scale,
+        w13_global,
+        w2,
+        w2_scale,
+        w2_global,
+        topk_weights,
+        topk_ids,
+        activation,
         backend=chosen,
     )
 
 
 def fp8_linear_forward(
-    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, backend: Backend
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    backend: Backend,
 ) -> torch.Tensor:
     """y = x @ dequant(W_fp8).T (+ bias); weight_scale per tensor, per row [N] or 128x128 blocks."""
     from nvfp4_ext.kernels import fp8_gemm

@@ -43,7 +43,7 @@ def register() -> None:
 
 
 class _ForwardToVllm(logging.Handler):
-    """Hands our records to the `vllm.nvfp4_ext` logger, i.e. to whatever handlers vLLM configures (lazily)."""
+    """Hands our records to the `vllm.nvfp4_ext` logger, i.e. to the handlers vLLM configures (lazily)."""
 
     def emit(self, record: logging.LogRecord) -> None:
         logging.getLogger("vllm.nvfp4_ext").handle(record)

@@ -107,12 +107,15 @@ class Nvfp4ExtConfig(QuantizationConfig):
         if not quant.is_nvfp4:
             raise ConfigError(
                 f"--quantization {QUANT_NAME} serves NVFP4 checkpoints (ModelOpt NVFP4, W4A16_NVFP4, "
-                f"MIXED_PRECISION with NVFP4 layers, compressed-tensors nvfp4-pack-quantized); this checkpoint's "
-                f"quantization method is {describe_method(clean)}; drop --quantization to let vLLM pick its own"
+                f"MIXED_PRECISION with NVFP4 layers, compressed-tensors nvfp4-pack-quantized); this "
+                f"checkpoint's quantization method is {describe_method(clean)}; drop --quantization to let "
+                "vLLM pick its own"
             )
         return QUANT_NAME
 
-    def maybe_update_config(self, model_name: str, hf_config: Any = None, revision: str | None = None) -> None:
+    def maybe_update_config(
+        self, model_name: str, hf_config: Any = None, revision: str | None = None
+    ) -> None:
         """Validate the checkpoint's NVFP4 tensors (front-end process) and remember its module names."""
         tensors = validate_checkpoint(model_name, self.quant)
         if tensors is not None:
@@ -153,7 +156,9 @@ class Nvfp4ExtConfig(QuantizationConfig):
         for new, orig in self.prefix_map:
             if prefix.startswith(new):
                 candidate = orig + prefix[len(new) :]
-                if not self.modules or any(m == candidate or m.startswith(candidate + ".") for m in self.modules):
+                if not self.modules or any(
+                    m == candidate or m.startswith(candidate + ".") for m in self.modules
+                ):
                     return candidate
         return prefix
 

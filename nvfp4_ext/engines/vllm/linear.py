@@ -34,8 +34,12 @@ __all__ = ["Nvfp4ExtFp8LinearMethod", "Nvfp4ExtLinearMethod", "nvfp4_param_names
 def nvfp4_param_names(producer: str) -> dict[str, str]:
     """Checkpoint tensor suffixes of an NVFP4 linear for a checkpoint producer."""
     if producer == "compressed-tensors":
-        return {"weight": "weight_packed", "scale": "weight_scale", "global": "weight_global_scale",
-                "input": "input_global_scale"}
+        return {
+            "weight": "weight_packed",
+            "scale": "weight_scale",
+            "global": "weight_global_scale",
+            "input": "input_global_scale",
+        }
     return {"weight": "weight", "scale": "weight_scale", "global": "weight_scale_2", "input": "input_scale"}
 
 
@@ -84,18 +88,22 @@ class Nvfp4ExtLinearMethod(LinearMethodBase):
             data=torch.empty(n, k // 2, dtype=torch.uint8), input_dim=1, output_dim=0, weight_loader=loader
         )
         scale = ModelWeightParameter(
-            data=_nan((n, k // NVFP4_BLOCK_SIZE), torch.float8_e4m3fn), input_dim=1, output_dim=0,
+            data=_nan((n, k // NVFP4_BLOCK_SIZE), torch.float8_e4m3fn),
+            input_dim=1,
+            output_dim=0,
             weight_loader=loader,
         )
         layer.register_parameter(self.names["weight"], weight)
         layer.register_parameter(self.names["scale"], scale)
         shards = len(output_partition_sizes)
         layer.register_parameter(
-            self.names["global"], PerTensorScaleParameter(data=_nan((shards,), torch.float32), weight_loader=loader)
+            self.names["global"],
+            PerTensorScaleParameter(data=_nan((shards,), torch.float32), weight_loader=loader),
         )
         if self.scheme == "nvfp4":
             layer.register_parameter(
-                self.names["input"], PerTensorScaleParameter(data=_nan((shards,), torch.float32), weight_loader=loader)
+                self.names["input"],
+                PerTensorScaleParameter(data=_nan((shards,), torch.float32), weight_loader=loader),
             )
 
     def _scale_params(self, layer: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -118,7 +126,9 @@ class Nvfp4ExtLinearMethod(LinearMethodBase):
         if self.backend == "flashinfer":
             layer.nvfp4_scale_swizzled = swizzle_block_scales(getattr(layer, self.names["scale"]).data)
 
-    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def apply(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return nvfp4_linear_forward(
             x,
             getattr(layer, self.names["weight"]),
@@ -158,17 +168,23 @@ class Nvfp4ExtFp8LinearMethod(LinearMethodBase):
         layer.register_parameter(
             "weight",
             ModelWeightParameter(
-                data=torch.empty(n, k, dtype=torch.float8_e4m3fn), input_dim=1, output_dim=0, weight_loader=loader
+                data=torch.empty(n, k, dtype=torch.float8_e4m3fn),
+                input_dim=1,
+                output_dim=0,
+                weight_loader=loader,
             ),
         )
         shards = len(output_partition_sizes)
         if self.scheme == "fp8":
             scale = PerTensorScaleParameter(data=_nan((shards,), torch.float32), weight_loader=loader)
             layer.register_parameter(
-                "input_scale", PerTensorScaleParameter(data=_nan((shards,), torch.float32), weight_loader=loader)
+                "input_scale",
+                PerTensorScaleParameter(data=_nan((shards,), torch.float32), weight_loader=loader),
             )
         elif self.scheme == "fp8_channel":
-            scale = ChannelQuantScaleParameter(data=_nan((n, 1), torch.float32), output_dim=0, weight_loader=loader)
+            scale = ChannelQuantScaleParameter(
+                data=_nan((n, 1), torch.float32), output_dim=0, weight_loader=loader
+            )
         else:
             scale = _block_scale_parameter(self.prefix, layer, output_partition_sizes, k, input_size)
         layer.register_parameter("weight_scale", scale)
@@ -189,7 +205,9 @@ class Nvfp4ExtFp8LinearMethod(LinearMethodBase):
         layer.fp8_weight_scale = scale
         self.backend = backend_for("fp8_linear", layer.weight.device)
 
-    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def apply(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if not isinstance(layer.fp8_weight_scale, list):
             return fp8_linear_forward(x, layer.weight, layer.fp8_weight_scale, bias, self.backend)
         outs = []
@@ -227,7 +245,8 @@ def _block_scale_parameter(
     row_parallel = isinstance(layer, RowParallelLinear)
     if tp > 1 and (k % bk if row_parallel else any(size % bn for size in sizes)):
         raise ConfigError(
-            f"layer {prefix}: tensor parallel size {tp} splits its 128x128 FP8 blocks (shards {sizes} x {k}); "
+            f"layer {prefix}: tensor parallel size {tp} splits its 128x128 FP8 blocks "
+            f"(shards {sizes} x {k}); "
             "use --tensor-parallel-size 1 for this checkpoint"
         )
     block_rows = _block_rows(sizes)

@@ -112,7 +112,9 @@ class Nvfp4ExtFusedMoEMethod(FusedMoEMethodBase):
     ) -> torch.Tensor:
         activation = getattr(layer.activation, "value", layer.activation)
         if activation not in _ACTIVATIONS:
-            raise ConfigError(f"layer {self.prefix}: activation {activation!r} is not supported ({_ACTIVATIONS})")
+            raise ConfigError(
+                f"layer {self.prefix}: activation {activation!r} is not supported ({_ACTIVATIONS})"
+            )
         w, s = self.names["weight"], self.names["scale"]
         if layer.expert_map is not None:
             # Expert parallelism: translate global expert ids to this rank's; others contribute nothing.

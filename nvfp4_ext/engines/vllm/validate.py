@@ -21,7 +21,12 @@ TensorInfo = tuple[str, tuple[int, ...], str]  # (file, shape, safetensors dtype
 
 # Tensor suffixes of one NVFP4 module per checkpoint form.
 _NAMES = {
-    "modelopt": {"weight": "weight", "scale": "weight_scale", "global": "weight_scale_2", "input": "input_scale"},
+    "modelopt": {
+        "weight": "weight",
+        "scale": "weight_scale",
+        "global": "weight_scale_2",
+        "input": "input_scale",
+    },
     "compressed-tensors": {
         "weight": "weight_packed",
         "scale": "weight_scale",
@@ -47,12 +52,14 @@ def read_headers(model_dir: str | os.PathLike) -> dict[str, TensorInfo] | None:
             raise CheckpointError(f"unreadable weight index: {exc}", file=str(index)) from None
         missing = sorted({f for f in weight_map.values() if not (root / f).is_file()})
         if missing:
-            raise CheckpointError(f"shard(s) listed in the index are missing: {', '.join(missing)}", file=str(index))
+            raise CheckpointError(
+                f"shard(s) listed in the index are missing: {', '.join(missing)}", file=str(index)
+            )
     tensors: dict[str, TensorInfo] = {}
     for path in files:
         try:
             with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
+                for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                     tensor = f.get_slice(name)
                     tensors[name] = (path.name, tuple(tensor.get_shape()), tensor.get_dtype())
         except Exception as exc:  # safetensors raises its own error types for corrupt headers
@@ -88,34 +95,60 @@ def validate_checkpoint(model_dir: str | os.PathLike, quant: QuantConfig) -> dic
     modules = {
         name.rpartition(".")[0]
         for name, (_, _, dtype) in tensors.items()
-        if name.endswith("." + names["scale"]) and dtype == "F8_E4M3"
-        or name.endswith("." + names["weight"]) and dtype == "U8"
+        if name.endswith("." + names["scale"])
+        and dtype == "F8_E4M3"
+        or name.endswith("." + names["weight"])
+        and dtype == "U8"
     }
     for module in sorted(modules):
         weight, scale = f"{module}.{names['weight']}", f"{module}.{names['scale']}"
         glob, inp = f"{module}.{names['global']}", f"{module}.{names['input']}"
         for needed in (weight, scale, glob):
-            _expect(needed in tensors, "missing: NVFP4 modules need weight, block scale and global scale",
-                    str(model_dir), needed)
+            _expect(
+                needed in tensors,
+                "missing: NVFP4 modules need weight, block scale and global scale",
+                str(model_dir),
+                needed,
+            )
         wfile, wshape, wdtype = tensors[weight]
         sfile, sshape, sdtype = tensors[scale]
         gfile, gshape, gdtype = tensors[glob]
-        _expect(wdtype == "U8" and len(wshape) == 2, f"expected packed uint8 [N, K/2], got {wdtype} {list(wshape)}",
-                wfile, weight)
+        _expect(
+            wdtype == "U8" and len(wshape) == 2,
+            f"expected packed uint8 [N, K/2], got {wdtype} {list(wshape)}",
+            wfile,
+            weight,
+        )
         n, half_k = wshape
         _expect(sdtype == "F8_E4M3", f"expected float8_e4m3fn block scales, got {sdtype}", sfile, scale)
         expected = [n, 2 * half_k // NVFP4_BLOCK_SIZE]
-        _expect(list(sshape) == expected and (2 * half_k) % NVFP4_BLOCK_SIZE == 0,
-                f"expected shape {expected} (one scale per {NVFP4_BLOCK_SIZE} of the {2 * half_k} input features "
-                f"of {weight} {list(wshape)}), got {list(sshape)}", sfile, scale)
-        _expect(gdtype == "F32" and int(_numel(gshape)) == 1, f"expected one float32 value, got {gdtype} "
-                f"{list(gshape)}", gfile, glob)
+        _expect(
+            list(sshape) == expected and (2 * half_k) % NVFP4_BLOCK_SIZE == 0,
+            f"expected shape {expected} (one scale per {NVFP4_BLOCK_SIZE} of the {2 * half_k} input features "
+            f"of {weight} {list(wshape)}), got {list(sshape)}",
+            sfile,
+            scale,
+        )
+        _expect(
+            gdtype == "F32" and int(_numel(gshape)) == 1,
+            f"expected one float32 value, got {gdtype} {list(gshape)}",
+            gfile,
+            glob,
+        )
         if quant.scheme_for(module) == "nvfp4":
-            _expect(inp in tensors, "missing: W4A4 NVFP4 layers need the static activation scale", str(model_dir),
-                    inp)
+            _expect(
+                inp in tensors,
+                "missing: W4A4 NVFP4 layers need the static activation scale",
+                str(model_dir),
+                inp,
+            )
             ifile, ishape, idtype = tensors[inp]
-            _expect(idtype == "F32" and int(_numel(ishape)) == 1, f"expected one float32 value, got {idtype} "
-                    f"{list(ishape)}", ifile, inp)
+            _expect(
+                idtype == "F32" and int(_numel(ishape)) == 1,
+                f"expected one float32 value, got {idtype} {list(ishape)}",
+                ifile,
+                inp,
+            )
     return tensors
 
 
