@@ -73,34 +73,43 @@ def evaluate(
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """Exact match and token accuracy vs steps per token; colour = policy setting, line style = weights."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    settings = sorted({(r["policy"], json.dumps(r["params"], sort_keys=True)) for r in rows})
+    colors = plt.get_cmap("tab10")
     markers = {"entropy_bound": "o", "confidence": "s", "fixed_k": "^"}
-    for weights, style in (("bf16", "-"), ("nvfp4", "--")):
-        for policy, marker in markers.items():
-            for setting in {json.dumps(r["params"]) for r in rows if r["policy"] == policy}:
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for ax, metric in zip(axes, ("exact_match", "token_accuracy"), strict=True):
+        for index, (policy, params) in enumerate(settings):
+            for weights, style in (("bf16", "-"), ("nvfp4", "--")):
                 points = sorted(
-                    (r["steps_per_token"], r["exact_match"])
+                    (r["steps_per_token"], r[metric])
                     for r in rows
                     if r["weights"] == weights
                     and r["policy"] == policy
-                    and json.dumps(r["params"]) == setting
+                    and json.dumps(r["params"], sort_keys=True) == params
                 )
                 if points:
                     xs, ys = zip(*points, strict=True)
-                    label = (
-                        f"{policy} {','.join(f'{k}={v}' for k, v in json.loads(setting).items())} ({weights})"
+                    setting = ",".join(f"{k}={v}" for k, v in json.loads(params).items())
+                    ax.plot(
+                        xs,
+                        ys,
+                        style,
+                        marker=markers[policy],
+                        color=colors(index % 10),
+                        alpha=0.85,
+                        label=f"{policy} {setting} ({weights})",
                     )
-                    ax.plot(xs, ys, style, marker=marker, label=label, alpha=0.8)
-    ax.set_xlabel("decoder steps per committed token")
-    ax.set_ylabel("exact match")
-    ax.set_title("Denoise policies on a trained tiny DiffusionGemma (sort task)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
+        ax.set_xlabel("decoder steps per committed token")
+        ax.set_ylabel(metric.replace("_", " "))
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=6, ncol=2)
+    fig.suptitle("Denoise policies on a trained tiny DiffusionGemma (sort task); solid BF16, dashed NVFP4")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
