@@ -238,3 +238,192 @@ def test_tensor_parallel_soft_embedding_shards_sum_to_the_full_one() -> None:
         for lo, hi in ((0, 50), (50, 100))
     ]
     torch.testing.assert_close(shards[0] + shards[1], full.soft_embedding, rtol=1e-5, atol=1e-5)
+
+
+def _fake_vllm_diffusion_module():
+    """Stand-in for vllm.model_executor.models.diffusion_gemma (which needs a CPU torchvision to import):
+    only what Nvfp4ExtDiffusionSampler inherits or calls."""
+    import types
+
+    module = types.ModuleType("vllm.model_executor.models.diffusion_gemma")
+
+    class DiffusionSampler:
+        def __init__(self, **attrs):
+            self.__dict__.update(attrs)
+            self.calls: list[str] = []
+
+        def add_request(self, req_idx, sampling_params):
+            self.calls.append("add_request")
+
+        def __call__(self, logits, input_batch, draft_logits=None):
+            self.calls.append("builtin")
+            return "builtin"
+
+        def _finish_prefills(self, input_batch, indices):
+            self.calls.append("finish_prefills")
+
+        def _build_output(self, input_batch, sampled, num_sampled, per_req_nlogits_np, device):
+            return sampled.clone(), num_sampled.clone()
+
+    def denoise_temperature(step_tensor, slots, max_steps, t_min, t_max):
+        remaining = (max_steps - step_tensor[slots].float()).clamp(min=1.0)
+        return t_min + (t_max - t_min) * (remaining / max_steps)
+
+    module.DiffusionSampler = DiffusionSampler
+    module._denoise_temperature = denoise_temperature
+    module.DiffusionGemmaModelState = type("DiffusionGemmaModelState", (), {})
+    module.DiffusionGemmaForConditionalGeneration = type("DiffusionGemmaForConditionalGeneration", (), {})
+    return module
+
+
+@pytest.mark.vllm
+def test_sampler_glue_tiles_widths_and_per_request_policies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three requests (canvas widths 8, 4 and a truncated 8), three policies: our __call__ must hand each
+    width tile's rows, temperatures and policies to the stats + batched step exactly as computed by hand."""
+    import types
+
+    import numpy as np
+
+    from nvfp4_ext.diffusion.stats import logits_denoise_stats
+    from nvfp4_ext.engines.vllm import diffusion_gemma as adapter
+
+    monkeypatch.setitem(
+        sys.modules, "vllm.model_executor.models.diffusion_gemma", _fake_vllm_diffusion_module()
+    )
+    classes = adapter._build_classes()
+    reqs, cl, vocab, hidden = 4, 8, 40, 4
+    gen = torch.Generator().manual_seed(0)
+
+    def make_states():
+        return types.SimpleNamespace(
+            canvas=torch.randint(0, vocab, (reqs, cl), generator=torch.Generator().manual_seed(1)),
+            argmax_canvas=torch.zeros(reqs, cl, dtype=torch.int64),
+            step=torch.tensor([1, 0, 3, 0], dtype=torch.int32),
+            is_encoder_phase=torch.zeros(reqs, dtype=torch.bool),
+            confident=torch.zeros(reqs, dtype=torch.bool),
+            self_conditioning_embeds=torch.zeros(reqs, cl, hidden),
+            accepted_canvas_history=torch.full((reqs, 2, cl), -1, dtype=torch.int64),
+            accepted_canvas_history_len=torch.zeros(reqs, dtype=torch.int32),
+            max_steps=torch.full((reqs,), 8, dtype=torch.int32),
+            pin_mask=torch.zeros(reqs, cl, dtype=torch.bool),
+            seed_canvas=torch.zeros(reqs, cl, dtype=torch.int64),
+            read_only=torch.zeros(reqs, dtype=torch.bool),
+            canvas_width_np=np.array([4, 8, 8, 8], dtype=np.int32),
+            single_step_slots=set(),
+            step_allowed=None,
+            constrained={},
+            max_denoising_steps=8,
+            stability_threshold=2,
+        )
+
+    embed = torch.randn(vocab, hidden, generator=gen)
+    common = dict(
+        sampling_states=types.SimpleNamespace(
+            max_num_logprobs=lambda s: -1, get_top_k_top_p=lambda *a: (None, None)
+        ),
+        logprob_token_ids_state=types.SimpleNamespace(max_num_token_ids=lambda s: 0),
+        t_min=0.4,
+        t_max=0.8,
+        confidence_threshold=0.005,
+        vocab_size=vocab,
+        entropy_bound=0.1,
+        embed_weight=embed,
+        normalizer=torch.tensor(2.0),
+        tp_size=1,
+    )
+    states = make_states()
+    builtin = _fake_vllm_diffusion_module().DiffusionSampler(
+        diffusion_states=states,
+        _sampled=torch.zeros(reqs, cl, dtype=torch.int32),
+        _num_sampled=torch.zeros(reqs, dtype=torch.int32),
+        req_states=types.SimpleNamespace(draft_tokens=torch.zeros(reqs, cl, dtype=torch.int64)),
+        **common,
+    )
+    sampler = classes["Nvfp4ExtDiffusionSampler"].from_builtin(builtin)
+    sampler.chunk_size = 16
+    sampler.add_request(
+        2, types.SimpleNamespace(extra_args={"diffusion_policy": "fixed_k", "diffusion_policy_k": 3})
+    )
+    sampler.add_request(
+        1,
+        types.SimpleNamespace(
+            extra_args={"diffusion_policy": "confidence", "diffusion_policy_threshold": 0.5}
+        ),
+    )
+    # batch order: slot 2 (8 rows), slot 0 (width 4), slot 1 (truncated to 6 rows)
+    slots, valid = np.array([2, 0, 1]), np.array([8, 4, 6])
+    batch = types.SimpleNamespace(
+        num_reqs=3,
+        num_draft_tokens=18,
+        idx_mapping_np=slots,
+        idx_mapping=torch.from_numpy(slots),
+        cu_num_logits_np=np.concatenate(([0], valid.cumsum())),
+    )
+    logits = torch.randn(18, vocab, generator=gen) * 3
+    torch.manual_seed(7)
+    sampled, num_sampled = sampler(logits, batch)
+    assert "builtin" not in builtin.calls and "builtin" not in sampler.calls
+
+    expected = make_states()
+    torch.manual_seed(7)
+    tiles = [
+        (4, [1], logits[8:12]),  # widths ascend: slot 0 alone, then slots 2 and 1 (with 2 phantom rows)
+        (8, [0, 2], torch.cat([logits[0:8], logits[12:18], torch.zeros(2, vocab)])),
+    ]
+    policies = {2: FixedKPolicy(3), 0: EntropyBoundPolicy(0.1), 1: ConfidencePolicy(0.5)}
+    draft = torch.zeros(reqs, cl, dtype=torch.int64)
+    out_sampled, out_num = (
+        torch.zeros(reqs, cl, dtype=torch.int32)[:3],
+        torch.zeros(reqs, dtype=torch.int32)[:3],
+    )
+    for width, batch_rows, tile in tiles:
+        tile_slots = torch.tensor(slots[batch_rows])
+        n = len(batch_rows)
+        temps = (0.4 + 0.4 * ((8 - expected.step[tile_slots].float()).clamp(min=1) / 8)).repeat_interleave(
+            width
+        )
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+        stats = logits_denoise_stats(
+            tile, temps, seed=seed, embed_weight=embed, embed_scale=2.0, chunk_size=16
+        )
+        entropy, top_prob = stats.entropy.view(n, width), stats.top_prob.view(n, width)
+        mask = torch.stack(
+            [
+                policies[int(s)].accept(entropy[i : i + 1], top_prob[i : i + 1])[0]
+                for i, s in enumerate(tile_slots)
+            ]
+        )
+        batched_denoise_step(
+            stats.sample.view(n, width),
+            stats.argmax.view(n, width),
+            entropy,
+            mask,
+            stats.soft_embedding.view(n, width, -1),
+            tile_slots,
+            torch.tensor(batch_rows),
+            torch.from_numpy(slots),
+            torch.tensor(valid[batch_rows]),
+            expected.canvas[:, :width],
+            expected.argmax_canvas[:, :width],
+            expected.step,
+            expected.is_encoder_phase,
+            expected.confident,
+            expected.self_conditioning_embeds[:, :width],
+            expected.accepted_canvas_history[:, :, :width],
+            expected.accepted_canvas_history_len,
+            expected.max_steps,
+            expected.pin_mask[:, :width],
+            expected.seed_canvas[:, :width],
+            expected.read_only,
+            out_sampled[:, :width],
+            out_num,
+            draft,
+            confidence_threshold=0.005,
+            vocab_size=vocab,
+            canvas_length=width,
+            stability_slots=2,
+        )
+    for name in ("canvas", "argmax_canvas", "step", "self_conditioning_embeds", "accepted_canvas_history"):
+        assert torch.equal(getattr(states, name), getattr(expected, name)), name
+    assert torch.equal(sampler.req_states.draft_tokens, draft)
+    assert torch.equal(states.step, torch.tensor([2, 1, 4, 0], dtype=torch.int32))  # slot 3 is not scheduled
