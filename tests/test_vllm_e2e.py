@@ -171,3 +171,18 @@ def test_without_our_flag_vllm_resolves_the_checkpoint_as_before(ckpt_root, form
     model_dir = str(tiny_checkpoint(ckpt_root, "qwen3-dense", form))
     assert ModelConfig(model=model_dir).quantization == builtin
     assert ModelConfig(model=model_dir, quantization="nvfp4_ext").quantization == "nvfp4_ext"
+
+
+def test_our_flag_on_an_unquantized_checkpoint_fails_with_our_message(ckpt_root):
+    from vllm.engine.arg_utils import EngineArgs
+
+    args = EngineArgs(
+        model=str(tiny_checkpoint(ckpt_root, "qwen3-dense", "source")),
+        quantization="nvfp4_ext",
+        dtype="float32",
+        enforce_eager=True,
+    )
+    with pytest.raises(
+        ValueError, match="needs an NVFP4 checkpoint, but this model has no quantization_config"
+    ):
+        args.create_engine_config()

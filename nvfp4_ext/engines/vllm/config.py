@@ -28,6 +28,10 @@ __all__ = ["QUANT_NAME", "Nvfp4ExtConfig", "describe_method"]
 QUANT_NAME = "nvfp4_ext"
 logger = logging.getLogger("nvfp4_ext")
 
+_NOT_QUANTIZED = (
+    f"--quantization {QUANT_NAME} needs an NVFP4 checkpoint, but this model has no quantization_config "
+    "(config.json) or hf_quant_config.json: quantize it first with `nvfp4-ext quantize SRC DST`"
+)
 _FP8_SCHEMES = ("fp8", "fp8_channel", "fp8_block")
 _NVFP4_SCHEMES = ("nvfp4", "nvfp4_w4a16")
 
@@ -50,7 +54,10 @@ class Nvfp4ExtConfig(QuantizationConfig):
         quant: the parsed checkpoint quantization config.
     """
 
-    def __init__(self, quant: QuantConfig) -> None:
+    def __init__(self, quant: QuantConfig | None = None) -> None:
+        if quant is None:
+            # vLLM builds a config without arguments when the checkpoint has no quantization config at all.
+            raise ConfigError(_NOT_QUANTIZED)
         super().__init__()
         self.quant = quant
         # HF module names of the checkpoint, filled in the front-end process and pickled to the workers.
@@ -70,7 +77,9 @@ class Nvfp4ExtConfig(QuantizationConfig):
 
     @staticmethod
     def get_config_filenames() -> list[str]:
-        return ["hf_quant_config.json"]
+        # vLLM already attaches config.json's quantization_config or hf_quant_config.json to the model config;
+        # an empty list makes an unquantized checkpoint reach __init__, which explains the problem.
+        return []
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Nvfp4ExtConfig:
@@ -91,11 +100,7 @@ class Nvfp4ExtConfig(QuantizationConfig):
         if user_quant != QUANT_NAME:
             return None
         if not hf_quant_cfg:
-            raise ConfigError(
-                f"--quantization {QUANT_NAME} needs an NVFP4 checkpoint, but this model has no "
-                "quantization_config (config.json) or hf_quant_config.json: quantize it first with "
-                "`nvfp4-ext quantize SRC DST`"
-            )
+            raise ConfigError(_NOT_QUANTIZED)
         clean = {k: v for k, v in hf_quant_cfg.items() if not k.startswith("_")}
         try:
             quant = parse_quant_config(clean, "quantization_config")
