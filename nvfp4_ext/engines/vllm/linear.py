@@ -8,6 +8,8 @@ over shards without rescaling the block scales.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
 from vllm.model_executor.parameter import (
@@ -15,6 +17,7 @@ from vllm.model_executor.parameter import (
     ModelWeightParameter,
     PerTensorScaleParameter,
 )
+from vllm.utils.torch_utils import direct_register_custom_op
 
 from nvfp4_ext.engines.common import (
     assert_loaded,
@@ -139,6 +142,38 @@ class Nvfp4ExtLinearMethod(LinearMethodBase):
             layer.nvfp4_input_global,
             layer.nvfp4_scale_swizzled,
         )
+
+
+def _nvfp4_linear_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    global_per_row: torch.Tensor,
+    bias: Optional[torch.Tensor],  # noqa: UP045 (torch's schema inference reads these annotations)
+    input_global: Optional[torch.Tensor],  # noqa: UP045
+    weight_scale_swizzled: Optional[torch.Tensor],  # noqa: UP045
+    backend: str,
+) -> torch.Tensor:
+    return nvfp4_linear_forward(
+        x, weight, weight_scale, global_per_row, bias, backend, input_global, weight_scale_swizzled
+    )
+
+
+def _nvfp4_linear_fake(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    global_per_row: torch.Tensor,
+    bias: Optional[torch.Tensor],  # noqa: UP045
+    input_global: Optional[torch.Tensor],  # noqa: UP045
+    weight_scale_swizzled: Optional[torch.Tensor],  # noqa: UP045
+    backend: str,
+) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+if not hasattr(torch.ops.vllm, "nvfp4_ext_linear"):
+    direct_register_custom_op("nvfp4_ext_linear", _nvfp4_linear_op, fake_impl=_nvfp4_linear_fake)
 
 
 @register_weight_loader_v2_supported_method
