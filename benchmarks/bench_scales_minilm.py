@@ -87,7 +87,10 @@ def main() -> None:
     print()
     print(f"{'method':14s} {'SQNR (dB)':>10s} {'SSE/rtn':>8s} {'cos mean':>9s} {'cos min':>9s}")
     for method, m in model_level.items():
-        print(f"{method:14s} {m['sqnr_db']:10.2f} {m['sse_vs_rtn']:8.3f} {m['cos_mean']:9.5f} {m['cos_min']:9.5f}")
+        print(
+            f"{method:14s} {m['sqnr_db']:10.2f} {m['sse_vs_rtn']:8.3f} "
+            f"{m['cos_mean']:9.5f} {m['cos_min']:9.5f}"
+        )
     worse = [name for name, row in per_layer.items() for m in METHODS[1:] if row[m] < row["rtn"] - 1e-9]
     print("layers where four-over-six/mse are worse than rtn:", worse or "none")
     if args.json:

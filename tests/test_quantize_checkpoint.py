@@ -1,4 +1,4 @@
-"""Acceptance: quantize a tiny DiffusionGemma with each recipe; inspect, reader, ModelOpt oracle, dequantization."""
+"""Acceptance: quantize a tiny DiffusionGemma with each recipe; inspect, reader, ModelOpt oracle, dequant."""
 
 from __future__ import annotations
 
@@ -51,7 +51,11 @@ def outputs(workdir, source, calib_text) -> dict[str, Path]:
     made = {}
     for name, (recipe, scales, calibrated) in VARIANTS.items():
         made[name] = quantize_checkpoint(
-            source, workdir / name, recipe=recipe, scales=scales, calib=calib_text if calibrated else None,
+            source,
+            workdir / name,
+            recipe=recipe,
+            scales=scales,
+            calib=calib_text if calibrated else None,
             progress=False,
         )
     return made
@@ -133,7 +137,9 @@ def test_rtn_bytes_identical_to_modelopt_for_every_tensor(outputs, source):
     for module in modules:
         qtensor, scale, scale_2 = NVFP4QTensor.quantize(originals[module], 16)
         assert torch.equal(reader.raw(f"{module}.weight"), qtensor._quantized_data), module
-        assert torch.equal(reader.raw(f"{module}.weight_scale").view(torch.uint8), scale.view(torch.uint8)), module
+        assert torch.equal(reader.raw(f"{module}.weight_scale").view(torch.uint8), scale.view(torch.uint8)), (
+            module
+        )
         assert torch.equal(reader.raw(f"{module}.weight_scale_2"), scale_2.float().reshape(())), module
 
 
@@ -163,12 +169,19 @@ def test_mixed_config_lists_layers(outputs):
     assert layers["model.decoder.layers.0.self_attn.q_proj"] == {"quant_algo": "FP8"}
     assert layers["model.decoder.layers.1.mlp.down_proj"] == {"quant_algo": "FP8"}
     nocalib = json.loads((outputs["mixed-nocalib"] / "config.json").read_text())["quantization_config"]
-    assert nocalib["quantized_layers"]["model.decoder.layers.0.self_attn.q_proj"] == {"quant_algo": "FP8_PB_WO"}
-    assert nocalib["quantized_layers"]["model.decoder.layers.0.experts.0.down_proj"]["quant_algo"] == "W4A16_NVFP4"
+    assert nocalib["quantized_layers"]["model.decoder.layers.0.self_attn.q_proj"] == {
+        "quant_algo": "FP8_PB_WO"
+    }
+    assert (
+        nocalib["quantized_layers"]["model.decoder.layers.0.experts.0.down_proj"]["quant_algo"]
+        == "W4A16_NVFP4"
+    )
 
 
 def test_compressed_tensors_form_has_same_codes(outputs, source, workdir):
-    ct = quantize_checkpoint(source, workdir / "ct", recipe="w4a16", output_format="compressed-tensors", progress=False)
+    ct = quantize_checkpoint(
+        source, workdir / "ct", recipe="w4a16", output_format="compressed-tensors", progress=False
+    )
     config = json.loads((ct / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "compressed-tensors"
     assert config["config_groups"]["group_0"]["format"] == "nvfp4-pack-quantized"

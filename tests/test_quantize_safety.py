@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 
 from nvfp4_ext.cli import main
 from nvfp4_ext.errors import CheckpointError, ConfigError, Nvfp4ExtError
-from nvfp4_ext.quantize import quantize_checkpoint
 from nvfp4_ext.quantize import io as quantize_io
+from nvfp4_ext.quantize import quantize_checkpoint
 from nvfp4_ext.tiny_models import build_tiny_qwen3_dense, build_tiny_qwen3_moe
 
 
@@ -190,9 +190,13 @@ def test_calibration_records_per_expert_amax(tmp_path):
     text = _calib_text(tmp_path / "calib.txt", 200)
     out = quantize_checkpoint(src, tmp_path / "out", recipe="nvfp4", calib=text, progress=False)
     with safe_open(str(next(out.glob("*.safetensors"))), "pt") as f:
-        gate = [float(f.get_tensor(f"model.layers.0.mlp.experts.{e}.gate_proj.input_scale")) for e in range(8)]
+        gate = [
+            float(f.get_tensor(f"model.layers.0.mlp.experts.{e}.gate_proj.input_scale")) for e in range(8)
+        ]
         up = [float(f.get_tensor(f"model.layers.0.mlp.experts.{e}.up_proj.input_scale")) for e in range(8)]
-        down = [float(f.get_tensor(f"model.layers.0.mlp.experts.{e}.down_proj.input_scale")) for e in range(8)]
+        down = [
+            float(f.get_tensor(f"model.layers.0.mlp.experts.{e}.down_proj.input_scale")) for e in range(8)
+        ]
         attn = float(f.get_tensor("model.layers.0.self_attn.q_proj.input_scale"))
     assert gate == up
     assert all(s > 0 for s in gate + down)

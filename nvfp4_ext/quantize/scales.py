@@ -17,6 +17,7 @@ on their own row, so chunking changes nothing in the result.
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -149,8 +150,34 @@ def _search_scales(
     return best, best_sse, sse_rtn
 
 
+def _quantize_rows(
+    chunk: torch.Tensor, method: str, global_scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, ScaleStats]:
+    """Quantize rows [R, K] (float32): packed codes, chosen e4m3 scales and their error bookkeeping."""
+    rtn = nvfp4_block_scales(chunk, global_scale)
+    blocks = chunk.reshape(chunk.shape[0], -1, NVFP4_BLOCK_SIZE)
+    if method == "rtn":
+        chosen, sse_rtn = rtn, None
+    else:
+        chosen, _, sse_rtn = _search_scales(blocks, rtn, global_scale, method)
+    codes, sse = _quantize_blocks(blocks, chosen, global_scale)
+    changed = 0 if sse_rtn is None else int((chosen.view(torch.uint8) != rtn.view(torch.uint8)).sum())
+    stats = ScaleStats(
+        float(sse.sum()),
+        float((sse if sse_rtn is None else sse_rtn).sum()),
+        float(chunk.square().sum()),
+        changed,
+        rtn.numel(),
+    )
+    return pack_uint4(codes.reshape(chunk.shape)), chosen, stats
+
+
 def quantize_weight(
-    w: torch.Tensor, method: ScaleMethod = "rtn", *, stats: ScaleStats | None = None
+    w: torch.Tensor,
+    method: ScaleMethod = "rtn",
+    *,
+    stats: ScaleStats | None = None,
+    executor: Executor | None = None,
 ) -> NVFP4Weight:
     """Quantize a 2-D weight [N, K] (K a multiple of 16) to NVFP4 in ModelOpt convention.
 
@@ -158,6 +185,7 @@ def quantize_weight(
         w: weight in any float dtype.
         method: block-scale rule, one of `SCALE_METHODS`.
         stats: if given, accumulates squared errors of the chosen and of the RTN scales.
+        executor: runs row chunks in parallel (threads; torch releases the GIL). Results do not depend on it.
     Returns:
         NVFP4Weight(qdata uint8 [N, K/2], scale e4m3 [N, K/16], global_scale f32 0-d = amax/2688).
     Raises:
@@ -174,26 +202,15 @@ def quantize_weight(
     qdata = torch.empty(n, k // 2, dtype=torch.uint8)
     scale = torch.empty(n, k // NVFP4_BLOCK_SIZE, dtype=torch.float8_e4m3fn)
     rows = max(1, _CHUNK_ELEMENTS // max(k, 1))
-    for start in range(0, n, rows):
-        chunk = w[start : start + rows].float()
-        rtn = nvfp4_block_scales(chunk, global_scale)
-        blocks = chunk.reshape(chunk.shape[0], -1, NVFP4_BLOCK_SIZE)
-        if method == "rtn":
-            chosen, sse_rtn = rtn, None
-        else:
-            chosen, _, sse_rtn = _search_scales(blocks, rtn, global_scale, method)
-        codes, sse = _quantize_blocks(blocks, chosen, global_scale)
-        if stats is not None:
-            changed = 0 if sse_rtn is None else int((chosen.view(torch.uint8) != rtn.view(torch.uint8)).sum())
-            stats.add(
-                ScaleStats(
-                    float(sse.sum()),
-                    float((sse if sse_rtn is None else sse_rtn).sum()),
-                    float(chunk.square().sum()),
-                    changed,
-                    rtn.numel(),
-                )
-            )
-        qdata[start : start + rows] = pack_uint4(codes.reshape(chunk.shape))
+    starts = range(0, n, rows)
+
+    def work(start: int) -> tuple[torch.Tensor, torch.Tensor, ScaleStats]:
+        return _quantize_rows(w[start : start + rows].float(), method, global_scale)
+
+    results = executor.map(work, starts) if executor is not None else map(work, starts)
+    for start, (packed, chosen, chunk_stats) in zip(starts, results, strict=True):
+        qdata[start : start + rows] = packed
         scale[start : start + rows] = chosen
+        if stats is not None:
+            stats.add(chunk_stats)
     return NVFP4Weight(qdata=qdata, scale=scale, global_scale=global_scale)
