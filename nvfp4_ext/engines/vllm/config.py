@@ -133,9 +133,15 @@ class Nvfp4ExtConfig(QuantizationConfig):
         self.prefix_map = tuple((new, orig) for orig, new in prefixes.items() if new is not None)
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        from vllm.model_executor.layers.attention import Attention, MLAAttention
+        from vllm.model_executor.layers.quantization.kv_cache import BaseKVCacheMethod
+
         from .linear import Nvfp4ExtFp8LinearMethod, Nvfp4ExtLinearMethod
         from .moe import Nvfp4ExtFusedMoEMethod
 
+        if isinstance(layer, (Attention, MLAAttention)):
+            # Loads FP8 KV-cache scales (k_proj.k_scale -> attn.k_scale), as vLLM's ModelOpt does.
+            return BaseKVCacheMethod(self)
         if isinstance(layer, LinearBase):
             scheme = self.scheme(prefix)
             if scheme in _NVFP4_SCHEMES:
