@@ -7,6 +7,7 @@ Providers (each checked against `nvfp4_moe_ref` before it is timed):
   * bf16-triton     vLLM's BF16 Triton `fused_experts` on the dequantized weights: the baseline;
   * dequant-first   dequantize all experts to BF16 on every call, then vLLM's `fused_experts`;
   * nvfp4-triton    our fused kernels (`nvfp4_ext.kernels.nvfp4_moe`, backend "triton");
+  * nvfp4-triton-ptx  the same with the opt-in PTX weight decode (NVFP4_EXT_FAST_DECODE=1, bf16 only);
   * torch-ref       `nvfp4_moe_ref` (dequantizes the routed experts one at a time).
 The vLLM providers need vLLM's CUDA build; without it the table says so. Timing: `triton.testing.do_bench`
 median and p20/p80. Output: a table on stdout, `benchmarks/results/<gpu>/moe-<date>.json` and a PNG.
@@ -91,6 +92,8 @@ def bench_moe(args: argparse.Namespace, device: str = "cuda") -> list[bench.Benc
     providers["nvfp4-triton"] = lambda x, tw, ids: nvfp4_moe(
         x, *weights, tw, ids, args.activation, backend="triton"
     )
+    if device == "cuda" and dtype == torch.bfloat16:
+        providers["nvfp4-triton-ptx"] = bench.with_fast_decode(providers["nvfp4-triton"])
     providers["torch-ref"] = lambda x, tw, ids: nvfp4_moe_ref(x, *weights, tw, ids, args.activation)
 
     name = f"E={experts} H={hidden} I={inter} top{top_k}"

@@ -25,6 +25,7 @@ __all__ = [
     "relative_error",
     "set_interpreter_for_cpu",
     "time_us",
+    "with_fast_decode",
     "write_results",
 ]
 
@@ -150,6 +151,23 @@ def plot_speedups(rows: list[BenchRow], title: str, path: Path) -> Path | None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def with_fast_decode(fn: Callable) -> Callable:
+    """`fn` run with NVFP4_EXT_FAST_DECODE=1 (the opt-in PTX weight decode), restoring the variable after."""
+
+    def run(*args):
+        previous = os.environ.get("NVFP4_EXT_FAST_DECODE")
+        os.environ["NVFP4_EXT_FAST_DECODE"] = "1"
+        try:
+            return fn(*args)
+        finally:
+            if previous is None:
+                del os.environ["NVFP4_EXT_FAST_DECODE"]
+            else:
+                os.environ["NVFP4_EXT_FAST_DECODE"] = previous
+
+    return run
 
 
 def set_interpreter_for_cpu() -> bool:

@@ -24,7 +24,8 @@ import triton.language as tl
 from nvfp4_ext.format import NVFP4_BLOCK_SIZE
 
 from .moe_align import moe_align_block_size
-from .nvfp4_tile import load_activation_pair, load_nvfp4_tile_pair
+from .nvfp4_tile import FAST_DECODE_GLOBAL_FACTOR, load_activation_pair, load_nvfp4_tile_pair
+from .ops import fast_decode_requested
 from .reference import ACTIVATIONS
 from .shapes import DIFFUSIONGEMMA_MOE_SHAPE
 
@@ -100,7 +101,7 @@ def _moe_gate_up_kernel(
     stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_ge, stride_om,
     # Meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, ACTIVATION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ACTIVATION: tl.constexpr, FAST_DECODE: tl.constexpr,
 ):
     tl.static_assert(BLOCK_K % 32 == 0, "BLOCK_K must hold whole pairs of 16-element scale blocks")
     HALF_K: tl.constexpr = BLOCK_K // 2
@@ -126,11 +127,11 @@ def _moe_gate_up_kernel(
         x_even, x_odd = load_activation_pair(x_rows, mask_m[:, None], k0, hidden_size, HALF_K, DOT_DTYPE)
         gate_even, gate_odd = load_nvfp4_tile_pair(
             w_expert, scale_expert, offs_n, mask_n, k0, hidden_size, stride_wn, stride_sn,
-            BLOCK_N, HALF_K, DOT_DTYPE,
+            BLOCK_N, HALF_K, DOT_DTYPE, FAST_DECODE,
         )
         up_even, up_odd = load_nvfp4_tile_pair(
             w_expert, scale_expert, offs_n + inter_size, mask_n, k0, hidden_size, stride_wn, stride_sn,
-            BLOCK_N, HALF_K, DOT_DTYPE,
+            BLOCK_N, HALF_K, DOT_DTYPE, FAST_DECODE,
         )
         acc_gate = tl.dot(x_even, gate_even, acc_gate, input_precision="ieee")
         acc_gate = tl.dot(x_odd, gate_odd, acc_gate, input_precision="ieee")
@@ -165,6 +166,7 @@ def _moe_down_kernel(
     stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_ge, stride_om,
     # Meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    FAST_DECODE: tl.constexpr,
 ):
     tl.static_assert(BLOCK_K % 32 == 0, "BLOCK_K must hold whole pairs of 16-element scale blocks")
     HALF_K: tl.constexpr = BLOCK_K // 2
@@ -189,7 +191,7 @@ def _moe_down_kernel(
         h_even, h_odd = load_activation_pair(h_rows, mask_m[:, None], k0, inter_size, HALF_K, DOT_DTYPE)
         w_even, w_odd = load_nvfp4_tile_pair(
             w_expert, scale_expert, offs_n, mask_n, k0, inter_size, stride_wn, stride_sn,
-            BLOCK_N, HALF_K, DOT_DTYPE,
+            BLOCK_N, HALF_K, DOT_DTYPE, FAST_DECODE,
         )
         accumulator = tl.dot(h_even, w_even, accumulator, input_precision="ieee")
         accumulator = tl.dot(h_odd, w_odd, accumulator, input_precision="ieee")
@@ -291,8 +293,10 @@ def nvfp4_moe_triton(
     if tokens == 0 or top_k == 0:
         return out.to(x.dtype)
     align = moe_align_block_size(topk_ids, config.block_m, experts)
-    g13 = w13_global.float().reshape(experts, -1).expand(experts, 2 * intermediate).contiguous()
-    g2 = w2_global.float().reshape(experts, -1).expand(experts, hidden).contiguous()
+    fast = fast_decode_requested(x)
+    factor = FAST_DECODE_GLOBAL_FACTOR if fast else 1.0
+    g13 = (w13_global.float().reshape(experts, -1).expand(experts, 2 * intermediate) * factor).contiguous()
+    g2 = (w2_global.float().reshape(experts, -1).expand(experts, hidden) * factor).contiguous()
     dot_dtype = _DOT_DTYPES[x.dtype]
 
     hidden_act = torch.empty((align.num_pairs, intermediate), dtype=x.dtype, device=x.device)
@@ -305,7 +309,8 @@ def nvfp4_moe_triton(
         x.stride(0), w13.stride(0), w13.stride(1), w13_scale.stride(0), w13_scale.stride(1), g13.stride(0),
         hidden_act.stride(0),
         BLOCK_M=config.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, DOT_DTYPE=dot_dtype,
-        ACTIVATION=ACTIVATIONS.index(activation), num_warps=tile.num_warps, num_stages=tile.num_stages,
+        ACTIVATION=ACTIVATIONS.index(activation), FAST_DECODE=fast,
+        num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
 
     router = topk_weights.reshape(-1).float().contiguous()
@@ -318,6 +323,6 @@ def nvfp4_moe_triton(
         hidden_act.stride(0), w2.stride(0), w2.stride(1), w2_scale.stride(0), w2_scale.stride(1),
         g2.stride(0), out.stride(0),
         BLOCK_M=config.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, DOT_DTYPE=dot_dtype,
-        num_warps=tile.num_warps, num_stages=tile.num_stages,
+        FAST_DECODE=fast, num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
     return out.to(x.dtype)

@@ -78,30 +78,74 @@ def load_activation_pair(row_ptrs, mask_rows, k0, k_end, HALF_K: tl.constexpr, D
     return x_even, x_odd
 
 
+# PTX for four packed bytes at once (bf16 operands only): per pair of bytes, the E2M1 code c goes to bf16
+# bits as (c * 0x1040) & 0x81C0 (sign to bit 15, exponent/mantissa to bits 6-8: value * 2**-126), then one
+# fma.bf16x2 by the block scale * 2**117 leaves e2m1 * scale * 2**-9, exact; callers fold 2**9 into the
+# global scale (FAST_DECODE_GLOBAL_FACTOR). Inputs: $4 = 4 bytes, $5/$6 = bf16 scale pairs of bytes 0-1/2-3.
+# Outputs: $0/$1 = low-nibble values of bytes 0-1/2-3, $2/$3 = high-nibble values.
+_E2M1_BF16X2_ASM = tl.constexpr("""
+{
+.reg .b32 zero, negzero, pair01, pair23, bits;
+mov.b32 zero, 0;
+mov.b32 negzero, 0x80008000;
+prmt.b32 pair01, $4, zero, 0x4140;
+prmt.b32 pair23, $4, zero, 0x4342;
+and.b32 bits, pair01, 0x000F000F;
+mul.lo.u32 bits, bits, 0x1040;
+and.b32 bits, bits, 0x81C081C0;
+fma.rn.bf16x2 $0, bits, $5, negzero;
+and.b32 bits, pair23, 0x000F000F;
+mul.lo.u32 bits, bits, 0x1040;
+and.b32 bits, bits, 0x81C081C0;
+fma.rn.bf16x2 $1, bits, $6, negzero;
+and.b32 bits, pair01, 0x00F000F0;
+mul.lo.u32 bits, bits, 0x104;
+and.b32 bits, bits, 0x81C081C0;
+fma.rn.bf16x2 $2, bits, $5, negzero;
+and.b32 bits, pair23, 0x00F000F0;
+mul.lo.u32 bits, bits, 0x104;
+and.b32 bits, bits, 0x81C081C0;
+fma.rn.bf16x2 $3, bits, $6, negzero;
+}
+""")
+FAST_DECODE_GLOBAL_FACTOR = 512.0  # 2**9, see _E2M1_BF16X2_ASM
+_FAST_SCALE_FACTOR = tl.constexpr(2.0**117)
+
+
 @triton.jit
 def load_nvfp4_tile_pair(
     w_ptr, scale_ptr, offs_n, mask_n, k0, k_end, stride_wn, stride_sn,
-    BLOCK_N: tl.constexpr, HALF_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    BLOCK_N: tl.constexpr, HALF_K: tl.constexpr, DOT_DTYPE: tl.constexpr, FAST_DECODE: tl.constexpr = False,
 ):
     """Dequantized W^T for K-columns [k0, k0 + 2*HALF_K) of rows `offs_n`: (even-K, odd-K) [HALF_K, BLOCK_N].
 
     `w_ptr` / `scale_ptr` point at one weight matrix (uint8 [N, K/2] and e4m3-as-uint8 [N, K/16]); the
     packed bytes are loaded contiguous along K so they vectorize. Values carry the block scale but not the
-    global scale.
+    global scale. FAST_DECODE (bf16 operands on a GPU; the interpreter cannot run PTX) decodes with packed
+    bf16x2 PTX and returns values 2**-9 too small, which the caller's global scale makes up.
     """
     SCALES_K: tl.constexpr = HALF_K // 8
     bytes_k = k0 // 2 + tl.arange(0, HALF_K)
     mask_w = (bytes_k[:, None] < k_end // 2) & mask_n[None, :]
     packed = tl.load(w_ptr + offs_n[None, :] * stride_wn + bytes_k[:, None], mask=mask_w, other=0)
-    packed = packed.to(tl.int32)
     blocks_k = k0 // 16 + tl.arange(0, SCALES_K)
     mask_s = (blocks_k[:, None] < k_end // 16) & mask_n[None, :]
     raw_scale = tl.load(scale_ptr + offs_n[None, :] * stride_sn + blocks_k[:, None], mask=mask_s, other=0)
-    # Eight packed bytes share one scale block; the scale also carries the decode's 2**14.
-    block_scale = tl.reshape(e4m3_to_float(raw_scale) * _E2M1_FP16_SCALE, (SCALES_K, 1, BLOCK_N))
-    w_low, w_high = e2m1_pair_to_float(packed)
-    w_low = tl.reshape(w_low, (SCALES_K, 8, BLOCK_N)) * block_scale
-    w_high = tl.reshape(w_high, (SCALES_K, 8, BLOCK_N)) * block_scale
-    w_low = tl.reshape(w_low, (HALF_K, BLOCK_N)).to(DOT_DTYPE)
-    w_high = tl.reshape(w_high, (HALF_K, BLOCK_N)).to(DOT_DTYPE)
+    if FAST_DECODE:
+        tl.static_assert(tl.bfloat16 == DOT_DTYPE, "the PTX decode produces bf16 operands")
+        scale = (e4m3_to_float(raw_scale) * _FAST_SCALE_FACTOR).to(tl.bfloat16)
+        scale = tl.reshape(tl.broadcast_to(tl.reshape(scale, (SCALES_K, 1, BLOCK_N)), (SCALES_K, 8, BLOCK_N)),
+                           (HALF_K, BLOCK_N))
+        w_low, w_high = tl.inline_asm_elementwise(
+            _E2M1_BF16X2_ASM, "=r,=r,=r,=r,r,r,r", [packed, scale],
+            dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4,
+        )
+    else:
+        # Eight packed bytes share one scale block; the scale also carries the decode's 2**14.
+        block_scale = tl.reshape(e4m3_to_float(raw_scale) * _E2M1_FP16_SCALE, (SCALES_K, 1, BLOCK_N))
+        w_low, w_high = e2m1_pair_to_float(packed.to(tl.int32))
+        w_low = tl.reshape(w_low, (SCALES_K, 8, BLOCK_N)) * block_scale
+        w_high = tl.reshape(w_high, (SCALES_K, 8, BLOCK_N)) * block_scale
+        w_low = tl.reshape(w_low, (HALF_K, BLOCK_N)).to(DOT_DTYPE)
+        w_high = tl.reshape(w_high, (HALF_K, BLOCK_N)).to(DOT_DTYPE)
     return w_low, w_high

@@ -18,7 +18,15 @@ from nvfp4_ext.format import F8E4M3_MAX
 
 from .reference import Activation, fp8_gemm_ref, nvfp4_gemm_ref, nvfp4_moe_ref
 
-__all__ = ["BackendChoice", "Fp8BackendChoice", "fp8_gemm", "interpreter_enabled", "nvfp4_gemm", "nvfp4_moe"]
+__all__ = [
+    "BackendChoice",
+    "Fp8BackendChoice",
+    "fast_decode_requested",
+    "fp8_gemm",
+    "interpreter_enabled",
+    "nvfp4_gemm",
+    "nvfp4_moe",
+]
 
 BackendChoice = Literal["auto", "triton", "torch"]
 Fp8BackendChoice = Literal["auto", "triton", "torch", "scaled_mm"]
@@ -27,6 +35,17 @@ Fp8BackendChoice = Literal["auto", "triton", "torch", "scaled_mm"]
 def interpreter_enabled() -> bool:
     """Whether Triton runs kernels in its CPU interpreter (read at call time, as Triton itself does)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def fast_decode_requested(x: torch.Tensor) -> bool:
+    """Whether the NVFP4 kernels decode weights with packed bf16x2 PTX (`NVFP4_EXT_FAST_DECODE=1`).
+
+    Opt-in until validated on a GPU (`pytest -m gpu tests/test_kernels_gpu.py`): about 7.6 instead of 12
+    SASS instructions per weight in the sm_90 decode tile. Needs bf16 activations on CUDA; the interpreter
+    cannot run PTX. Read at call time.
+    """
+    wanted = os.environ.get("NVFP4_EXT_FAST_DECODE", "0") not in ("", "0")
+    return wanted and x.is_cuda and x.dtype == torch.bfloat16 and not interpreter_enabled()
 
 
 def _resolve(backend: str, kind: LayerKind, device: torch.device, allowed: tuple[str, ...]) -> str:

@@ -105,6 +105,7 @@ GEMM_CASES = [
     (33, 48, 208, torch.float32, False, True, None),  # shipped mid tile
     (130, 48, 96, torch.float16, True, False, None),  # shipped prefill tile
     (3, 16, 64, torch.float32, True, False, GemmConfig(16, 16, 32, split_k=2)),
+    (3, 144, 288, torch.float16, True, True, GemmConfig(16, 128, 128)),  # the shipped LM-head decode tile
 ]
 
 

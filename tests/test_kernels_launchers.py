@@ -127,3 +127,47 @@ def test_config_selection_buckets():
     assert select_gemm_config(2048, 2816, 2816).block_m == 128
     assert select_moe_config(1, 128, 8).block_m == 16
     assert select_moe_config(2048, 128, 8).block_m == 64
+
+
+def _prmt(a: torch.Tensor, selector: int) -> torch.Tensor:
+    """PTX prmt.b32 d, a, 0, selector (default mode): result byte k is byte (selector >> 4k) & 7 of {0, a}."""
+    source = [(a >> (8 * i)) & 0xFF for i in range(4)] + [torch.zeros_like(a)] * 4
+    return sum(source[(selector >> (4 * k)) & 7] << (8 * k) for k in range(4))
+
+
+def _bf16_halves(word: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two bf16 values of a b32 register (low half first), as float32."""
+    halves = [(word & 0xFFFF), (word >> 16) & 0xFFFF]
+    return tuple(
+        ((h + 0x8000) % 0x10000 - 0x8000).to(torch.int16).view(torch.bfloat16).float() for h in halves
+    )
+
+
+def test_ptx_fast_decode_bit_math_reproduces_e2m1_times_scale():
+    """A bit-level model of `_E2M1_BF16X2_ASM` (prmt, and, mul.lo, and, bf16 fma) over every byte pair and
+    e4m3 scale. It checks the constants and the exactness argument; whether the GPU executes the PTX as
+    modelled is for `tests/test_kernels_gpu.py` on a GPU."""
+    from nvfp4_ext.kernels.nvfp4_tile import FAST_DECODE_GLOBAL_FACTOR
+
+    from nvfp4_ext.format import E2M1_VALUES
+
+    byte0 = torch.arange(256, dtype=torch.int64)
+    byte1 = (byte0 * 37 + 11) % 256  # a second byte pattern in the other half of the pair
+    word = byte0 | (byte1 << 8) | ((255 - byte0) << 16) | (byte1 << 24)
+    pair01, pair23 = _prmt(word, 0x4140), _prmt(word, 0x4342)
+    assert torch.equal(pair01, byte0 | (byte1 << 16)) and torch.equal(pair23, (255 - byte0) | (byte1 << 16))
+    scales = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
+    scales = scales[torch.isfinite(scales)]
+    scale_bf16 = (scales * 2.0**117).to(torch.bfloat16).float()
+    assert torch.equal(scale_bf16, scales * 2.0**117)  # e4m3 * 2**117 is exact and finite in bf16
+    for pair, (first, second) in ((pair01, (byte0, byte1)), (pair23, (255 - byte0, byte1))):
+        for mask, multiplier, shift in ((0x000F000F, 0x1040, 0), (0x00F000F0, 0x104, 4)):
+            bits = ((pair & mask) * multiplier) & 0x81C081C0
+            for value, byte in zip(_bf16_halves(bits), (first, second), strict=True):
+                expected = E2M1_VALUES[(byte >> shift) & 0xF]
+                assert torch.equal(value * 2.0**126, expected)
+                # fma.rn.bf16x2 by scale * 2**117: <= 6 significant bits, so the rounding is exact.
+                product = (value[:, None] * scale_bf16[None, :]).to(torch.bfloat16).float()
+                torch.testing.assert_close(
+                    product * FAST_DECODE_GLOBAL_FACTOR, expected[:, None] * scales[None, :], rtol=0, atol=0
+                )
