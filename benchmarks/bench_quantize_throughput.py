@@ -32,7 +32,10 @@ _CHILD = textwrap.dedent(
     from nvfp4_ext.quantize import quantize_checkpoint
     start = time.perf_counter()
     quantize_checkpoint(sys.argv[1], sys.argv[2], recipe="w4a16", scales=sys.argv[3], progress=False)
-    print(json.dumps({"seconds": time.perf_counter() - start}))
+    seconds = time.perf_counter() - start
+    # VmHWM is this process image's peak RSS; getrusage's ru_maxrss would include the forked parent's pages.
+    status = open("/proc/self/status").read().split("VmHWM:")[1].split()
+    print(json.dumps({"seconds": seconds, "peak_rss_kb": int(status[0])}))
     """
 )
 
@@ -111,9 +114,9 @@ def main() -> None:
             capture_output=True,
             text=True,
         )
-        seconds = json.loads(child.stdout.strip().splitlines()[-1])["seconds"]
+        report = json.loads(child.stdout.strip().splitlines()[-1])
+        seconds, peak_rss = report["seconds"], report["peak_rss_kb"] * 1024
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-        peak_rss = usage.ru_maxrss * 1024
         cpu_seconds = usage.ru_utime + usage.ru_stime
         out_bytes = sum(p.stat().st_size for p in (work / "dst").glob("*.safetensors"))
         result = {
