@@ -14,8 +14,6 @@ import logging
 from typing import Any
 
 import torch
-from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
-from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 
 from nvfp4_ext.checkpoint.config import QuantConfig, parse_quant_config
@@ -133,7 +131,10 @@ class Nvfp4ExtConfig(QuantizationConfig):
         self.prefix_map = tuple((new, orig) for orig, new in prefixes.items() if new is not None)
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        # Layer modules are imported here, in the workers: register() (every process) stays cheap.
         from vllm.model_executor.layers.attention import Attention, MLAAttention
+        from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+        from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
         from vllm.model_executor.layers.quantization.kv_cache import BaseKVCacheMethod
 
         from .linear import Nvfp4ExtFp8LinearMethod, Nvfp4ExtLinearMethod
