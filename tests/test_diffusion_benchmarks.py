@@ -57,6 +57,9 @@ def test_train_then_bench_policies_smoke(tmp_path: Path, skip_nvfp4: bool) -> No
     assert train.main(["--out", str(model_dir), "--steps", "2", "--batch", "4", "--digits", "4"]) == 0
     meta = json.loads((model_dir / "task.json").read_text())
     assert meta["steps_run"] == 2 and 1e6 < meta["parameters"] < 5e6
+    again = tmp_path / "dg_sort_again"  # deterministic from the seed
+    assert train.main(["--out", str(again), "--steps", "2", "--batch", "4", "--digits", "4"]) == 0
+    assert (again / "model.safetensors").read_bytes() == (model_dir / "model.safetensors").read_bytes()
     out = tmp_path / "policies.json"
     argv = ["--model", str(model_dir), "--examples", "4", "--max-steps", "2", "--out", str(out)]
     assert bench_policies.main(argv + (["--skip-nvfp4"] if skip_nvfp4 else [])) == 0
