@@ -138,6 +138,9 @@ def model_metrics(
     if len(ids) < 4:
         return {"skipped": "the text is shorter than 4 tokens"}
     canvas = getattr(ref.config, "canvas_length", None)
-    result = _diffusion(ref, quant, ids, canvas) if canvas else _causal(ref, quant, ids, seq_len)
+    try:
+        result = _diffusion(ref, quant, ids, canvas) if canvas else _causal(ref, quant, ids, seq_len)
+    except (AttributeError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+        return {"skipped": f"{type(ref).__name__} does not run as a language model here: {exc}"}
     result["text"] = source
     return result
