@@ -360,3 +360,24 @@ def test_vllm_plugins_env_selects_or_disables_the_entry_point(plugins, expected)
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"REGISTERED={expected}" in proc.stdout
+
+
+def test_header_validation_flags_float_projection_the_config_calls_nvfp4(tmp_path):
+    from nvfp4_ext.engines.vllm.validate import validate_checkpoint
+
+    tensors = {
+        **_nvfp4_tensors("a.o_proj"),
+        "a.q_proj.weight": torch.randn(32, 64, dtype=torch.bfloat16),
+        "a.embed_tokens.weight": torch.randn(8, 64),
+        "a.norm.weight": torch.ones(64),
+    }
+    root = _write_module(tmp_path / "ckpt", tensors)
+    w4a16 = parse_quant_config({"quant_method": "modelopt", "quant_algo": "W4A16_NVFP4"})
+    with pytest.raises(
+        CheckpointError, match=r"tensor a\.q_proj\.weight: stored as BF16 \[32, 64\].*nvfp4_w4a16"
+    ):
+        validate_checkpoint(root, w4a16)
+    excluded = parse_quant_config(
+        {"quant_method": "modelopt", "quant_algo": "W4A16_NVFP4", "ignore": ["a.q_proj"]}
+    )
+    assert validate_checkpoint(root, excluded)

@@ -100,6 +100,7 @@ def validate_checkpoint(model_dir: str | os.PathLike, quant: QuantConfig) -> dic
         or name.endswith("." + names["weight"])
         and dtype == "U8"
     }
+    _check_unquantized_projections(tensors, modules, quant)
     for module in sorted(modules):
         weight, scale = f"{module}.{names['weight']}", f"{module}.{names['scale']}"
         glob, inp = f"{module}.{names['global']}", f"{module}.{names['input']}"
@@ -150,6 +151,32 @@ def validate_checkpoint(model_dir: str | os.PathLike, quant: QuantConfig) -> dic
                 inp,
             )
     return tensors
+
+
+_FLOAT_DTYPES = ("BF16", "F16", "F32")
+# Modules engines build as plain (never quantized) layers, whatever the exclude list says.
+_ALWAYS_UNQUANTIZED = ("self_conditioning", "vision", "audio")
+
+
+def _check_unquantized_projections(
+    tensors: dict[str, TensorInfo], quantized: set[str], quant: QuantConfig
+) -> None:
+    """A `*_proj` linear stored in 16/32-bit floats must be excluded by the config, or vLLM would try to load
+    it into NVFP4 parameters (and fail deep inside a worker)."""
+    for name, (file, shape, dtype) in tensors.items():
+        module, _, leaf = name.rpartition(".")
+        if leaf != "weight" or dtype not in _FLOAT_DTYPES or len(shape) != 2 or module in quantized:
+            continue
+        if not module.rpartition(".")[2].endswith("_proj") or any(p in module for p in _ALWAYS_UNQUANTIZED):
+            continue
+        scheme = quant.scheme_for(module)
+        if scheme in ("nvfp4", "nvfp4_w4a16"):
+            raise CheckpointError(
+                f"stored as {dtype} {list(shape)}, but the quantization config makes it {scheme} (it is not "
+                "in exclude_modules / ignore); add it there or re-export the checkpoint",
+                file=file,
+                tensor=name,
+            )
 
 
 def _numel(shape: tuple[int, ...]) -> int:
