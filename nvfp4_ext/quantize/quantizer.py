@@ -295,6 +295,13 @@ def quantize_checkpoint(
         from nvfp4_ext.quantize.calibrate import collect_activation_amax
 
         amax = collect_activation_amax(src, calib, {t.name for t in tensors})
+        static = [m for t in tasks if t.scheme in ("nvfp4", "fp8") for m in t.modules]
+        missing = [m for m in static if amax.get(m, 0.0) <= 0]
+        if missing:
+            raise ConfigError(
+                f"--calib: no activations reached {len(missing)} module(s) during calibration (e.g. "
+                f"{', '.join(missing[:3])}); use a longer or more varied text, or --recipe w4a16"
+            )
     result = QuantizeResult()
     shards = _shard_plan(tasks, max_shard_bytes)
     try:
