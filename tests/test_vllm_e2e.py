@@ -17,7 +17,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_vllm_helpers import PROMPT_LONG, PROMPTS, hf_greedy, make_llm, tiny_checkpoint, vllm_greedy
+from test_vllm_helpers import (
+    PROMPT_LONG,
+    PROMPTS,
+    engine_env,
+    hf_greedy,
+    make_llm,
+    tiny_checkpoint,
+    vllm_greedy,
+)
 
 pytestmark = pytest.mark.vllm
 
@@ -55,8 +63,13 @@ def _plugin_layers(model) -> dict:
 
 
 @pytest.fixture(scope="session")
-def vllm_runs(ckpt_root) -> dict:
+def vllm_runs(ckpt_root):
     """Greedy outputs (and layer summaries) of every (model, form) run, computed once per session."""
+    with engine_env():
+        yield _runner(ckpt_root)
+
+
+def _runner(ckpt_root: Path):
     cache: dict = {}
 
     def run(model: str, form: str = "modelopt") -> dict:

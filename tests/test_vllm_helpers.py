@@ -5,6 +5,7 @@ Holds no tests itself. Engine tests run vLLM in-process (`VLLM_ENABLE_V1_MULTIPR
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -14,6 +15,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 import torch
 
 PROMPT_SHORT = "w5 w17 w99 w3 w250"
@@ -30,9 +32,13 @@ ENGINE_ENV = {
 }
 
 
-def set_engine_env() -> None:
-    for key, value in ENGINE_ENV.items():
-        os.environ.setdefault(key, value)
+@contextlib.contextmanager
+def engine_env():
+    """ENGINE_ENV set for the duration (restored after, so no other test inherits it)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in ENGINE_ENV.items():
+            patch.setenv(key, os.environ.get(key, value))
+        yield
 
 
 def tiny_checkpoint(root: Path, model: str, form: str = "modelopt") -> Path:
@@ -103,7 +109,7 @@ def vllm_greedy(llm, prompts: list[str], max_tokens: int = MAX_TOKENS) -> list[l
 
 
 def make_llm(model_dir: Path, **kwargs):
-    set_engine_env()
+    """An in-process `vllm.LLM` with quantization="nvfp4_ext" (call inside `engine_env()`)."""
     from vllm import LLM
 
     args = dict(
