@@ -199,3 +199,21 @@ def test_our_flag_on_an_unquantized_checkpoint_fails_with_our_message(ckpt_root)
         ValueError, match="needs an NVFP4 checkpoint, but this model has no quantization_config"
     ):
         args.create_engine_config()
+
+
+def test_our_flag_on_a_non_nvfp4_checkpoint_names_its_method(ckpt_root, tmp_path):
+    from vllm.config import ModelConfig
+
+    from nvfp4_ext.engines.vllm import register
+
+    register()
+    source = tiny_checkpoint(ckpt_root, "qwen3-dense", "modelopt")
+    for item in source.iterdir():
+        if item.suffix != ".safetensors" and item.name != "hf_quant_config.json":
+            (tmp_path / item.name).write_bytes(item.read_bytes())
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"]["quant_algo"] = "FP8"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"quantization method is 'modelopt' \(quant_algo 'FP8'\)"):
+        ModelConfig(model=str(tmp_path), quantization="nvfp4_ext")
+    assert ModelConfig(model=str(tmp_path)).quantization == "modelopt"  # vLLM's own choice, untouched
