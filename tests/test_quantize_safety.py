@@ -202,3 +202,15 @@ def test_calibration_records_per_expert_amax(tmp_path):
     assert all(s > 0 for s in gate + down)
     assert len(set(gate)) > 1 and len(set(down)) > 1  # routed tokens differ per expert
     assert max(gate) == pytest.approx(attn, rel=0.5)  # same normalized residual stream scale
+
+
+def test_corrupt_input_gets_a_named_error(small, tmp_path):
+    shard = small / "model.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 100])  # truncate the last tensor's bytes
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*truncated data"):
+        quantize_checkpoint(small, tmp_path / "out", recipe="w4a16", progress=False)
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+    shard.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        quantize_checkpoint(small, tmp_path / "out", recipe="w4a16", progress=False)
