@@ -326,9 +326,14 @@ def compile_variant(variant: KernelVariant, capability: int, workdir: Path) -> C
 
 
 def compile_all(
-    capabilities: tuple[int, ...] = (80, 90, 100), kernel_filter: str = ""
+    capabilities: tuple[int, ...] = (80, 90, 100),
+    kernel_filter: str = "",
+    fast_decode_capabilities: tuple[int, ...] | None = None,
 ) -> list[CompileResult]:
-    """Compile every shipped variant for each capability; Triton's cache goes to a temporary directory."""
+    """Compile every shipped variant for each capability; Triton's cache goes to a temporary directory.
+
+    `fast_decode_capabilities` limits the opt-in fast-decode variants to those targets (default: all).
+    """
     results = []
     with tempfile.TemporaryDirectory(prefix="nvfp4_ext_aot_") as tmp:
         previous = os.environ.get("TRITON_CACHE_DIR")
@@ -337,7 +342,10 @@ def compile_all(
             for variant in shipped_variants():
                 if kernel_filter and kernel_filter not in variant.kernel:
                     continue
-                for capability in capabilities:
+                targets = capabilities
+                if "fast-decode" in variant.config and fast_decode_capabilities is not None:
+                    targets = tuple(c for c in capabilities if c in fast_decode_capabilities)
+                for capability in targets:
                     results.append(compile_variant(variant, capability, Path(tmp)))
         finally:
             if previous is None:
