@@ -214,3 +214,12 @@ def test_corrupt_input_gets_a_named_error(small, tmp_path):
     shard.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
     with pytest.raises(CheckpointError, match="model.safetensors"):
         quantize_checkpoint(small, tmp_path / "out", recipe="w4a16", progress=False)
+
+
+def test_nan_weight_gets_a_named_error(tmp_path):
+    weight = torch.randn(32, 64)
+    weight[3, 5] = float("nan")
+    src = _synthetic(tmp_path / "src", {"model.layers.0.mlp.up_proj.weight": weight})
+    with pytest.raises(CheckpointError, match="model.layers.0.mlp.up_proj.weight.*NaN or Inf"):
+        quantize_checkpoint(src, tmp_path / "out", recipe="w4a16", progress=False)
+    assert _leftovers(tmp_path) == []

@@ -183,6 +183,12 @@ def _process(task: TensorTask, w: torch.Tensor, run: _Run) -> list[tuple[str, to
             for i, proj in enumerate(split.projections)
         ]
     for module, piece in pieces:
+        if not torch.isfinite(piece.abs().amax()):
+            raise CheckpointError(
+                f"weight has NaN or Inf values (module {module})",
+                file=task.source.file.name,
+                tensor=task.source.name,
+            )
         if task.scheme.startswith("nvfp4"):
             outputs += _nvfp4_tensors(module, piece, task, run, stats)
         else:

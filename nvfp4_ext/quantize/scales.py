@@ -28,6 +28,7 @@ from nvfp4_ext.format import (
     NVFP4_BLOCK_SIZE,
     NVFP4_GLOBAL_DENOM,
     NVFP4Weight,
+    cast_to_e2m1,
     nvfp4_block_scales,
     nvfp4_global_scale,
     pack_uint4,
@@ -43,10 +44,9 @@ _CHUNK_ELEMENTS = 1 << 18
 # mse: e4m3 code offsets tried around the RTN scale's code (8 codes per octave; +5 ~ the 6/4 scale).
 _MSE_CODE_OFFSETS = (-3, -2, -1, 1, 2, 3, 4, 5, 6)
 _E4M3_MAX_CODE = 126  # 0x7E = 448; 0x7F is NaN in float8_e4m3fn
-# Round-half-to-even boundaries of E2M1 magnitudes: ties at 0.25, 1.25, 2.5, 5 go down (to the even code),
-# ties at 0.75, 1.75, 3.5 go up — the same rounding as `nvfp4_ext.format.cast_to_e2m1`.
-_TIES_DOWN = (0.25, 1.25, 2.5, 5.0)
-_TIES_UP = (0.75, 1.75, 3.5)
+# Magnitude code for index floor(4m) + ceil(4m): entry i is the reference code of m = i / 8, i.e. of the
+# boundary k/4 itself (i = 2k) or of any value strictly inside (k/4, (k+1)/4) (i = 2k + 1); 49 = above 6.
+_CODE_TABLE = cast_to_e2m1(torch.arange(50, dtype=torch.float32) / 8)
 
 
 @dataclass
@@ -76,17 +76,15 @@ class ScaleStats:
 
 
 def e2m1_codes(x: torch.Tensor) -> torch.Tensor:
-    """E2M1 codes of already-scaled float32 values; byte-identical to `format.cast_to_e2m1`, several times
-    faster.
+    """E2M1 codes of already-scaled float32 values; byte-identical to `format.cast_to_e2m1`, ~2x faster.
 
-    Counts the rounding boundaries below each magnitude with plain comparisons instead of a binary search.
+    Every rounding boundary is a multiple of 0.25, so floor(4|x|) + ceil(4|x|) tells apart the values exactly
+    on a boundary (even) from those strictly between two (odd); a 50-entry table built from the reference
+    rounding maps that index to the code. Inputs must be finite.
     """
-    magnitude = x.abs()
-    codes = torch.gt(magnitude, _TIES_DOWN[0]).view(torch.uint8)
-    for bound in _TIES_DOWN[1:]:
-        codes += torch.gt(magnitude, bound).view(torch.uint8)
-    for bound in _TIES_UP:
-        codes += torch.ge(magnitude, bound).view(torch.uint8)
+    scaled = x.abs().mul_(4)
+    index = torch.floor(scaled).add_(torch.ceil_(scaled)).clamp_(max=_CODE_TABLE.numel() - 1)
+    codes = torch.take(_CODE_TABLE, index.long())
     codes |= torch.lt(x, 0).view(torch.uint8) << 3
     return codes
 
@@ -189,7 +187,7 @@ def quantize_weight(
     Returns:
         NVFP4Weight(qdata uint8 [N, K/2], scale e4m3 [N, K/16], global_scale f32 0-d = amax/2688).
     Raises:
-        ValueError: unknown method, rank != 2 or K not a multiple of 16.
+        ValueError: unknown method, rank != 2, K not a multiple of 16, or NaN/Inf values.
     """
     if method not in SCALE_METHODS:
         raise ValueError(f"unknown scale method {method!r}; expected one of {', '.join(SCALE_METHODS)}")
@@ -197,6 +195,8 @@ def quantize_weight(
         raise ValueError(f"quantize_weight needs [N, K] with K a multiple of 16, got shape {tuple(w.shape)}")
     n, k = w.shape
     global_scale = nvfp4_global_scale(w)
+    if not torch.isfinite(global_scale):
+        raise ValueError("the weight has non-finite values (NaN or Inf)")
     if global_scale == 0:  # all-zero weight: any scale encodes it; avoid ModelOpt's 0/0 NaN block scales
         global_scale = torch.tensor(1.0 / NVFP4_GLOBAL_DENOM)
     qdata = torch.empty(n, k // 2, dtype=torch.uint8)
