@@ -8,7 +8,7 @@ over shards without rescaling the block scales.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
@@ -30,6 +30,9 @@ from nvfp4_ext.engines.common import (
 )
 from nvfp4_ext.errors import CheckpointError, ConfigError
 from nvfp4_ext.format import FP8_BLOCK, NVFP4_BLOCK_SIZE
+
+if TYPE_CHECKING:
+    from .config import Nvfp4ExtConfig
 
 __all__ = ["Nvfp4ExtFp8LinearMethod", "Nvfp4ExtLinearMethod", "nvfp4_param_names"]
 
@@ -59,7 +62,7 @@ class Nvfp4ExtLinearMethod(LinearMethodBase):
     `input_scale` is still loaded and validated (it is used by the FlashInfer W4A4 path on sm >= 100).
     """
 
-    def __init__(self, config, scheme: str, prefix: str) -> None:
+    def __init__(self, config: Nvfp4ExtConfig, scheme: str, prefix: str) -> None:
         self.config = config
         self.scheme = scheme
         self.prefix = prefix
@@ -181,7 +184,7 @@ class Nvfp4ExtFp8LinearMethod(LinearMethodBase):
     """FP8 (e4m3) linear layer of a mixed-precision checkpoint: per-tensor (one scale per fused shard, kept
     exactly as per-row scales), per-channel or 128x128-block weight scales; computed weight-only (W8A16)."""
 
-    def __init__(self, config, scheme: str, prefix: str) -> None:
+    def __init__(self, config: Nvfp4ExtConfig, scheme: str, prefix: str) -> None:
         self.config = config
         self.scheme = scheme
         self.prefix = prefix

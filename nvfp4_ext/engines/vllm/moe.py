@@ -12,6 +12,8 @@ ours takes the generic path, driven by each parameter's `quant_method` attribute
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
 from vllm.model_executor.layers.fused_moe.routed_experts import FusedMoeWeightScaleSupported
@@ -22,6 +24,11 @@ from nvfp4_ext.errors import ConfigError
 from nvfp4_ext.format import NVFP4_BLOCK_SIZE, global_multiplier
 
 from .linear import nvfp4_param_names
+
+if TYPE_CHECKING:
+    from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig
+
+    from .config import Nvfp4ExtConfig
 
 __all__ = ["Nvfp4ExtFusedMoEMethod"]
 
@@ -35,7 +42,7 @@ def _nan(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 class Nvfp4ExtFusedMoEMethod(FusedMoEMethodBase):
     """NVFP4 experts (W4A4 or W4A16 checkpoints; computed weight-only on CPU and pre-Blackwell GPUs)."""
 
-    def __init__(self, config, scheme: str, prefix: str, moe) -> None:
+    def __init__(self, config: Nvfp4ExtConfig, scheme: str, prefix: str, moe: FusedMoEConfig) -> None:
         super().__init__(moe)
         self.config = config
         self.scheme = scheme
