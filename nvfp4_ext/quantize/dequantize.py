@@ -28,6 +28,7 @@ from nvfp4_ext.quantize.io import (
     atomic_output_dir,
     copy_aux_files,
     list_source_tensors,
+    read_tensor,
     write_index,
 )
 
@@ -61,17 +62,13 @@ class QuantizedReader:
         config = find_quant_config(self.root)
         self.convention = config.global_scale_convention if config is not None else "modelopt"
         self.tensors = {t.name: t for t in list_source_tensors(self.root)}
-        self._handles: dict[Path, object] = {}
 
     def raw(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
+        """One stored tensor, as stored (read without mmap)."""
         tensor = self.tensors.get(name)
         if tensor is None:
             raise CheckpointError("tensor missing", tensor=name, file=str(self.root))
-        if tensor.file not in self._handles:
-            self._handles[tensor.file] = safe_open(str(tensor.file), framework="pt")
-        return self._handles[tensor.file].get_tensor(name)
+        return read_tensor(tensor)
 
     def module_kind(self, module: str) -> str:
         """ "nvfp4", "fp8" or "plain" for a module prefix with a `.weight` or `.weight_packed` tensor."""
