@@ -223,3 +223,27 @@ def test_nan_weight_gets_a_named_error(tmp_path):
     with pytest.raises(CheckpointError, match="model.layers.0.mlp.up_proj.weight.*NaN or Inf"):
         quantize_checkpoint(src, tmp_path / "out", recipe="w4a16", progress=False)
     assert _leftovers(tmp_path) == []
+
+
+def test_cli_quantizes_with_excludes_and_mse(small, tmp_path, capsys):
+    dst = tmp_path / "out"
+    argv = [
+        "quantize",
+        str(small),
+        str(dst),
+        "--recipe",
+        "w4a16",
+        "--scales",
+        "mse",
+        "--exclude",
+        "*.layers.0.*",
+    ]
+    assert main([*argv, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "5 quantized tensors" in out and "mse scales: squared error" in out and "lower than rtn" in out
+    config = json.loads((dst / "config.json").read_text())["quantization_config"]
+    assert config["quant_algo"] == "W4A16_NVFP4"
+    assert (
+        "model.layers.0.mlp.up_proj" in config["ignore"]
+        and "model.layers.1.mlp.up_proj" not in config["ignore"]
+    )
