@@ -81,14 +81,8 @@ def _source_weights(source: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def _xfail_fp8_block_grid(variant: str) -> None:
-    if variant == "mixed-nocalib":  # k_proj [64, 128] has a 1x1 grid of 128x128 FP8 blocks
-        pytest.xfail("the checkpoint reader takes a 1x1 FP8 block-scale grid for per-tensor FP8 (reported)")
-
-
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_inspect_every_expert_is_nvfp4(outputs, variant):
-    _xfail_fp8_block_grid(variant)
     report = inspect_checkpoint(str(outputs[variant]))
     experts = [m for m in report["modules"] if ".experts." in m["name"]]
     assert len(experts) == 2 * 8 * 3  # 2 layers x 8 experts x gate/up/down, all split out
@@ -103,7 +97,6 @@ def test_inspect_every_expert_is_nvfp4(outputs, variant):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_reader_accepts_and_dequantizes_within_format_error(outputs, source, variant):
-    _xfail_fp8_block_grid(variant)
     validate_checkpoint(outputs[variant])
     ckpt = Checkpoint.open(outputs[variant])
     originals = _source_weights(source)
