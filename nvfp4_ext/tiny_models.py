@@ -86,6 +86,8 @@ def build_tiny_gemma4_moe(
         num_experts=8,
         top_k_experts=2,
         moe_intermediate_size=32,
+        # The per-layer-input embedding defaults to a 262144-row table (268 MB); size it to the vocabulary.
+        vocab_size_per_layer_input=vocab_size,
         tie_word_embeddings=False,
         final_logit_softcapping=30.0,
         pad_token_id=0,
