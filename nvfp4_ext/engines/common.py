@@ -30,8 +30,10 @@ __all__ = [
     "nvfp4_linear_forward",
     "nvfp4_moe_forward",
     "per_row_global",
+    "nvfp4_param_names",
     "per_shard_global",
     "swizzle_block_scales",
+    "unloaded",
     "working_tp_sizes",
 ]
 
@@ -39,6 +41,24 @@ logger = logging.getLogger("nvfp4_ext")
 
 # (layer kind, backend) pairs chosen in this process, in order; logged once each.
 BACKENDS_USED: dict[str, str] = {}
+
+
+def nvfp4_param_names(producer: str) -> dict[str, str]:
+    """Checkpoint tensor suffixes of an NVFP4 layer for a checkpoint producer (they are our param names)."""
+    if producer == "compressed-tensors":
+        return {
+            "weight": "weight_packed",
+            "scale": "weight_scale",
+            "global": "weight_global_scale",
+            "input": "input_global_scale",
+        }
+    return {"weight": "weight", "scale": "weight_scale", "global": "weight_scale_2", "input": "input_scale"}
+
+
+def unloaded(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A scale parameter's initial value: NaN marks "not loaded", and `assert_loaded` checks that every one
+    was overwritten by a checkpoint tensor (some model loaders silently skip tensors nobody asked for)."""
+    return torch.full(shape, float("nan"), dtype=dtype)
 
 
 # ------------------------------------------------------------------------------------------- global scales

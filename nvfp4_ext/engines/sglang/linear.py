@@ -24,30 +24,15 @@ from nvfp4_ext.engines.common import (
     check_nvfp4_partition,
     fp8_linear_forward,
     nvfp4_linear_forward,
+    nvfp4_param_names,
     per_row_global,
     per_shard_global,
+    unloaded,
 )
 from nvfp4_ext.errors import ConfigError
 from nvfp4_ext.format import FP8_BLOCK, NVFP4_BLOCK_SIZE
 
-__all__ = ["Nvfp4ExtFp8LinearMethod", "Nvfp4ExtLinearMethod", "nvfp4_param_names"]
-
-
-def nvfp4_param_names(producer: str) -> dict[str, str]:
-    """Checkpoint tensor suffixes of an NVFP4 layer for a checkpoint producer (they are our param names)."""
-    if producer == "compressed-tensors":
-        return {
-            "weight": "weight_packed",
-            "scale": "weight_scale",
-            "global": "weight_global_scale",
-            "input": "input_global_scale",
-        }
-    return {"weight": "weight", "scale": "weight_scale", "global": "weight_scale_2", "input": "input_scale"}
-
-
-def _nan(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    # NaN marks "not loaded": process_weights_after_loading checks every scale was overwritten.
-    return torch.full(shape, float("nan"), dtype=dtype)
+__all__ = ["Nvfp4ExtFp8LinearMethod", "Nvfp4ExtLinearMethod"]
 
 
 class Nvfp4ExtLinearMethod(LinearMethodBase):
@@ -93,7 +78,7 @@ class Nvfp4ExtLinearMethod(LinearMethodBase):
         layer.register_parameter(
             names["scale"],
             ModelWeightParameter(
-                data=_nan((rows, input_size_per_partition // NVFP4_BLOCK_SIZE), torch.float8_e4m3fn),
+                data=unloaded((rows, input_size_per_partition // NVFP4_BLOCK_SIZE), torch.float8_e4m3fn),
                 input_dim=1,
                 output_dim=0,
                 weight_loader=loader,
@@ -101,10 +86,11 @@ class Nvfp4ExtLinearMethod(LinearMethodBase):
         )
         layer.register_parameter(
             names["global"],
-            PerTensorScaleParameter(data=_nan((shards,), torch.float32), weight_loader=loader),
+            PerTensorScaleParameter(data=unloaded((shards,), torch.float32), weight_loader=loader),
         )
         layer.register_parameter(
-            names["input"], PerTensorScaleParameter(data=_nan((shards,), torch.float32), weight_loader=loader)
+            names["input"],
+            PerTensorScaleParameter(data=unloaded((shards,), torch.float32), weight_loader=loader),
         )
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
@@ -172,7 +158,7 @@ class Nvfp4ExtFp8LinearMethod(LinearMethodBase):
         )
         if self.scheme == "fp8_channel":
             scale = ChannelQuantScaleParameter(
-                data=_nan((rows, 1), torch.float32), output_dim=0, weight_loader=loader
+                data=unloaded((rows, 1), torch.float32), output_dim=0, weight_loader=loader
             )
         elif self.scheme == "fp8_block":
             block_n, block_k = FP8_BLOCK
@@ -183,11 +169,11 @@ class Nvfp4ExtFp8LinearMethod(LinearMethodBase):
                 )
             grid = (-(-rows // block_n), -(-input_size_per_partition // block_k))
             scale = BlockQuantScaleParameter(
-                data=_nan(grid, torch.float32), input_dim=1, output_dim=0, weight_loader=loader
+                data=unloaded(grid, torch.float32), input_dim=1, output_dim=0, weight_loader=loader
             )
         else:
             scale = PerTensorScaleParameter(
-                data=_nan((len(output_partition_sizes),), torch.float32), weight_loader=loader
+                data=unloaded((len(output_partition_sizes),), torch.float32), weight_loader=loader
             )
         layer.register_parameter("weight_scale", scale)
         # Static activation scale of W8A8 exports; weight-only compute ignores it but must accept it.

@@ -13,8 +13,14 @@ from __future__ import annotations
 import torch
 from sglang.srt.layers.quantization.base_config import FusedMoEMethodBase
 
-from nvfp4_ext.engines.common import assert_loaded, backend_for, check_nvfp4_partition, nvfp4_moe_forward
-from nvfp4_ext.engines.sglang.linear import nvfp4_param_names
+from nvfp4_ext.engines.common import (
+    assert_loaded,
+    backend_for,
+    check_nvfp4_partition,
+    nvfp4_moe_forward,
+    nvfp4_param_names,
+    unloaded,
+)
 from nvfp4_ext.errors import CheckpointError, ConfigError
 from nvfp4_ext.format import NVFP4_BLOCK_SIZE, global_multiplier
 
@@ -22,10 +28,6 @@ __all__ = ["SUPPORTED_ACTIVATIONS", "Nvfp4ExtMoEMethod"]
 
 SUPPORTED_ACTIVATIONS = ("gelu_tanh", "silu")
 _SHARD_COLUMN = {"w1": 0, "w3": 1}
-
-
-def _nan(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    return torch.full(shape, float("nan"), dtype=dtype)
 
 
 class Nvfp4ExtMoEMethod(FusedMoEMethodBase):
@@ -72,7 +74,7 @@ class Nvfp4ExtMoEMethod(FusedMoEMethodBase):
             ("w2", "input"): ((experts,), torch.float32),
         }
         for (proj, role), (shape, dtype) in shapes.items():
-            data = torch.zeros(shape, dtype=dtype) if role == "weight" else _nan(shape, dtype)
+            data = torch.zeros(shape, dtype=dtype) if role == "weight" else unloaded(shape, dtype)
             param = torch.nn.Parameter(data, requires_grad=False)
             param.weight_loader = self._make_loader(layer, proj, role)
             layer.register_parameter(f"{proj}_{self.names[role]}", param)

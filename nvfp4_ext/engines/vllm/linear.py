@@ -25,8 +25,10 @@ from nvfp4_ext.engines.common import (
     check_nvfp4_partition,
     fp8_linear_forward,
     nvfp4_linear_forward,
+    nvfp4_param_names,
     per_row_global,
     swizzle_block_scales,
+    unloaded,
 )
 from nvfp4_ext.errors import CheckpointError, ConfigError
 from nvfp4_ext.format import FP8_BLOCK, NVFP4_BLOCK_SIZE
@@ -34,24 +36,7 @@ from nvfp4_ext.format import FP8_BLOCK, NVFP4_BLOCK_SIZE
 if TYPE_CHECKING:
     from .config import Nvfp4ExtConfig
 
-__all__ = ["Nvfp4ExtFp8LinearMethod", "Nvfp4ExtLinearMethod", "nvfp4_param_names"]
-
-
-def nvfp4_param_names(producer: str) -> dict[str, str]:
-    """Checkpoint tensor suffixes of an NVFP4 linear for a checkpoint producer."""
-    if producer == "compressed-tensors":
-        return {
-            "weight": "weight_packed",
-            "scale": "weight_scale",
-            "global": "weight_global_scale",
-            "input": "input_global_scale",
-        }
-    return {"weight": "weight", "scale": "weight_scale", "global": "weight_scale_2", "input": "input_scale"}
-
-
-def _nan(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    # NaN marks "not loaded yet"; process_weights_after_loading checks that every one was overwritten.
-    return torch.full(shape, float("nan"), dtype=dtype)
+__all__ = ["Nvfp4ExtFp8LinearMethod", "Nvfp4ExtLinearMethod"]
 
 
 @register_weight_loader_v2_supported_method
@@ -94,7 +79,7 @@ class Nvfp4ExtLinearMethod(LinearMethodBase):
             data=torch.empty(n, k // 2, dtype=torch.uint8), input_dim=1, output_dim=0, weight_loader=loader
         )
         scale = ModelWeightParameter(
-            data=_nan((n, k // NVFP4_BLOCK_SIZE), torch.float8_e4m3fn),
+            data=unloaded((n, k // NVFP4_BLOCK_SIZE), torch.float8_e4m3fn),
             input_dim=1,
             output_dim=0,
             weight_loader=loader,
@@ -104,12 +89,12 @@ class Nvfp4ExtLinearMethod(LinearMethodBase):
         shards = len(output_partition_sizes)
         layer.register_parameter(
             self.names["global"],
-            PerTensorScaleParameter(data=_nan((shards,), torch.float32), weight_loader=loader),
+            PerTensorScaleParameter(data=unloaded((shards,), torch.float32), weight_loader=loader),
         )
         if self.scheme == "nvfp4":
             layer.register_parameter(
                 self.names["input"],
-                PerTensorScaleParameter(data=_nan((shards,), torch.float32), weight_loader=loader),
+                PerTensorScaleParameter(data=unloaded((shards,), torch.float32), weight_loader=loader),
             )
 
     def _scale_params(self, layer: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -214,14 +199,14 @@ class Nvfp4ExtFp8LinearMethod(LinearMethodBase):
         )
         shards = len(output_partition_sizes)
         if self.scheme == "fp8":
-            scale = PerTensorScaleParameter(data=_nan((shards,), torch.float32), weight_loader=loader)
+            scale = PerTensorScaleParameter(data=unloaded((shards,), torch.float32), weight_loader=loader)
             layer.register_parameter(
                 "input_scale",
-                PerTensorScaleParameter(data=_nan((shards,), torch.float32), weight_loader=loader),
+                PerTensorScaleParameter(data=unloaded((shards,), torch.float32), weight_loader=loader),
             )
         elif self.scheme == "fp8_channel":
             scale = ChannelQuantScaleParameter(
-                data=_nan((n, 1), torch.float32), output_dim=0, weight_loader=loader
+                data=unloaded((n, 1), torch.float32), output_dim=0, weight_loader=loader
             )
         else:
             scale = _block_scale_parameter(self.prefix, layer, output_partition_sizes, k, input_size)
@@ -288,7 +273,7 @@ def _block_scale_parameter(
             "use --tensor-parallel-size 1 for this checkpoint"
         )
     block_rows = _block_rows(sizes)
-    param = torch.nn.Parameter(_nan((sum(block_rows), -(-k // bk)), torch.float32), requires_grad=False)
+    param = torch.nn.Parameter(unloaded((sum(block_rows), -(-k // bk)), torch.float32), requires_grad=False)
     offsets = [sum(block_rows[:i]) for i in range(len(sizes))]
 
     def load(param: torch.nn.Parameter, loaded: torch.Tensor, shard_id: int | str | None = None) -> None:

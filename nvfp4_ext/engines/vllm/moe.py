@@ -19,11 +19,16 @@ from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEM
 from vllm.model_executor.layers.fused_moe.routed_experts import FusedMoeWeightScaleSupported
 from vllm.model_executor.utils import set_weight_attrs
 
-from nvfp4_ext.engines.common import assert_loaded, backend_for, check_nvfp4_partition, nvfp4_moe_forward
+from nvfp4_ext.engines.common import (
+    assert_loaded,
+    backend_for,
+    check_nvfp4_partition,
+    nvfp4_moe_forward,
+    nvfp4_param_names,
+    unloaded,
+)
 from nvfp4_ext.errors import ConfigError
 from nvfp4_ext.format import NVFP4_BLOCK_SIZE, global_multiplier
-
-from .linear import nvfp4_param_names
 
 if TYPE_CHECKING:
     from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig
@@ -33,10 +38,6 @@ if TYPE_CHECKING:
 __all__ = ["Nvfp4ExtFusedMoEMethod"]
 
 _ACTIVATIONS = ("gelu_tanh", "silu")
-
-
-def _nan(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    return torch.full(shape, float("nan"), dtype=dtype)
 
 
 class Nvfp4ExtFusedMoEMethod(FusedMoEMethodBase):
@@ -71,14 +72,16 @@ class Nvfp4ExtFusedMoEMethod(FusedMoEMethodBase):
         params = {
             f"w13_{w}": torch.empty(num_experts, 2 * inter, hidden_size // 2, dtype=torch.uint8),
             f"w2_{w}": torch.empty(num_experts, hidden_size, inter // 2, dtype=torch.uint8),
-            f"w13_{s}": _nan((num_experts, 2 * inter, hidden_size // NVFP4_BLOCK_SIZE), torch.float8_e4m3fn),
-            f"w2_{s}": _nan((num_experts, hidden_size, inter // NVFP4_BLOCK_SIZE), torch.float8_e4m3fn),
-            f"w13_{g}": _nan((num_experts, 2), torch.float32),
-            f"w2_{g}": _nan((num_experts,), torch.float32),
+            f"w13_{s}": unloaded(
+                (num_experts, 2 * inter, hidden_size // NVFP4_BLOCK_SIZE), torch.float8_e4m3fn
+            ),
+            f"w2_{s}": unloaded((num_experts, hidden_size, inter // NVFP4_BLOCK_SIZE), torch.float8_e4m3fn),
+            f"w13_{g}": unloaded((num_experts, 2), torch.float32),
+            f"w2_{g}": unloaded((num_experts,), torch.float32),
         }
         if self.scheme == "nvfp4":
-            params[f"w13_{i}"] = _nan((num_experts, 2), torch.float32)
-            params[f"w2_{i}"] = _nan((num_experts,), torch.float32)
+            params[f"w13_{i}"] = unloaded((num_experts, 2), torch.float32)
+            params[f"w2_{i}"] = unloaded((num_experts,), torch.float32)
         for name, data in params.items():
             param = torch.nn.Parameter(data, requires_grad=False)
             layer.register_parameter(name, param)
