@@ -427,3 +427,19 @@ def test_sampler_glue_tiles_widths_and_per_request_policies(monkeypatch: pytest.
         assert torch.equal(getattr(states, name), getattr(expected, name)), name
     assert torch.equal(sampler.req_states.draft_tokens, draft)
     assert torch.equal(states.step, torch.tensor([2, 1, 4, 0], dtype=torch.int32))  # slot 3 is not scheduled
+
+
+@pytest.mark.vllm
+def test_register_installs_the_policy_admission_hook(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The entry point itself wires the hook, so a served model rejects bad policy args with HTTP 400."""
+    import vllm.utils.diffusion as vllm_diffusion
+    import vllm.v1.engine.input_processor as input_processor
+
+    import nvfp4_ext.engines.vllm as plugin
+
+    unwrapped = vllm_diffusion.validate_diffusion_sampling_params
+    monkeypatch.setattr(input_processor, "validate_diffusion_sampling_params", unwrapped)
+    monkeypatch.setattr(plugin, "_REGISTERED", False)
+    plugin.register()
+    hook = input_processor.validate_diffusion_sampling_params
+    assert hook is not unwrapped and getattr(hook, "_nvfp4_ext_policy_validation", False)

@@ -37,6 +37,10 @@ def register() -> None:
         ModelRegistry.register_model(
             "DiffusionGemmaForBlockDiffusion", f"{__name__}.diffusion_gemma:Nvfp4ExtDiffusionGemma"
         )
+        # Bad `diffusion_policy*` extra_args must be an HTTP 400 in the API process, not an engine error later.
+        from .diffusion_gemma import install_admission_validation
+
+        install_admission_validation()
     _REGISTERED = True
     _share_vllm_log_handlers()
     logger.info("nvfp4_ext %s registered (--quantization %s)", __version__, QUANT_NAME)
