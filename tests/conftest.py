@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 import torch
+
+# Tests build every model locally; a hub lookup would be a bug (and there is no network here).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _has(module: str) -> bool:
