@@ -5,6 +5,8 @@
   * no CUDA (CPU) -> "torch" (the dequantize-on-the-fly references).
 FP8 layers use torch `_scaled_mm` where FP8 tensor cores exist (sm >= 89) and our W8A16 Triton kernel below.
 `NVFP4_EXT_BACKEND=torch|triton|flashinfer` forces a backend; it is read at call time, never at import.
+On a CPU, `NVFP4_EXT_BACKEND=triton` is accepted only with `TRITON_INTERPRET=1` (Triton's CPU interpreter runs
+the kernels on CPU tensors: slow, for tests proving the CUDA-path glue without a GPU).
 """
 
 from __future__ import annotations
@@ -13,7 +15,14 @@ import importlib.util
 import os
 from typing import Literal
 
-__all__ = ["Backend", "LayerKind", "describe_backends", "flashinfer_available", "select_backend"]
+__all__ = [
+    "Backend",
+    "LayerKind",
+    "describe_backends",
+    "flashinfer_available",
+    "select_backend",
+    "triton_interpreter_enabled",
+]
 
 Backend = Literal["flashinfer", "triton", "torch", "scaled_mm"]
 LayerKind = Literal["nvfp4_linear", "nvfp4_w4a16_linear", "nvfp4_moe", "nvfp4_w4a16_moe", "fp8_linear"]
@@ -23,6 +32,11 @@ _FORCEABLE = ("flashinfer", "triton", "torch")
 
 def flashinfer_available() -> bool:
     return importlib.util.find_spec("flashinfer") is not None
+
+
+def triton_interpreter_enabled() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (`TRITON_INTERPRET`, read at call time)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
 
 
 def select_backend(
@@ -35,7 +49,8 @@ def select_backend(
         capability: CUDA compute capability (major, minor), or None for CPU.
         has_flashinfer: whether FlashInfer is importable (default: probe).
     Raises:
-        ValueError: unknown kind, or an invalid NVFP4_EXT_BACKEND value.
+        ValueError: unknown kind, an invalid NVFP4_EXT_BACKEND value, or a forced GPU backend on a CPU
+            (except "triton" under TRITON_INTERPRET=1).
     """
     if kind not in LAYER_KINDS:
         raise ValueError(f"unknown layer kind {kind!r}; expected one of {', '.join(LAYER_KINDS)}")
@@ -43,8 +58,11 @@ def select_backend(
     if forced:
         if forced not in _FORCEABLE:
             raise ValueError(f"NVFP4_EXT_BACKEND={forced!r} is not one of {', '.join(_FORCEABLE)}")
+        if capability is None and forced == "triton" and triton_interpreter_enabled():
+            return "triton"  # CPU tensors through Triton's interpreter
         if capability is None and forced != "torch":
-            raise ValueError(f"NVFP4_EXT_BACKEND={forced} needs a CUDA GPU; this device is a CPU")
+            hint = " (or TRITON_INTERPRET=1 for Triton's CPU interpreter)" if forced == "triton" else ""
+            raise ValueError(f"NVFP4_EXT_BACKEND={forced} needs a CUDA GPU{hint}; this device is a CPU")
         return forced  # type: ignore[return-value]
     if capability is None:
         return "torch"
