@@ -284,21 +284,13 @@ def nvfp4_moe_forward(
     Returns:
         [T, H] in x.dtype.
     """
-    from nvfp4_ext.kernels import nvfp4_moe
+    import nvfp4_ext.kernels  # noqa: F401  (registers torch.ops.nvfp4_ext.*)
 
     chosen = "torch" if backend == "torch" else "triton"
-    return nvfp4_moe(
-        x,
-        w13,
-        w13_scale,
-        w13_global,
-        w2,
-        w2_scale,
-        w2_global,
-        topk_weights,
-        topk_ids,
-        activation,
-        backend=chosen,
+    # The opaque custom op, not the launcher: vLLM's CPU platform calls the MoE layer's forward directly
+    # (no moe_forward op), so a compiled model would otherwise trace the data-dependent expert alignment.
+    return torch.ops.nvfp4_ext.nvfp4_moe(
+        x, w13, w13_scale, w13_global, w2, w2_scale, w2_global, topk_weights, topk_ids, activation, chosen
     )
 
 
@@ -310,11 +302,12 @@ def fp8_linear_forward(
     backend: Backend,
 ) -> torch.Tensor:
     """y = x @ dequant(W_fp8).T (+ bias); weight_scale per tensor, per row [N] or 128x128 blocks."""
-    from nvfp4_ext.kernels import fp8_gemm
+    import nvfp4_ext.kernels  # noqa: F401  (registers torch.ops.nvfp4_ext.*)
 
     flat, lead = _flatten(x)
     chosen = backend if backend in ("torch", "triton", "scaled_mm") else "triton"
-    out = fp8_gemm(flat, weight, weight_scale, bias, backend=chosen)
+    # The opaque custom op keeps compiled engines (vLLM's fullgraph torch.compile) out of the launcher.
+    out = torch.ops.nvfp4_ext.fp8_gemm(flat, weight, weight_scale, bias, chosen)
     return out.reshape(*lead, out.shape[-1])
 
 

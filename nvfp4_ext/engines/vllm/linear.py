@@ -120,15 +120,17 @@ class Nvfp4ExtLinearMethod(LinearMethodBase):
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return nvfp4_linear_forward(
+        # Through the opaque custom op: vLLM's fullgraph torch.compile must not trace into the kernel
+        # launchers (config choice, Triton launch), it sees only the op's shape function.
+        return torch.ops.vllm.nvfp4_ext_linear(
             x,
             getattr(layer, self.names["weight"]),
             getattr(layer, self.names["scale"]),
             layer.nvfp4_global_per_row,
             bias,
-            self.backend,
             layer.nvfp4_input_global,
             layer.nvfp4_scale_swizzled,
+            self.backend,
         )
 
 
