@@ -5,7 +5,7 @@ The speed/quality curve users choose a policy from. Needs a checkpoint from
 with `nvfp4_ext.quantize.quantize_checkpoint(recipe="w4a16")` and run dequantized. Both run in float32 on
 CPU through the reference driver (`stats="fused"`), on the same held-out prompts and seed.
 
-    python benchmarks/bench_policies.py --model artifacts/dg_sort --out benchmarks/results/cpu/policies.json
+    python benchmarks/bench_policies.py --model artifacts/dg_add --out benchmarks/results/cpu/policies.json
 
 Prints a table and writes JSON (`--out`) and a PNG plot next to it.
 """
@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_tiny_diffusion_gemma import SortTask  # noqa: E402
+from train_tiny_diffusion_gemma import SortTask, task_from_metadata  # noqa: E402
 
 from nvfp4_ext.diffusion.driver import default_settings, generate  # noqa: E402
 from nvfp4_ext.diffusion.loading import load_diffusion_gemma  # noqa: E402
@@ -56,23 +56,23 @@ def evaluate(
         prompts,
         settings=settings,
         policy=policy,
-        max_new_tokens=task.num_digits,
+        max_new_tokens=task.answer_length,
         stats="fused",
         seed=seed,
     )
-    output = result.new_tokens[:, : task.num_digits]
+    output = result.new_tokens[:, : task.answer_length]
     steps = torch.tensor(result.steps[0], dtype=torch.float32)
     return {
         "policy": policy_name,
         "params": params,
         "exact_match": float((output == answers).all(dim=1).float().mean()),
         "token_accuracy": float((output == answers).float().mean()),
-        "steps_per_token": float(steps.mean() / task.num_digits),
+        "steps_per_token": float(steps.mean() / task.answer_length),
         "mean_steps": float(steps.mean()),
     }
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, task_label: str) -> None:
     """Exact match and token accuracy vs steps per token; colour = policy setting, line style = weights."""
     import matplotlib
 
@@ -109,7 +109,9 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_ylabel(metric.replace("_", " "))
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=6, ncol=2)
-    fig.suptitle("Denoise policies on a trained tiny DiffusionGemma (sort task); solid BF16, dashed NVFP4")
+    fig.suptitle(
+        f"Denoise policies on a trained tiny DiffusionGemma ({task_label}); solid BF16, dashed NVFP4"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -119,9 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--model", type=Path, required=True, help="checkpoint from train_tiny_diffusion_gemma.py"
     )
-    parser.add_argument("--examples", type=int, default=64)
+    parser.add_argument("--examples", type=int, default=256)
     parser.add_argument(
-        "--max-steps", type=int, nargs="+", default=[2, 4, 8, 16], help="max_denoising_steps caps to sweep"
+        "--max-steps", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="max_denoising_steps caps to sweep"
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
@@ -130,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     meta = json.loads((args.model / "task.json").read_text())
-    task = SortTask(num_digits=meta["num_digits"], vocab_size=meta["vocab_size"])
-    prompts, answers = task.sample(args.examples, torch.Generator().manual_seed(10_000 + args.seed))
+    task = task_from_metadata(meta)
+    prompts, answers = task.held_out(args.examples, args.seed)
 
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench_policies_") as tmp:
@@ -169,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": meta,
         }
         args.out.write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
-        plot(rows, args.out.with_suffix(".png"))
+        plot(rows, args.out.with_suffix(".png"), f"{task.name}-{task.num_digits} task")
         print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
     return 0
 
