@@ -26,7 +26,13 @@ __all__ = [
 
 Backend = Literal["flashinfer", "triton", "torch", "scaled_mm"]
 LayerKind = Literal["nvfp4_linear", "nvfp4_w4a16_linear", "nvfp4_moe", "nvfp4_w4a16_moe", "fp8_linear"]
-LAYER_KINDS: tuple[str, ...] = ("nvfp4_linear", "nvfp4_w4a16_linear", "nvfp4_moe", "nvfp4_w4a16_moe", "fp8_linear")
+LAYER_KINDS: tuple[str, ...] = (
+    "nvfp4_linear",
+    "nvfp4_w4a16_linear",
+    "nvfp4_moe",
+    "nvfp4_w4a16_moe",
+    "fp8_linear",
+)
 _FORCEABLE = ("flashinfer", "triton", "torch")
 
 
@@ -78,6 +84,8 @@ def select_backend(
     return "torch"
 
 
-def describe_backends(capability: tuple[int, int] | None, *, has_flashinfer: bool | None = None) -> dict[str, str]:
+def describe_backends(
+    capability: tuple[int, int] | None, *, has_flashinfer: bool | None = None
+) -> dict[str, str]:
     """The backend of every layer kind for a device, e.g. for `nvfp4-ext inspect --gpu 9.0`."""
     return {k: select_backend(k, capability, has_flashinfer=has_flashinfer) for k in LAYER_KINDS}

