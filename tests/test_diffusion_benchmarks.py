@@ -58,7 +58,8 @@ def test_train_then_bench_policies_smoke(tmp_path: Path, task_name: str) -> None
     assert train.main(["--out", str(model_dir), *small]) == 0
     meta = json.loads((model_dir / "task.json").read_text())
     assert meta["task"] == task_name and meta["steps_run"] == 2 and 1e6 < meta["parameters"] < 5e6
-    assert not meta["stopped_on_time"] and meta["total_seconds"] <= meta["budget_seconds"]
+    # steps_run == 2 above shows the budget did not cut the run; wall time itself is not asserted
+    assert meta["stopped_on_time"] is False and meta["budget_seconds"] == 600 and meta["total_seconds"] > 0
     assert 0 <= meta["eval_exact_match"] <= meta["eval_token_accuracy"] <= 1
     assert 0 < meta["eval_steps_per_token"] <= 16 / 4  # the checkpoint's default cap is 16 steps
     again = tmp_path / "dg_sort_again"  # deterministic from the seed
