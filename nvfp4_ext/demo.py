@@ -69,7 +69,8 @@ def _server_env(on_cpu: bool) -> dict[str, str]:
     return env
 
 
-def _wait_ready(proc: subprocess.Popen, port: int, timeout: float) -> bool:
+def wait_ready(proc: subprocess.Popen, port: int, timeout: float = 240.0) -> bool:
+    """Poll the server's /health until 200; False if the process exits first or the timeout passes."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -170,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
             proc = subprocess.Popen(command, env=_server_env(on_cpu), stdout=log, stderr=subprocess.STDOUT)
         try:
             started = time.monotonic()
-            if not _wait_ready(proc, port, args.timeout):
+            if not wait_ready(proc, port, args.timeout):
                 raise Nvfp4ExtError(f"the vLLM server did not start (log {log_path}):\n{_tail(log_path)}")
             print(f"      ready in {time.monotonic() - started:.0f} s", flush=True)
             _step(4, f"chat completion for {args.prompt!r}")

@@ -11,12 +11,13 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
+
+from nvfp4_ext.demo import wait_ready  # noqa: F401  (shared with the tests that start servers)
 
 PROMPT_SHORT = "w5 w17 w99 w3 w250"
 # 24 words + BOS: longer than the tiny models' sliding window (16).
@@ -159,22 +160,6 @@ def server_env() -> dict[str, str]:
     env.update({"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     return env
-
-
-def wait_ready(proc: subprocess.Popen, port: int, timeout: float = 240.0) -> bool:
-    """Poll /health until 200; False if the process exits first or the timeout passes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return True
-        except OSError:
-            pass
-        time.sleep(1.0)
-    return False
 
 
 def post_json(port: int, path: str, body: dict, timeout: float = 60.0) -> tuple[int, dict]:
