@@ -110,81 +110,19 @@ def task_from_metadata(meta: dict) -> SortTask:
 
 def build_model(task: SortTask, seed: int):
     """A DiffusionGemma sized for the task (tiny_models recipe with a task-sized vocabulary and canvas)."""
-    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
-    from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
-        DiffusionGemmaGenerationConfig,
-        EntropyBoundSamplerConfig,
-    )
+    from nvfp4_ext.tiny_models import tiny_diffusion_gemma_model
 
-    hidden = 128
-    text_config = dict(
+    assert (PAD, EOS, BOS) == (0, 1, 2), "tiny_diffusion_gemma_model's special ids"
+    return tiny_diffusion_gemma_model(
         vocab_size=task.vocab_size,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=4,
-        layer_types=["sliding_attention", "full_attention"] * 2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        global_head_dim=32,
-        num_global_key_value_heads=1,
+        canvas_length=task.answer_length,
+        max_new_tokens=task.answer_length,
+        seed=seed,
         sliding_window=32,
         max_position_embeddings=256,
-        num_experts=8,
-        top_k_experts=2,
-        moe_intermediate_size=hidden // 2,
-        use_bidirectional_attention="vision",
-        final_logit_softcapping=30.0,
-        rope_parameters={
-            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-            "full_attention": {
-                "rope_type": "proportional",
-                "partial_rotary_factor": 0.25,
-                "rope_theta": 1000000.0,
-            },
-        },
-        pad_token_id=PAD,
-        bos_token_id=BOS,
-        eos_token_id=EOS,
-    )
-    vision_config = dict(
-        model_type="gemma4_vision",
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        head_dim=8,
-        patch_size=16,
-        pooling_kernel_size=3,
-        position_embedding_size=64,
-    )
-    top = task.vocab_size
-    config = DiffusionGemmaConfig(
-        text_config=text_config,
-        vision_config=vision_config,
-        canvas_length=task.answer_length,
-        image_token_id=top - 3,
-        boi_token_id=top - 2,
-        eoi_token_id=top - 1,
-        eos_token_id=[EOS],
-    )
-    config.architectures = ["DiffusionGemmaForBlockDiffusion"]
-    torch.manual_seed(seed)
-    model = DiffusionGemmaForBlockDiffusion(config)
-    model.generation_config = DiffusionGemmaGenerationConfig(
-        max_new_tokens=task.answer_length,
         max_denoising_steps=16,
-        sampler_config=EntropyBoundSamplerConfig(entropy_bound=0.1),
-        t_min=0.4,
-        t_max=0.8,
-        stability_threshold=1,
-        confidence_threshold=0.005,
-        bos_token_id=BOS,
-        pad_token_id=PAD,
         eos_token_id=[EOS],
-    )
-    return model
+    ).train()
 
 
 def diffusion_loss(

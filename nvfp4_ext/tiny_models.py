@@ -23,6 +23,7 @@ __all__ = [
     "build_tiny_gemma4_moe",
     "build_tiny_qwen3_dense",
     "build_tiny_qwen3_moe",
+    "tiny_diffusion_gemma_model",
     "write_tokenizer",
 ]
 
@@ -66,9 +67,9 @@ def _save(model: torch.nn.Module, out_dir: str | os.PathLike, dtype: torch.dtype
 def build_tiny_gemma4_moe(
     out_dir: str | os.PathLike, *, seed: int = 0, dtype: torch.dtype = torch.bfloat16, vocab_size: int = 512
 ) -> Path:
-    """Gemma 4 text MoE (`Gemma4ForCausalLM`): DiffusionGemma's backbone with gelu_tanh experts stored as fused
-    3-D `experts.gate_up_proj` / `experts.down_proj`, sliding + full attention, untied embeddings (a tied tiny
-    Gemma 4 degenerates into repeating its last input token)."""
+    """Gemma 4 text MoE (`Gemma4ForCausalLM`): DiffusionGemma's backbone with gelu_tanh experts stored as
+    fused 3-D `experts.gate_up_proj` / `experts.down_proj`, sliding + full attention, untied embeddings (a
+    tied tiny Gemma 4 degenerates into repeating its last input token)."""
     from transformers import Gemma4ForCausalLM, Gemma4TextConfig
 
     config = Gemma4TextConfig(
@@ -153,40 +154,46 @@ def build_tiny_qwen3_dense(
     return _save(Qwen3ForCausalLM(config).eval(), out_dir, dtype, vocab_size)
 
 
-def build_tiny_diffusion_gemma(
-    out_dir: str | os.PathLike,
+def tiny_diffusion_gemma_model(
     *,
+    vocab_size: int,
+    canvas_length: int,
+    max_new_tokens: int,
     seed: int = 0,
-    dtype: torch.dtype = torch.float32,
-    vocab_size: int = 4096,
     hidden_size: int = 128,
     num_layers: int = 4,
-    canvas_length: int = 16,
-    max_new_tokens: int = 32,
-) -> Path:
-    """DiffusionGemma (`DiffusionGemmaForBlockDiffusion`) after shared/reference/diffusiongemma.md §e: tied
-    embeddings (they also tie encoder and decoder), full layers with k_eq_v, a 1-layer vision tower (the HF
-    constructor needs one), and the generation_config keys vLLM's sampler requires."""
+    sliding_window: int = 16,
+    max_position_embeddings: int = 4096,
+    max_denoising_steps: int = 48,
+    eos_token_id: list[int] | None = None,
+    image_token_id: int | None = None,
+) -> torch.nn.Module:
+    """A random `DiffusionGemmaForBlockDiffusion` after shared/reference/diffusiongemma.md §e.
+
+    Tied embeddings (they also tie encoder and decoder), full layers with k_eq_v, a 1-layer vision tower (the
+    HF constructor needs one), image tokens near the top of the vocabulary, and the generation_config keys
+    vLLM's sampler requires. Token ids: pad 0, eos 1 (plus `eos_token_id` extras), bos 2."""
     from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
     from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
         DiffusionGemmaGenerationConfig,
         EntropyBoundSamplerConfig,
     )
 
-    layer_types = ["sliding_attention", "full_attention"] * (num_layers // 2)
+    eos = eos_token_id or [1]
+    image = vocab_size - 3 if image_token_id is None else image_token_id  # then boi, eoi
     text_config = dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers,
-        layer_types=layer_types,
+        layer_types=["sliding_attention", "full_attention"] * (num_layers // 2),
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=32,
         global_head_dim=32,
         num_global_key_value_heads=1,
-        sliding_window=16,
-        max_position_embeddings=4096,
+        sliding_window=sliding_window,
+        max_position_embeddings=max_position_embeddings,
         num_experts=8,
         top_k_experts=2,
         moe_intermediate_size=hidden_size // 2,
@@ -194,7 +201,11 @@ def build_tiny_diffusion_gemma(
         final_logit_softcapping=30.0,
         rope_parameters={
             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0},
+            "full_attention": {
+                "rope_type": "proportional",
+                "partial_rotary_factor": 0.25,
+                "rope_theta": 1000000.0,
+            },
         },
         pad_token_id=0,
         bos_token_id=2,
@@ -212,22 +223,21 @@ def build_tiny_diffusion_gemma(
         pooling_kernel_size=3,
         position_embedding_size=64,
     )
-    special = vocab_size - 96  # image tokens sit near the top of the vocabulary, clear of `w{i}` prompts
     config = DiffusionGemmaConfig(
         text_config=text_config,
         vision_config=vision_config,
         canvas_length=canvas_length,
-        image_token_id=special,
-        boi_token_id=special + 1,
-        eoi_token_id=special + 2,
-        eos_token_id=[1, 106],
+        image_token_id=image,
+        boi_token_id=image + 1,
+        eoi_token_id=image + 2,
+        eos_token_id=eos,
     )
     config.architectures = ["DiffusionGemmaForBlockDiffusion"]
     torch.manual_seed(seed)
     model = DiffusionGemmaForBlockDiffusion(config).eval()
     model.generation_config = DiffusionGemmaGenerationConfig(
         max_new_tokens=max_new_tokens,
-        max_denoising_steps=48,
+        max_denoising_steps=max_denoising_steps,
         sampler_config=EntropyBoundSamplerConfig(entropy_bound=0.1),
         t_min=0.4,
         t_max=0.8,
@@ -235,7 +245,33 @@ def build_tiny_diffusion_gemma(
         confidence_threshold=0.005,
         bos_token_id=2,
         pad_token_id=0,
+        eos_token_id=eos,
+    )
+    return model
+
+
+def build_tiny_diffusion_gemma(
+    out_dir: str | os.PathLike,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    vocab_size: int = 4096,
+    hidden_size: int = 128,
+    num_layers: int = 4,
+    canvas_length: int = 16,
+    max_new_tokens: int = 32,
+) -> Path:
+    """DiffusionGemma (`DiffusionGemmaForBlockDiffusion`) saved with a word-level tokenizer; see
+    `tiny_diffusion_gemma_model`. Eos ids are 1 and 106 (`<turn|>`), as in the real checkpoint."""
+    model = tiny_diffusion_gemma_model(
+        vocab_size=vocab_size,
+        canvas_length=canvas_length,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
         eos_token_id=[1, 106],
+        image_token_id=vocab_size - 96,  # clear of the `w{i}` ids prompts use
     )
     return _save(model, out_dir, dtype, vocab_size)
 
