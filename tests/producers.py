@@ -1,0 +1,229 @@
+"""Checkpoints made by the tools that make them in the wild, and references dequantized by those tools' own code.
+
+Holds no tests itself. The point: an NVFP4/FP8 checkpoint written by NVIDIA ModelOpt (`mtq.quantize` +
+`export_hf_checkpoint`) and dequantized back by ModelOpt (`NVFP4QTensor.dequantize`, `FP8QTensor.dequantize`)
+gives a reference that shares no code with `nvfp4_ext`, so a misreading of the format on our side cannot cancel
+out. Everything runs on CPU from tiny random models (`nvfp4_ext.tiny_models`); nothing is downloaded.
+
+ModelOpt on CPU (0.47): max calibration and the export run; AWQ, four-over-six and the MSE sweep need CUDA (see
+docs/checkpoint.md). The exporter writes neither the tokenizer nor `config.architectures` by itself: both are
+copied from the source directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "MODELOPT_RECIPES",
+    "modelopt_dequantize",
+    "modelopt_export",
+    "producer_state_file",
+]
+
+# Our short name -> the ModelOpt config it uses (attribute of `modelopt.torch.quantization`), or a recipe
+# assembled from ModelOpt's own entries ("mixed": NVFP4 MLP/experts + FP8 attention, the shape of NVIDIA's
+# MIXED_PRECISION releases).
+MODELOPT_RECIPES: dict[str, str] = {
+    "nvfp4": "NVFP4_DEFAULT_CFG",
+    "w4a16": "W4A16_NVFP4_CFG",
+    "experts-only": "NVFP4_EXPERTS_ONLY_CFG",
+    "mlp-only": "NVFP4_MLP_ONLY_CFG",
+    "fp8": "FP8_DEFAULT_CFG",
+    "mixed": "NVFP4_MLP_ONLY_CFG + FP8_DEFAULT_CFG entries for *self_attn*",
+}
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def modelopt_quant_config(recipe: str, *, kv_fp8: bool = False) -> dict:
+    """The `mtq.quantize` config of a recipe (a deep copy of ModelOpt's own), optionally with FP8_KV_CFG's
+    entries appended (ModelOpt's documented way to add FP8 KV-cache scales)."""
+    import modelopt.torch.quantization as mtq
+
+    if recipe not in MODELOPT_RECIPES:
+        raise ValueError(f"unknown ModelOpt recipe {recipe!r} (known: {', '.join(MODELOPT_RECIPES)})")
+    if recipe == "mixed":
+        config = copy.deepcopy(mtq.NVFP4_MLP_ONLY_CFG)
+        fp8 = {
+            entry["quantizer_name"]: entry["cfg"]
+            for entry in mtq.FP8_DEFAULT_CFG["quant_cfg"]
+            if entry.get("quantizer_name") in ("*weight_quantizer", "*input_quantizer") and "cfg" in entry
+        }
+        config["quant_cfg"] += [
+            {"quantizer_name": f"*self_attn*{kind}", "cfg": copy.deepcopy(cfg)} for kind, cfg in fp8.items()
+        ]
+    else:
+        config = copy.deepcopy(getattr(mtq, MODELOPT_RECIPES[recipe]))
+    if kv_fp8:
+        config["quant_cfg"] = list(config["quant_cfg"]) + copy.deepcopy(list(mtq.FP8_KV_CFG["quant_cfg"]))
+    return config
+
+
+def calibration_batches(vocab_size: int, *, batches: int = 4, seq_len: int = 24, seed: int = 0) -> list:
+    """Deterministic token-id batches (the tiny models' word vocabulary has no natural text)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, vocab_size, (1, seq_len), generator=gen) for _ in range(batches)]
+
+
+def modelopt_export(
+    source_dir: str | Path, out_dir: str | Path, recipe: str, *, kv_fp8: bool = False
+) -> Path:
+    """Quantize a bf16 HF checkpoint with ModelOpt (`mtq.quantize`, max calibration on CPU) and write it with
+    `export_hf_checkpoint`, plus the source's tokenizer files, and record ModelOpt's per-module decisions
+    (`producer_state`) in `producer_state_file(out_dir)`. Returns `out_dir`."""
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.export import export_hf_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    source, out = Path(source_dir), Path(out_dir)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).eval()
+    architectures = json.loads((source / "config.json").read_text())["architectures"]
+    batches = calibration_batches(model.config.get_text_config().vocab_size)
+
+    def forward_loop(m: torch.nn.Module) -> None:
+        with torch.no_grad():
+            for ids in batches:
+                m(ids)
+
+    mtq.quantize(model, modelopt_quant_config(recipe, kv_fp8=kv_fp8), forward_loop)
+    state = producer_state(model)
+    model.config.architectures = architectures  # the exporter reads it to name the checkpoint's model
+    out.mkdir(parents=True, exist_ok=True)
+    export_hf_checkpoint(model, export_dir=out)
+    for name in TOKENIZER_FILES:
+        if (source / name).exists():
+            shutil.copy(source / name, out / name)
+    producer_state_file(out).write_text(json.dumps(state, indent=1, sort_keys=True))
+    return out
+
+
+def producer_state_file(checkpoint_dir: str | Path) -> Path:
+    """Where a producer's own per-module decisions are kept: beside the checkpoint, not inside it."""
+    checkpoint_dir = Path(checkpoint_dir)
+    return checkpoint_dir.parent / f"{checkpoint_dir.name}.producer.json"
+
+
+def producer_state(model: torch.nn.Module) -> dict[str, str]:
+    """What ModelOpt decided, read from its quantizers after `mtq.quantize` (not from any file): exported
+    module name -> "nvfp4" (W4A4), "nvfp4_w4a16", or "fp8". Fused experts (`experts.gate_up_proj_weight_quantizers.E`)
+    are named the way the exporter splits them (`experts.E.gate_proj` / `.up_proj` / `.down_proj`)."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    def kind(weight_q: TensorQuantizer, input_q: TensorQuantizer | None) -> str:
+        if tuple(weight_q.num_bits) == (2, 1) and (weight_q.block_sizes or {}).get(-1) == 16:
+            acts = input_q is not None and input_q.is_enabled
+            return "nvfp4" if acts else "nvfp4_w4a16"
+        if tuple(weight_q.num_bits) == (4, 3) and not weight_q.block_sizes:
+            return "fp8"
+        raise NotImplementedError(f"unmapped ModelOpt weight quantizer {weight_q}")
+
+    modules = dict(model.named_modules())
+    state: dict[str, str] = {}
+    for name, module in modules.items():
+        if not isinstance(module, TensorQuantizer) or not module.is_enabled:
+            continue
+        parent, _, leaf = name.rpartition(".")
+        if leaf == "weight_quantizer":
+            state[parent] = kind(module, modules.get(f"{parent}.input_quantizer"))
+            continue
+        owner, _, group = parent.rpartition(".")
+        if group.endswith("_weight_quantizers") and leaf.isdigit():
+            proj = group.removesuffix("_weight_quantizers")
+            value = kind(module, modules.get(f"{owner}.{proj}_input_quantizer"))
+            shards = ("gate_proj", "up_proj") if proj == "gate_up_proj" else (proj,)
+            for shard in shards:
+                state[f"{owner}.{leaf}.{shard}"] = value
+    return state
+
+
+def _modelopt_dequantize_tensor(tensors: dict[str, torch.Tensor], module: str) -> torch.Tensor:
+    """ModelOpt's own dequantization of one exported module's weight, in float32. The format is the one
+    ModelOpt's exporter gives the tensors: packed uint8 + `weight_scale_2` is NVFP4, an fp8 weight is FP8."""
+    from modelopt.torch.quantization.qtensor.fp8_tensor import FP8QTensor
+    from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
+
+    packed = tensors[f"{module}.weight"]
+    scale = tensors[f"{module}.weight_scale"]
+    if packed.dtype == torch.uint8 and f"{module}.weight_scale_2" in tensors:
+        shape = (*packed.shape[:-1], packed.shape[-1] * 2)
+        qtensor = NVFP4QTensor(torch.Size(shape), torch.float32, packed)
+        return qtensor.dequantize(
+            torch.float32,
+            scale=scale,
+            double_scale=tensors[f"{module}.weight_scale_2"].float(),
+            block_sizes={-1: 16},
+        )
+    if packed.dtype == torch.float8_e4m3fn:
+        qtensor = FP8QTensor(packed.shape, torch.float32, packed)
+        return qtensor.dequantize(torch.float32, scale=scale.float())
+    raise NotImplementedError(f"no ModelOpt dequantizer wired for {module} ({packed.dtype})")
+
+
+def _fuse_experts_like_source(tensors: dict[str, torch.Tensor], source_keys: set[str]) -> dict:
+    """Per-expert `experts.E.{gate,up,down}_proj.weight` back into the source's fused 3-D
+    `experts.gate_up_proj` [E, 2I, H] / `experts.down_proj` [E, H, I] when the source stored them fused
+    (Gemma 4); per-expert sources (Qwen3-MoE) are loaded per expert by transformers itself."""
+    fused: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    out = {}
+    for key, value in tensors.items():
+        parts = key.split(".")
+        if "experts" in parts:
+            i = parts.index("experts")
+            if parts[i + 1].isdigit() and f"{'.'.join(parts[: i + 1])}.gate_up_proj" in source_keys:
+                prefix = ".".join(parts[: i + 1])
+                fused.setdefault(prefix, {}).setdefault(int(parts[i + 1]), {})[parts[i + 2]] = value
+                continue
+        out[key] = value
+    for prefix, experts in fused.items():
+        order = sorted(experts)
+        out[f"{prefix}.gate_up_proj"] = torch.stack(
+            [torch.cat([experts[e]["gate_proj"], experts[e]["up_proj"]]) for e in order]
+        )
+        out[f"{prefix}.down_proj"] = torch.stack([experts[e]["down_proj"] for e in order])
+    return out
+
+
+def modelopt_dequantize(export_dir: str | Path, source_dir: str | Path, out_dir: str | Path) -> Path:
+    """A float32 HF checkpoint of a ModelOpt export, every quantized weight dequantized by ModelOpt's own
+    `NVFP4QTensor.dequantize` / `FP8QTensor.dequantize`; scales (incl. KV `k_scale`/`v_scale`, which the
+    engines apply only with an FP8 KV cache) dropped; the source's config (no quantization_config) and
+    tokenizer. Returns `out_dir`."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    export_dir, source, out = Path(export_dir), Path(source_dir), Path(out_dir)
+    tensors: dict[str, torch.Tensor] = {}
+    for path in sorted(export_dir.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():  # noqa: SIM118
+                tensors[key] = f.get_tensor(key)
+    weights: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        module, _, suffix = key.rpartition(".")
+        if suffix in ("weight_scale", "weight_scale_2", "input_scale", "k_scale", "v_scale"):
+            continue
+        if suffix == "weight" and f"{module}.weight_scale" in tensors:
+            weights[key] = _modelopt_dequantize_tensor(tensors, module)
+        else:
+            weights[key] = value.float()
+    source_keys: set[str] = set()
+    for path in sorted(source.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            source_keys |= set(f.keys())
+    weights = _fuse_experts_like_source(weights, source_keys)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "model.safetensors"))
+    config = json.loads((source / "config.json").read_text())
+    config.pop("quantization_config", None)
+    config["dtype"] = "float32"
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    for name in (*TOKENIZER_FILES, "generation_config.json"):
+        if (source / name).exists():
+            shutil.copy(source / name, out / name)
+    return out
