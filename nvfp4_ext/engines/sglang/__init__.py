@@ -10,7 +10,15 @@ __all__ = ["register"]
 
 def register() -> None:
     """Register `--quantization nvfp4_ext`, the NVFP4 DiffusionGemma model class and the policy-driven
-    `Gemma4Renoise` dLLM algorithm with SGLang. Idempotent."""
-    from nvfp4_ext.engines.sglang.registration import register_all
+    `Gemma4Renoise` dLLM algorithm with SGLang. Idempotent.
 
-    register_all()
+    An SGLang outside `nvfp4_ext.engines.versions.SGLANG_SUPPORTED` exits the process with one message:
+    SGLang's plugin loader logs and swallows a plugin's exceptions, and would start without us.
+    """
+    from nvfp4_ext.engines.sglang.registration import register_all
+    from nvfp4_ext.engines.versions import UnsupportedEngineVersion
+
+    try:
+        register_all()
+    except UnsupportedEngineVersion as exc:
+        raise SystemExit(f"error: {exc}") from None

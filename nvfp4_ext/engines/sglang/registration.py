@@ -69,6 +69,11 @@ def register_all() -> None:
     global _REGISTERED
     if _REGISTERED:
         return
+    from sglang.version import __version__ as sglang_version
+
+    from nvfp4_ext.engines.versions import SGLANG_SUPPORTED, require_supported_version
+
+    require_supported_version(SGLANG_SUPPORTED, sglang_version)
     _register_quantization()
     _register_dllm_algorithm()
     _register_model()

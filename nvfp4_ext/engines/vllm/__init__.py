@@ -17,10 +17,19 @@ logger = logging.getLogger("nvfp4_ext")
 
 
 def register() -> None:
-    """Register the `nvfp4_ext` quantization method (and our DiffusionGemma model class) with vLLM."""
+    """Register the `nvfp4_ext` quantization method (and our DiffusionGemma model class) with vLLM.
+
+    Raises:
+        UnsupportedEngineVersion: vLLM is outside `nvfp4_ext.engines.versions.VLLM_SUPPORTED`.
+    """
     global _REGISTERED
     if _REGISTERED:
         return
+    import vllm
+
+    from nvfp4_ext.engines.versions import VLLM_SUPPORTED, require_supported_version
+
+    require_supported_version(VLLM_SUPPORTED, vllm.__version__)
     from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS, register_quantization_config
 
     from nvfp4_ext import __version__

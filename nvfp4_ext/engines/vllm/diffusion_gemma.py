@@ -37,6 +37,7 @@ from nvfp4_ext.diffusion.policies import (
     policy_from_mapping,
 )
 from nvfp4_ext.diffusion.stats import DEFAULT_CHUNK, logits_denoise_stats
+from nvfp4_ext.engines.vllm import _vllm_compat
 from nvfp4_ext.errors import ConfigError
 
 __all__ = [
@@ -137,7 +138,6 @@ def _local_soft_embedding(
 def _build_classes() -> dict[str, type]:
     from vllm.model_executor.models import diffusion_gemma as vdg
     from vllm.utils.torch_utils import async_tensor_h2d
-    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
 
     class Nvfp4ExtDiffusionSampler(vdg.DiffusionSampler):
         """vLLM's DiffusionSampler with per-request policies and chunked statistics."""
@@ -168,13 +168,15 @@ def _build_classes() -> dict[str, type]:
             )
             return states.step_allowed is not None or bool(states.constrained) or wants_logprobs
 
-        def __call__(self, logits: torch.Tensor, input_batch: Any, draft_logits: torch.Tensor | None = None):
-            num_reqs, device = input_batch.num_reqs, logits.device
+        def __call__(self, rows: torch.Tensor, input_batch: Any, draft_logits: torch.Tensor | None = None):
+            """One engine step. `rows` are the logits (vLLM <= 0.33) or the sampled hidden states that
+            each tile projects to logits itself (vLLM >= 0.34, see `_vllm_compat`)."""
+            num_reqs, device = input_batch.num_reqs, rows.device
             if input_batch.num_draft_tokens == 0:
                 return self._handle_prefill(input_batch, device)
             slots_np = input_batch.idx_mapping_np[:num_reqs]
             if self._needs_builtin(slots_np):
-                return super().__call__(logits, input_batch, draft_logits)
+                return super().__call__(rows, input_batch, draft_logits)
             states = self.diffusion_states
             per_req_nlogits_np = np.diff(input_batch.cu_num_logits_np[: num_reqs + 1])
             decode_indices_np = np.where(per_req_nlogits_np > 0)[0]
@@ -182,18 +184,10 @@ def _build_classes() -> dict[str, type]:
             if len(prefill_indices_np) > 0:
                 self._finish_prefills(input_batch, prefill_indices_np)
             decode_slots_np = slots_np[decode_indices_np]
-            num_decode = len(decode_indices_np)
             decode_slots = async_tensor_h2d(decode_slots_np.astype(np.int64), device=device)
             decode_idx = async_tensor_h2d(decode_indices_np.astype(np.int64), device=device)
             valid_len_np = per_req_nlogits_np[per_req_nlogits_np > 0]
             valid_len = async_tensor_h2d(valid_len_np.astype(np.int64), device=device)
-            if num_decode > 0:
-                top_k, top_p = self.sampling_states.get_top_k_top_p(
-                    decode_slots.repeat_interleave(valid_len, output_size=int(valid_len_np.sum())),
-                    decode_slots_np,
-                )
-                if top_k is not None or top_p is not None:
-                    logits = apply_top_k_top_p(logits.float(), top_k, top_p)
             row_starts_np = np.concatenate(([0], np.cumsum(valid_len_np)[:-1])).astype(np.int64)
             sampled, num_sampled = self._sampled[:num_reqs], self._num_sampled[:num_reqs]
             sampled.zero_()
@@ -203,7 +197,7 @@ def _build_classes() -> dict[str, type]:
             for width in sorted(set(widths_np.tolist())):
                 sel_np = np.where(widths_np == width)[0]
                 self._denoise_tile(
-                    logits,
+                    rows,
                     sel_np,
                     int(width),
                     decode_slots,
@@ -218,9 +212,46 @@ def _build_classes() -> dict[str, type]:
                 )
             return self._build_output(input_batch, sampled, num_sampled, per_req_nlogits_np, device)
 
+        def _tile_logits(
+            self,
+            rows: torch.Tensor,
+            sel: torch.Tensor,
+            sel_np: np.ndarray,
+            tile_slots: torch.Tensor,
+            width: int,
+            decode_slots_np: np.ndarray,
+            valid_len: torch.Tensor,
+            valid_len_np: np.ndarray,
+            row_starts_np: np.ndarray,
+        ) -> torch.Tensor:
+            """[n * width, vocab] logits of the tile's requests, padded to `width`, after top-k/top-p.
+
+            Phantom positions of a truncated canvas get zero logits (uniform, never committed), also
+            after the filter, as in vLLM."""
+            device, n = rows.device, len(sel_np)
+            phantom = None
+            if bool((np.diff(sel_np) == 1).all()) and int(valid_len_np[sel_np].min()) == width:
+                first = int(row_starts_np[sel_np[0]])  # the common case: a view, no copy
+                tile_rows = rows[first : first + n * width]
+            else:
+                positions = torch.arange(width, device=device)
+                starts = torch.as_tensor(row_starts_np[sel_np], device=device)
+                src = (starts[:, None] + positions[None]).clamp_max(rows.shape[0] - 1).reshape(-1)
+                phantom = (positions[None] >= valid_len[sel][:, None]).reshape(-1, 1)
+                tile_rows = rows[src].masked_fill_(phantom, 0)
+            project = _vllm_compat.logits_projection(self)
+            tile_logits = project(tile_rows) if project is not None else tile_rows
+            expanded = tile_slots.repeat_interleave(width, output_size=n * width)
+            tile_logits = _vllm_compat.apply_top_k_top_p(
+                self.sampling_states, tile_logits, expanded, decode_slots_np[sel_np]
+            )
+            if phantom is not None:  # a gathered copy, so in place is safe
+                tile_logits.masked_fill_(phantom, 0)
+            return tile_logits
+
         def _denoise_tile(
             self,
-            logits,
+            rows,
             sel_np,
             width,
             decode_slots,
@@ -233,20 +264,12 @@ def _build_classes() -> dict[str, type]:
             sampled,
             num_sampled,
         ) -> None:
-            states, device, n = self.diffusion_states, logits.device, len(sel_np)
+            states, device, n = self.diffusion_states, rows.device, len(sel_np)
             sel = torch.as_tensor(sel_np, dtype=torch.int64, device=device)
             tile_slots = decode_slots[sel]
-            contiguous = bool((np.diff(sel_np) == 1).all()) and int(valid_len_np[sel_np].min()) == width
-            if contiguous:  # the common case: a view, no copy of the logits
-                first = int(row_starts_np[sel_np[0]])
-                tile_logits = logits[first : first + n * width]
-            else:
-                positions = torch.arange(width, device=device)
-                starts = torch.as_tensor(row_starts_np[sel_np], device=device)
-                src = (starts[:, None] + positions[None]).clamp_max(logits.shape[0] - 1).reshape(-1)
-                valid = (positions[None] < valid_len[sel][:, None]).reshape(-1, 1)
-                # Phantom positions of a truncated canvas get zero logits (uniform, never committed).
-                tile_logits = logits[src].masked_fill_(~valid, 0)
+            tile_logits = self._tile_logits(
+                rows, sel, sel_np, tile_slots, width, decode_slots_np, valid_len, valid_len_np, row_starts_np
+            )
             compute_sc = not states.single_step_slots or not states.single_step_slots.issuperset(
                 decode_slots_np[sel_np].tolist()
             )
