@@ -192,6 +192,28 @@ def test_register_is_idempotent(plugins_loaded) -> None:
     assert after == before
 
 
+@pytest.mark.parametrize("version", ["0.5.22", "0.5.24", "0.6.0"])
+def test_untested_sglang_stops_startup_with_one_message(
+    monkeypatch: pytest.MonkeyPatch, version: str
+) -> None:
+    """Through SGLang's own plugin loader, which logs and swallows a plugin's exceptions: we must exit."""
+    import sglang.srt.plugins as sglang_plugins
+    import sglang.version
+
+    from nvfp4_ext.engines.sglang import registration
+
+    monkeypatch.setattr(sglang.version, "__version__", version)
+    monkeypatch.setattr(registration, "_REGISTERED", False)
+    monkeypatch.setattr(sglang_plugins, "_plugins_loaded", False)
+    with pytest.raises(SystemExit) as info:
+        sglang_plugins.load_plugins()
+    assert str(info.value) == (
+        f"error: nvfp4_ext supports SGLang >=0.5.23,<0.5.24 (tested versions); found SGLang {version!r}. "
+        'Install a supported version, e.g. `pip install "nvfp4-ext[sglang]"`.'
+    )
+    assert not registration.registered()
+
+
 @pytest.mark.parametrize(
     "whitelist, expected", [("some_other_plugin", False), ("nvfp4_ext", True), ("", True)]
 )

@@ -32,8 +32,9 @@ RELEASES = {"0.32": None, "0.33": REPO / ".venv" / "vllm-0.33", "0.34": REPO / "
 @pytest.mark.parametrize("release", sorted(RELEASES))
 def test_adapter_hooks_run_on_the_real_release(release: str) -> None:
     """Our DiffusionGemma model state + sampler step for step equal to vLLM's own sampler on deterministic
-    requests (top-k / top-p), per-request policies over width tiles, the 0.34 startup profile run, and
-    register() (quantization method, model override, admission hook) on the release's real classes."""
+    requests (top-k / top-p), per-request policies over width tiles, the 0.34 startup profile run, our
+    NVFP4 linear method inside the release's linear layer, and register() (quantization method, model
+    override, admission hook) on the release's real classes."""
     side = RELEASES[release]
     if side is not None and not (side / "vllm" / "__init__.py").is_file():
         message = f"vLLM {release} sources missing at {side} (run scripts/install.sh)"
@@ -42,11 +43,11 @@ def test_adapter_hooks_run_on_the_real_release(release: str) -> None:
         pytest.skip(message)
     env = dict(os.environ, VLLM_TARGET_DEVICE="cpu", TORCHDYNAMO_DISABLE="1", HF_HUB_OFFLINE="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(side) if side else "", env.get("PYTHONPATH", "")]))
-    command = [sys.executable, str(DRIVER), release, "sampler", "policies", "register"]
+    command = [sys.executable, str(DRIVER), release, "sampler", "policies", "quant", "register"]
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     output = (proc.stdout + proc.stderr)[-5000:]
     assert proc.returncode == 0, f"vLLM {release}: {' '.join(command[1:])} failed:\n{output}"
-    for check in ("sampler", "policies", "register"):
+    for check in ("sampler", "policies", "quant", "register"):
         assert f"{check} ok" in proc.stdout, output
     expected_rows = "hidden states" if release >= "0.34" else "logits"  # what the runner hands the sampler
     assert f"sampler ok {expected_rows}" in proc.stdout, proc.stdout
@@ -94,6 +95,7 @@ def test_register_stops_on_an_untested_vllm(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(plugin, "_REGISTERED", False)
     monkeypatch.setattr(vllm, "__version__", "0.35.0")
     before = list(QUANTIZATION_METHODS)
-    with pytest.raises(UnsupportedEngineVersion, match=r"supports vLLM >=0\.32,<0\.35 .*found vLLM '0\.35\.0'"):
+    expected = r"supports vLLM >=0\.32,<0\.35 .*found vLLM '0\.35\.0'"
+    with pytest.raises(UnsupportedEngineVersion, match=expected):
         plugin.register()
     assert list(QUANTIZATION_METHODS) == before and not plugin._REGISTERED  # nothing half-registered

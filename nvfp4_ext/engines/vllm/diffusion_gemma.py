@@ -14,6 +14,9 @@ architecture `DiffusionGemmaForBlockDiffusion`); its model state hands the model
   Steps that need vLLM's logprob stash or constrained vocabularies run the built-in path (only the default
   policy may be combined with them; admission enforces it).
 
+Supports vLLM 0.32-0.34; what differs between them (the top-k/top-p API, 0.34 handing the sampler hidden
+states that each width tile projects to logits itself) sits in `_vllm_compat`.
+
 NVFP4 experts and linears come from the `nvfp4_ext` quantization method; the embedding / tied lm_head,
 self-conditioning MLP and vision tower are untouched (BF16). Model runner V2 needs GPU Triton, so this runs
 on GPUs only; on CPU the pure-torch parts are tested directly. vLLM is imported lazily: the classes are
