@@ -122,6 +122,8 @@ def check_sampler(vdg) -> None:
 
     if hasattr(vdg.DiffusionGemmaModelState, "dummy_sampler_run"):  # 0.34: the runner's startup profile
         hidden = torch.randn(3, HIDDEN, generator=gen)
+        # what the runner passes our sampler: the model state's compute_sample_logits of the hidden states
+        assert our_state.compute_sample_logits(hidden) is hidden and hands_hidden_states
         assert our_state.dummy_sampler_run(ours, hidden) is True
         assert builtin_state.dummy_sampler_run(theirs, hidden) is True
 
