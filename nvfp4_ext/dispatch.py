@@ -4,7 +4,10 @@
   * other CUDA (Ampere/Ada/Hopper, and W4A16 layers on Blackwell) -> "triton" (our weight-only kernels);
   * no CUDA (CPU) -> "torch" (the dequantize-on-the-fly references).
 FP8 layers use torch `_scaled_mm` where FP8 tensor cores exist (sm >= 89) and our W8A16 Triton kernel below.
-`NVFP4_EXT_BACKEND=torch|triton|flashinfer` forces a backend; it is read at call time, never at import.
+`NVFP4_EXT_BACKEND=torch|triton|flashinfer|emulated` forces a backend; read at call time, never at import.
+"emulated" runs W4A4 layers (`nvfp4_linear`, `nvfp4_moe`) with FlashInfer's activation quantization and an
+FP4 x FP4 GEMM in torch (`nvfp4_ext.kernels.fp4_emulation`), on any device; other layer kinds have no
+activation quantization, so they get "torch" under it.
 On a CPU, `NVFP4_EXT_BACKEND=triton` is accepted only with `TRITON_INTERPRET=1` (Triton's CPU interpreter runs
 the kernels on CPU tensors: slow, for tests proving the CUDA-path glue without a GPU).
 """
@@ -24,7 +27,7 @@ __all__ = [
     "triton_interpreter_enabled",
 ]
 
-Backend = Literal["flashinfer", "triton", "torch", "scaled_mm"]
+Backend = Literal["flashinfer", "triton", "torch", "scaled_mm", "emulated"]
 LayerKind = Literal["nvfp4_linear", "nvfp4_w4a16_linear", "nvfp4_moe", "nvfp4_w4a16_moe", "fp8_linear"]
 LAYER_KINDS: tuple[str, ...] = (
     "nvfp4_linear",
@@ -33,7 +36,8 @@ LAYER_KINDS: tuple[str, ...] = (
     "nvfp4_w4a16_moe",
     "fp8_linear",
 )
-_FORCEABLE = ("flashinfer", "triton", "torch")
+_FORCEABLE = ("flashinfer", "triton", "torch", "emulated")
+W4A4_KINDS: tuple[str, ...] = ("nvfp4_linear", "nvfp4_moe")
 
 
 def flashinfer_available() -> bool:
@@ -64,6 +68,8 @@ def select_backend(
     if forced:
         if forced not in _FORCEABLE:
             raise ValueError(f"NVFP4_EXT_BACKEND={forced!r} is not one of {', '.join(_FORCEABLE)}")
+        if forced == "emulated":
+            return "emulated" if kind in W4A4_KINDS else "torch"
         if capability is None and forced == "triton" and triton_interpreter_enabled():
             return "triton"  # CPU tensors through Triton's interpreter
         if capability is None and forced != "torch":
@@ -76,7 +82,7 @@ def select_backend(
         return "scaled_mm" if capability >= (8, 9) else "triton"
     if has_flashinfer is None:
         has_flashinfer = flashinfer_available()
-    native = kind in ("nvfp4_linear", "nvfp4_moe")  # W4A4: FP4 activations on FP4 tensor cores
+    native = kind in W4A4_KINDS  # W4A4: FP4 activations on FP4 tensor cores
     if native and capability >= (10, 0) and has_flashinfer:
         return "flashinfer"
     if capability >= (8, 0):

@@ -193,14 +193,21 @@ def nvfp4_linear_forward(
         x: [..., K]; weight: uint8 [N, K/2]; weight_scale: e4m3 [N, K/16]; global_per_row: float32 [N].
         bias: optional [N].
         backend: from `backend_for`: "torch"/"triton" run weight-only (W4A16); "flashinfer" runs W4A4 on
-            FP4 tensor cores with the static `input_global` multiplier (GPU only).
+            FP4 tensor cores with the static `input_global` multiplier (GPU only); "emulated" runs the
+            same W4A4 math in torch (`nvfp4_ext.kernels.fp4_emulation`).
         input_global: float32 multiplier of the activations (W4A4 only).
         weight_scale_swizzled: `swizzle_block_scales(weight_scale)`, precomputed at load (FlashInfer only).
     Returns:
         [..., N] in x.dtype.
     """
     flat, lead = _flatten(x)
-    if backend == "flashinfer":
+    if backend == "emulated":
+        from nvfp4_ext.kernels.fp4_emulation import nvfp4_w4a4_gemm_emulated
+
+        if input_global is None:
+            raise ConfigError("the emulated W4A4 backend needs the layer's input_scale (a W4A4 checkpoint)")
+        out = nvfp4_w4a4_gemm_emulated(flat, weight, weight_scale, global_per_row, bias, input_global)
+    elif backend == "flashinfer":
         if weight_scale_swizzled is None:
             weight_scale_swizzled = swizzle_block_scales(weight_scale)
         out = _flashinfer_nvfp4_linear(
@@ -273,18 +280,32 @@ def nvfp4_moe_forward(
     topk_ids: torch.Tensor,
     activation: str,
     backend: Backend,
+    w13_input_global: torch.Tensor | None = None,
+    w2_input_global: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Routed NVFP4 experts through `nvfp4_ext.kernels.nvfp4_moe` (weight-only on every backend here).
+    """Routed NVFP4 experts through `nvfp4_ext.kernels.nvfp4_moe` (weight-only), or W4A4 in torch.
 
     Args:
         x: [T, H]; w13 uint8 [E, 2I, H/2]; w13_scale e4m3 [E, 2I, H/16]; w13_global float32 [E, 2I] per row;
         w2 uint8 [E, H, I/2]; w2_scale e4m3 [E, H, I/16]; w2_global float32 [E, H];
         topk_weights float32 [T, k]; topk_ids int [T, k]; activation "gelu_tanh" or "silu".
-        backend: "torch" or "triton" (FlashInfer's FP4 MoE is not wired in; see `backend_for(implemented=)`).
+        backend: "torch" or "triton" (FlashInfer's FP4 MoE is not wired in; see `backend_for(implemented=)`),
+            or "emulated": W4A4, each expert's input and gated activation quantized under its input scale.
+        w13_input_global, w2_input_global: float32 [E] activation multipliers ("emulated" only).
     Returns:
         [T, H] in x.dtype.
     """
     import nvfp4_ext.kernels  # noqa: F401  (registers torch.ops.nvfp4_ext.*)
+
+    if backend == "emulated":
+        from nvfp4_ext.kernels.fp4_emulation import nvfp4_w4a4_moe_emulated
+
+        if w13_input_global is None or w2_input_global is None:
+            raise ConfigError("the emulated W4A4 MoE needs the experts' input scales (a W4A4 checkpoint)")
+        return nvfp4_w4a4_moe_emulated(
+            x, w13, w13_scale, w13_global, w2, w2_scale, w2_global, topk_weights, topk_ids, activation,
+            w13_input_global, w2_input_global,
+        )
 
     chosen = "torch" if backend == "torch" else "triton"
     # The opaque custom op, not the launcher: vLLM's CPU platform calls the MoE layer's forward directly

@@ -130,6 +130,13 @@ class Nvfp4ExtMoEMethod(FusedMoEMethodBase):
         layer.nvfp4_w2_global = global_multiplier(
             getattr(layer, f"w2_{names['global']}").detach().float(), self.convention
         ).contiguous()
+        layer.nvfp4_w13_input_global = layer.nvfp4_w2_input_global = None
+        if self.scheme == "nvfp4":  # W4A4: activation multipliers for the emulated backend, [E] each
+            w13_input = getattr(layer, f"w13_{names['input']}").detach().float()
+            layer.nvfp4_w13_input_global = global_multiplier(w13_input, self.convention).amax(dim=1)
+            layer.nvfp4_w2_input_global = global_multiplier(
+                getattr(layer, f"w2_{names['input']}").detach().float(), self.convention
+            )
 
     # ---------------------------------------------------------------------------------------- execution
     def create_moe_runner(self, layer: torch.nn.Module, moe_runner_config) -> None:
@@ -177,7 +184,9 @@ class Nvfp4ExtMoEMethod(FusedMoEMethodBase):
             topk_weights.float(),
             topk_ids,
             self.activation,
-            backend_for(kind, x.device),
+            backend_for(kind, x.device, implemented=("torch", "triton", "emulated")),
+            layer.nvfp4_w13_input_global,
+            layer.nvfp4_w2_input_global,
         )
         factor = getattr(self.moe_runner_config, "routed_scaling_factor", None)
         if factor is not None and factor != 1.0:

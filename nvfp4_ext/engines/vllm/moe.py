@@ -106,7 +106,18 @@ class Nvfp4ExtFusedMoEMethod(FusedMoEMethodBase):
         hidden = getattr(layer, f"w2_{self.names['weight']}").shape[1]
         layer.nvfp4_w13_global = w13_shard.repeat_interleave(inter, dim=1).contiguous()  # [E, 2I]
         layer.nvfp4_w2_global = w2_expert.unsqueeze(1).expand(-1, hidden).contiguous()  # [E, H]
-        self.backend = backend_for(self.kind, layer.nvfp4_w13_global.device, implemented=("torch", "triton"))
+        layer.nvfp4_w13_input_global = layer.nvfp4_w2_input_global = None
+        if self.scheme == "nvfp4":
+            # One activation multiplier per expert input: gate and up read the same activations.
+            i = self.names["input"]
+            w13_input = global_multiplier(getattr(layer, f"w13_{i}").data.float(), self.convention)
+            layer.nvfp4_w13_input_global = w13_input.amax(dim=1).contiguous()  # [E]
+            layer.nvfp4_w2_input_global = global_multiplier(
+                getattr(layer, f"w2_{i}").data.float(), self.convention
+            ).contiguous()  # [E]
+        self.backend = backend_for(
+            self.kind, layer.nvfp4_w13_global.device, implemented=("torch", "triton", "emulated")
+        )
 
     def get_fused_moe_quant_config(self, layer: torch.nn.Module):
         return None
@@ -143,6 +154,8 @@ class Nvfp4ExtFusedMoEMethod(FusedMoEMethodBase):
             topk_ids,
             activation,
             self.backend,
+            layer.nvfp4_w13_input_global,
+            layer.nvfp4_w2_input_global,
         )
 
 
