@@ -1,5 +1,6 @@
 """End to end on a GPU: `sglang.launch_server --quantization nvfp4_ext` serves a tiny NVFP4 DiffusionGemma
-(one request per denoise policy, plus a rejected one) and a tiny NVFP4 Qwen3-MoE (one request).
+(one request per denoise policy, plus a rejected one) and a tiny NVFP4 Qwen3-MoE, whose greedy tokens must
+equal transformers' on the dequantized checkpoint (up to a near tie of the reference, `gpu_reference.py`).
 
 Needs a CUDA GPU (sm80+) with SGLang installed with its GPU dependencies (`pip install nvfp4-ext[sglang]`).
 Each server is a subprocess; it is stopped (SIGTERM, then SIGKILL) even when a test fails.
@@ -52,9 +53,13 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("sglang_e2e")
     dg = build_tiny_diffusion_gemma(root / "dg_bf16", dtype=torch.bfloat16)
     moe = build_tiny_qwen3_moe(root / "moe_bf16", dtype=torch.bfloat16)
+    from nvfp4_ext.quantize import dequantize_checkpoint
+
+    moe_nvfp4 = quantize_tiny_checkpoint(moe, root / "moe_nvfp4")
     return {
         "diffusion_gemma": quantize_tiny_checkpoint(dg, root / "dg_nvfp4"),
-        "qwen3_moe": quantize_tiny_checkpoint(moe, root / "moe_nvfp4"),
+        "qwen3_moe": moe_nvfp4,
+        "qwen3_moe_dequantized": dequantize_checkpoint(moe_nvfp4, root / "moe_dequantized"),
     }
 
 
@@ -173,7 +178,9 @@ def test_diffusion_gemma_rejects_bad_policy(diffusion_server: str) -> None:
     assert "diffusion_policy_k" in json.dumps(body)
 
 
-def test_nvfp4_moe_generates(moe_server: str) -> None:
+def test_nvfp4_moe_greedy_equals_transformers_on_dequantized_weights(moe_server: str, checkpoints) -> None:
+    from gpu_reference import assert_greedy_matches, reference_greedy
+
     status, body = _post(
         f"{moe_server}/generate",
         {
@@ -183,4 +190,5 @@ def test_nvfp4_moe_generates(moe_server: str) -> None:
     )
     assert status == 200, body
     assert len(body["output_ids"]) == 8
-    assert all(0 <= i < 512 for i in body["output_ids"])
+    reference = reference_greedy(checkpoints["qwen3_moe_dequantized"], [PROMPT_IDS], max_tokens=8)[0]
+    assert_greedy_matches(body["output_ids"], reference)
