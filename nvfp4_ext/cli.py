@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("nvfp4_ext.diffusion.cli", "run DiffusionGemma denoising generation on CPU (no engine)"),
     "kernels-report": ("nvfp4_ext.kernels.report", "compile the Triton kernels ahead of time and report"),
     "demo": ("nvfp4_ext.demo", "build a tiny model, quantize it and serve it through vLLM"),
-    "gpu-check": ("nvfp4_ext.gpu_check", "validate kernels, graphs, benchmarks and serving on a GPU (--dry-run: CPU)"),
+    "gpu-check": ("nvfp4_ext.gpu_check", "check kernels, graphs, benchmarks and serving on a GPU"),
 }
 
 

@@ -1,9 +1,9 @@
-"""`nvfp4-ext gpu-check --out DIR`: everything a GPU must show, as one command (<= 10 min on one H100/H200/B200).
+"""`nvfp4-ext gpu-check --out DIR`: everything a GPU must show, one command (<= 10 min, one H100/H200/B200).
 
 Parts (each runs in its own subprocess with a time limit, so a crash, a hang or a missing package in one part
 does not stop the others; each reports pass / fail / skip, its time and, if it could not run, why):
 
-  kernels               every shipped Triton config (NVFP4 GEMM, fused MoE, FP8 GEMM) vs its torch reference, bf16
+  kernels               every shipped Triton config (NVFP4 GEMM, fused MoE, FP8 GEMM) vs its reference, bf16
   kernels-fast-decode   the same with the PTX weight decode (NVFP4_EXT_FAST_DECODE=1)
   cuda-graphs           CUDA-graph capture + replay of every engine-facing op, replay == eager on new inputs
   flashinfer-w4a4       FlashInfer's fp4_quantize + mm_fp4 linear vs the emulated W4A4 backend (sm >= 100)
@@ -122,8 +122,10 @@ def _check_kernels(dry_run: bool) -> dict[str, Any]:
 
     device, dtype = _device_and_dtype(dry_run)
     if dry_run and os.environ.get("NVFP4_EXT_FAST_DECODE", "0") not in ("", "0"):
-        raise Skip("the PTX fast decode needs a GPU (the interpreter cannot run PTX); the dry run of "
-                   "`kernels` ran the same configs with the Triton decode")
+        raise Skip(
+            "the PTX fast decode needs a GPU (the interpreter cannot run PTX); the dry run of "
+            "`kernels` ran the same configs with the Triton decode"
+        )
     torch.manual_seed(0)
     rows: list[dict[str, Any]] = []
 
@@ -168,7 +170,9 @@ def _check_kernels(dry_run: bool) -> dict[str, Any]:
     failed = [r for r in rows if not r["rel_error"] < _TOLERANCE]
     details = {"checked": len(rows), "worst": worst, "tolerance": _TOLERANCE, "rows": rows}
     if failed:
-        raise AssertionError(f"{len(failed)} of {len(rows)} configs exceed rel error {_TOLERANCE}: {failed[:3]}")
+        raise AssertionError(
+            f"{len(failed)} of {len(rows)} configs exceed rel error {_TOLERANCE}: {failed[:3]}"
+        )
     return details
 
 
@@ -204,16 +208,29 @@ def _check_cuda_graphs(dry_run: bool) -> dict[str, Any]:
             x, q.qdata, q.scale, q.global_scale, None, backend
         ),
         "nvfp4_moe": lambda x: torch.ops.nvfp4_ext.nvfp4_moe(
-            x, *(q13.qdata, q13.scale, q13.global_scale, q2.qdata, q2.scale, q2.global_scale),
-            *routing(x), "silu", backend,
+            x,
+            *(q13.qdata, q13.scale, q13.global_scale, q2.qdata, q2.scale, q2.global_scale),
+            *routing(x),
+            "silu",
+            backend,
         ),
         "fp8_gemm": lambda x: torch.ops.nvfp4_ext.fp8_gemm(x, fp8_w, fp8_s, None, backend),
         "w4a4_linear_emulated": lambda x: nvfp4_linear_forward(
             x, q.qdata, q.scale, q.global_scale.expand(n), None, "emulated", input_scale
         ),
         "w4a4_moe_emulated": lambda x: nvfp4_moe_forward(
-            x, q13.qdata, q13.scale, g13, q2.qdata, q2.scale, g2, *routing(x), "silu", "emulated",
-            in_e, in_e,
+            x,
+            q13.qdata,
+            q13.scale,
+            g13,
+            q2.qdata,
+            q2.scale,
+            g2,
+            *routing(x),
+            "silu",
+            "emulated",
+            in_e,
+            in_e,
         ),
     }
     if not dry_run and torch.cuda.get_device_capability() >= (10, 0):
@@ -264,7 +281,7 @@ def _check_flashinfer_w4a4(dry_run: bool) -> dict[str, Any]:
     """FlashInfer's W4A4 linear vs the emulated backend: activation codes/scales and the GEMM output."""
     import torch
 
-    from nvfp4_ext.engines.common import _flashinfer_nvfp4_linear, nvfp4_linear_forward, swizzle_block_scales
+    from nvfp4_ext.engines.common import nvfp4_linear_forward, swizzle_block_scales
     from nvfp4_ext.format import quantize_nvfp4, unpack_uint4
     from nvfp4_ext.kernels.fp4_emulation import fp4_quantize_emulated
 
@@ -296,13 +313,26 @@ def _check_flashinfer_w4a4(dry_run: bool) -> dict[str, Any]:
     for row in rows:
         m = row["m"]
         x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
-        fi_codes, fi_scales = flashinfer.fp4_quantize(x, (1.0 / input_scale).reshape(1), is_sf_swizzled_layout=False)
+        fi_codes, fi_scales = flashinfer.fp4_quantize(
+            x, (1.0 / input_scale).reshape(1), is_sf_swizzled_layout=False
+        )
         codes, scales = fp4_quantize_emulated(x, input_scale)
         code_mismatch = float((unpack_uint4(fi_codes.view(torch.uint8)) != codes).float().mean())
         scale_mismatch = float(
-            (fi_scales.view(torch.uint8).reshape(m, -1)[:, : k // 16] != scales.view(torch.uint8)).float().mean()
+            (fi_scales.view(torch.uint8).reshape(m, -1)[:, : k // 16] != scales.view(torch.uint8))
+            .float()
+            .mean()
         )
-        native = _flashinfer_nvfp4_linear(x, q.qdata, swizzled, global_per_row, None, input_scale)
+        native = nvfp4_linear_forward(
+            x,
+            q.qdata,
+            q.scale,
+            global_per_row,
+            None,
+            "flashinfer",
+            input_scale,
+            weight_scale_swizzled=swizzled,
+        )
         emulated = nvfp4_linear_forward(x, q.qdata, q.scale, global_per_row, None, "emulated", input_scale)
         rel = _rel_error(native, emulated)
         row.update(code_mismatch=code_mismatch, scale_mismatch=scale_mismatch, rel_error=rel)
@@ -345,7 +375,15 @@ def _bench_moe(dry_run: bool) -> dict[str, Any]:
     args = bench_moe.parse_args(["--m", *map(str, M_VALUES)])
     if dry_run:
         args = argparse.Namespace(
-            **{**vars(args), "m": [1, 16], "experts": 8, "hidden": 64, "inter": 32, "top_k": 2, "dtype": "fp16"}
+            **{
+                **vars(args),
+                "m": [1, 16],
+                "experts": 8,
+                "hidden": 64,
+                "inter": 32,
+                "top_k": 2,
+                "dtype": "fp16",
+            }
         )
         rows = bench_moe.bench_moe(args, device="cpu")
     else:
@@ -360,14 +398,24 @@ def _bench_moe(dry_run: bool) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ serving parts
 def _pytest_part(files: list[str], marker: str) -> Callable[[bool], dict[str, Any]]:
-    """A part that runs GPU end-to-end test files (their assertions are the check); the dry run collects them."""
+    """A part running GPU end-to-end test files (their assertions are the check); dry run: collect them."""
 
     def run_tests(dry_run: bool) -> dict[str, Any]:
         paths = [REPO / "tests" / f for f in files]
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
             raise Skip(f"{', '.join(missing)} not found: run gpu-check from a source checkout")
-        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", marker, *map(str, paths)]
+        command = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-m",
+            marker,
+            *map(str, paths),
+        ]
         if dry_run:
             command.append("--collect-only")
         proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO, check=False)
@@ -377,9 +425,10 @@ def _pytest_part(files: list[str], marker: str) -> Callable[[bool], dict[str, An
             collected = [line for line in proc.stdout.splitlines() if "::" in line]
             if proc.returncode != 0 or not collected:
                 raise AssertionError(f"collecting the serving tests failed:\n{tail}")
-            raise Skip(f"needs a CUDA GPU; {len(collected)} serving tests collected: " + ", ".join(
-                line.split("::", 1)[1] for line in collected[:6]
-            ))
+            raise Skip(
+                f"needs a CUDA GPU; {len(collected)} serving tests collected: "
+                + ", ".join(line.split("::", 1)[1] for line in collected[:6])
+            )
         last = (proc.stdout.strip().splitlines() or [""])[-1]
         if proc.returncode == 5 or (proc.returncode == 0 and " passed" not in last):
             raise Skip(f"no serving test ran (engine or GPU missing): {last}")
@@ -391,18 +440,38 @@ def _pytest_part(files: list[str], marker: str) -> Callable[[bool], dict[str, An
 
 
 PARTS: tuple[Part, ...] = (
-    Part("kernels", "kernels vs references, every shipped config (bf16)", 150, _check_kernels,
-         {"NVFP4_EXT_FAST_DECODE": "0"}),
-    Part("kernels-fast-decode", "the same with the PTX fast decode", 120, _check_kernels,
-         {"NVFP4_EXT_FAST_DECODE": "1"}),
+    Part(
+        "kernels",
+        "kernels vs references, every shipped config (bf16)",
+        150,
+        _check_kernels,
+        {"NVFP4_EXT_FAST_DECODE": "0"},
+    ),
+    Part(
+        "kernels-fast-decode",
+        "the same with the PTX fast decode",
+        120,
+        _check_kernels,
+        {"NVFP4_EXT_FAST_DECODE": "1"},
+    ),
     Part("cuda-graphs", "CUDA-graph capture + replay of the engine-facing ops", 60, _check_cuda_graphs),
-    Part("flashinfer-w4a4", "FlashInfer W4A4 vs the emulated backend (sm >= 100)", 60, _check_flashinfer_w4a4),
+    Part(
+        "flashinfer-w4a4", "FlashInfer W4A4 vs the emulated backend (sm >= 100)", 60, _check_flashinfer_w4a4
+    ),
     Part("bench-gemm", "NVFP4 GEMM vs cuBLAS BF16 / Marlin FP4, DiffusionGemma shapes", 120, _bench_gemm),
     Part("bench-moe", "fused NVFP4 MoE vs BF16 Triton MoE", 90, _bench_moe),
-    Part("serve-vllm", "vLLM serving tiny NVFP4 models, CUDA graphs on, vs transformers", 240,
-         _pytest_part(["test_vllm_gpu_e2e.py", "test_diffusion_vllm_gpu.py"], "gpu and vllm")),
-    Part("serve-sglang", "SGLang serving tiny NVFP4 models, CUDA graphs on, vs transformers", 240,
-         _pytest_part(["test_sglang_gpu_e2e.py"], "gpu and sglang")),
+    Part(
+        "serve-vllm",
+        "vLLM serving tiny NVFP4 models, CUDA graphs on, vs transformers",
+        240,
+        _pytest_part(["test_vllm_gpu_e2e.py", "test_diffusion_vllm_gpu.py"], "gpu and vllm"),
+    ),
+    Part(
+        "serve-sglang",
+        "SGLang serving tiny NVFP4 models, CUDA graphs on, vs transformers",
+        240,
+        _pytest_part(["test_sglang_gpu_e2e.py"], "gpu and sglang"),
+    ),
 )
 _BY_NAME = {p.name: p for p in PARTS}
 
@@ -418,8 +487,12 @@ def run_part(name: str, dry_run: bool) -> PartResult:
     except Skip as exc:
         result = PartResult(name, "skip", reason=str(exc))
     except Exception as exc:  # a part's failure is data for the report
-        result = PartResult(name, "fail", reason=f"{type(exc).__name__}: {exc}"[:4000],
-                            details={"traceback": traceback.format_exc()[-4000:]})
+        result = PartResult(
+            name,
+            "fail",
+            reason=f"{type(exc).__name__}: {exc}"[:4000],
+            details={"traceback": traceback.format_exc()[-4000:]},
+        )
     result.seconds = round(time.monotonic() - start, 2)
     return result
 
@@ -441,8 +514,14 @@ def _launch(part: Part, out: Path, dry_run: bool, timeout_s: float) -> PartResul
     log = out / "parts" / f"{part.name}.log"
     try:
         with log.open("w") as sink:
-            proc = subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT, env=_part_env(part, dry_run),
-                                  timeout=timeout_s, check=False)
+            proc = subprocess.run(
+                command,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                env=_part_env(part, dry_run),
+                timeout=timeout_s,
+                check=False,
+            )
         returncode = proc.returncode
     except subprocess.TimeoutExpired:
         returncode = None
@@ -463,7 +542,7 @@ def write_report(results: list[PartResult], out: Path, meta: dict[str, Any]) -> 
     lines = [
         "# nvfp4-ext gpu-check",
         "",
-        f"{meta['device']} | dry run: {meta['dry_run']} | total {meta['seconds']:.0f} s | git {meta['git_sha']}",
+        f"{meta['device']} | dry run: {meta['dry_run']} | {meta['seconds']:.0f} s | git {meta['git_sha']}",
         "",
         "| part | status | seconds | why / summary |",
         "|---|---|---:|---|",
@@ -474,14 +553,21 @@ def write_report(results: list[PartResult], out: Path, meta: dict[str, Any]) -> 
     for r in results:
         rows = r.details.get("rows") if r.name.startswith("bench") else None
         if rows and r.details.get("timed"):
-            lines += ["", f"## {r.name}", "", "| shape | M | provider | median us | speedup | rel err | note |",
-                      "|---|---:|---|---:|---:|---:|---|"]
+            lines += [
+                "",
+                f"## {r.name}",
+                "",
+                "| shape | M | provider | median us | speedup | rel err | note |",
+                "|---|---:|---|---:|---:|---:|---|",
+            ]
             for row in rows:
                 median = "" if row["median_us"] is None else f"{row['median_us']:.1f}"
                 speedup = "" if row["speedup"] is None else f"{row['speedup']:.2f}x"
                 rel = "" if row["rel_error"] is None else f"{row['rel_error']:.1e}"
-                lines.append(f"| {row['shape']} | {row['m']} | {row['provider']} | {median} | {speedup} | {rel} | "
-                             f"{row['note']} |")
+                lines.append(
+                    f"| {row['shape']} | {row['m']} | {row['provider']} | {median} | {speedup} | {rel} | "
+                    f"{row['note']} |"
+                )
     paths["md"].write_text("\n".join(lines) + "\n")
     _plot(results, paths["png"])
     return paths
@@ -518,8 +604,9 @@ def _plot(results: list[PartResult], path: Path) -> None:
 
 def _git_sha() -> str | None:
     try:
-        proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=REPO, check=False)
+        proc = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO, check=False
+        )
     except OSError:
         return None
     return proc.stdout.strip() or None
@@ -527,8 +614,11 @@ def _git_sha() -> str | None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="report directory (created)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="run the orchestration on a CPU (interpreter, tiny shapes, no timing)")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="run the orchestration on a CPU (interpreter, tiny shapes, no timing)",
+    )
     parser.add_argument("--parts", nargs="+", choices=[p.name for p in PARTS], help="run only these parts")
     parser.add_argument("--budget", type=float, default=BUDGET_S, help="total seconds (default 600)")
     parser.add_argument("--part", choices=[p.name for p in PARTS], help=argparse.SUPPRESS)  # child mode
@@ -553,8 +643,11 @@ def run(args: argparse.Namespace) -> int:
             results.append(PartResult(part.name, "skip", reason=f"the {args.budget:.0f} s budget is used up"))
             continue
         result = _launch(part, out, args.dry_run, min(part.timeout_s, left))
-        print(f"{part.name:22s} {result.status.upper():5s} {result.seconds:7.1f} s  "
-              f"{(result.reason.splitlines() or [''])[0][:120]}", flush=True)
+        print(
+            f"{part.name:22s} {result.status.upper():5s} {result.seconds:7.1f} s  "
+            f"{(result.reason.splitlines() or [''])[0][:120]}",
+            flush=True,
+        )
         results.append(result)
     meta = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",

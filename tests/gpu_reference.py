@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-# bf16 logits of these tiny models (|logit| ~ 1) carry ~1e-2 absolute rounding error (not yet measured on a GPU).
+# bf16 logits of these tiny models (|logit| ~ 1) carry ~1e-2 absolute rounding error (unmeasured on a GPU).
 NEAR_TIE = 0.05
 
 

@@ -1,6 +1,6 @@
 """`nvfp4-ext gpu-check --dry-run` runs the whole GPU validation orchestration on a CPU (Triton interpreter,
-FakeTensorMode, the benchmarks' CPU paths, serving tests collected), so the first GPU run cannot die on a typo;
-and the orchestrator isolates parts (a failing, crashing or hanging part is reported, the others still run)."""
+FakeTensorMode, the benchmarks' CPU paths, serving tests collected), so the first GPU run cannot die on a
+typo; and the orchestrator isolates parts (a failing, crashing or hanging part is reported; the rest run)."""
 
 from __future__ import annotations
 
@@ -40,13 +40,22 @@ def test_dry_run_passes_every_part_that_can_run_on_a_cpu(dry_run):
     for name in ("kernels", "cuda-graphs", "bench-gemm", "bench-moe"):
         assert parts[name]["status"] == "pass", parts[name]
     assert parts["kernels"]["details"]["checked"] >= 8  # distinct GEMM configs + MoE + FP8 rows
-    assert set(parts["cuda-graphs"]["details"]["ops"]) >= {"nvfp4_gemm", "nvfp4_moe", "fp8_gemm",
-                                                          "w4a4_linear_emulated", "w4a4_moe_emulated"}
-    assert parts["kernels-fast-decode"]["status"] == "skip" and "PTX" in parts["kernels-fast-decode"]["reason"]
+    assert set(parts["cuda-graphs"]["details"]["ops"]) >= {
+        "nvfp4_gemm",
+        "nvfp4_moe",
+        "fp8_gemm",
+        "w4a4_linear_emulated",
+        "w4a4_moe_emulated",
+    }
+    assert (
+        parts["kernels-fast-decode"]["status"] == "skip" and "PTX" in parts["kernels-fast-decode"]["reason"]
+    )
     assert parts["flashinfer-w4a4"]["status"] == "skip" and "sm >= 100" in parts["flashinfer-w4a4"]["reason"]
     for name in ("serve-vllm", "serve-sglang"):
         assert parts[name]["status"] == "skip", parts[name]
-        assert "needs a CUDA GPU" in parts[name]["reason"] and "serving tests collected" in parts[name]["reason"]
+        assert (
+            "needs a CUDA GPU" in parts[name]["reason"] and "serving tests collected" in parts[name]["reason"]
+        )
     assert all(p["seconds"] > 0 for p in parts.values())
 
 
@@ -81,4 +90,6 @@ def test_a_hanging_part_times_out_and_the_next_part_still_runs(tmp_path):
     paths = gpu_check.write_report(
         results, tmp_path, {"device": "CPU", "dry_run": True, "seconds": 1.5, "git_sha": None}
     )
-    assert "| kernels | FAIL |" in paths["md"].read_text() and "| bench-moe | PASS |" in paths["md"].read_text()
+    assert (
+        "| kernels | FAIL |" in paths["md"].read_text() and "| bench-moe | PASS |" in paths["md"].read_text()
+    )

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from nvfp4_ext.kernels.fp4_emulation import fp4_quantize_emulated
+from nvfp4_ext.kernels.reference import apply_gated_activation
 
 from nvfp4_ext.dispatch import LAYER_KINDS, select_backend
 from nvfp4_ext.engines.common import nvfp4_linear_forward, nvfp4_moe_forward
 from nvfp4_ext.format import E2M1_BOUNDS, unpack_uint4
-from nvfp4_ext.kernels.fp4_emulation import fp4_quantize_emulated
-from nvfp4_ext.kernels.reference import apply_gated_activation
 
 nvfp4_tensor = pytest.importorskip("modelopt.torch.quantization.qtensor.nvfp4_tensor")
 NVFP4QTensor = nvfp4_tensor.NVFP4QTensor

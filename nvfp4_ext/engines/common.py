@@ -303,8 +303,18 @@ def nvfp4_moe_forward(
         if w13_input_global is None or w2_input_global is None:
             raise ConfigError("the emulated W4A4 MoE needs the experts' input scales (a W4A4 checkpoint)")
         return nvfp4_w4a4_moe_emulated(
-            x, w13, w13_scale, w13_global, w2, w2_scale, w2_global, topk_weights, topk_ids, activation,
-            w13_input_global, w2_input_global,
+            x,
+            w13,
+            w13_scale,
+            w13_global,
+            w2,
+            w2_scale,
+            w2_global,
+            topk_weights,
+            topk_ids,
+            activation,
+            w13_input_global,
+            w2_input_global,
         )
 
     chosen = "torch" if backend == "torch" else "triton"
