@@ -43,7 +43,8 @@ __all__ = [
     "nvfp4_w4a4_moe_emulated",
 ]
 
-_FP32_ONE_SIXTH = torch.tensor(1.0 / 6.0, dtype=torch.float32)  # fl32(1/6), FlashInfer's rcp(6.0f)
+# FlashInfer's rcp(6.0f): a float32 tensor times a Python float multiplies by the float rounded to float32.
+_ONE_SIXTH = 1.0 / 6.0
 
 
 def fp4_quantize_emulated(x: torch.Tensor, input_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,7 +61,7 @@ def fp4_quantize_emulated(x: torch.Tensor, input_scale: torch.Tensor) -> tuple[t
     blocks = x.reshape(*x.shape[:-1], -1, NVFP4_BLOCK_SIZE)
     vec_max = blocks.abs().amax(-1).float()  # the max is exact in the input dtype
     sf_scale = 1.0 / input_scale.float().reshape(())  # what our FlashInfer call passes as global scale
-    sf = sf_scale * (vec_max * _FP32_ONE_SIXTH.to(x.device))
+    sf = sf_scale * (vec_max * _ONE_SIXTH)
     sf_e4m3 = sf.clamp(max=F8E4M3_MAX).to(torch.float8_e4m3fn)  # __nv_fp8_e4m3(float): RNE, satfinite
     sf_value = sf_e4m3.float()
     reciprocal_sf_scale = 1.0 / sf_scale

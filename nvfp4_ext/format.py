@@ -61,6 +61,16 @@ E2M1_VALUES = torch.tensor(
 # Midpoints between consecutive magnitudes; at .75, 1.75 and 3.5 the tie rounds up (to the even code).
 E2M1_BOUNDS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
 _ROUND_UP_TIES = torch.tensor([0.75, 1.75, 3.5])
+_TABLES_ON_DEVICE: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _on(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`table` on `device`, copied once per device: a host-to-device copy per call would be a sync per call
+    and is not allowed while a CUDA graph is being captured."""
+    key = (id(table), device)
+    if key not in _TABLES_ON_DEVICE:
+        _TABLES_ON_DEVICE[key] = table.to(device)
+    return _TABLES_ON_DEVICE[key]
 
 GlobalScaleConvention = Literal["modelopt", "compressed_tensors"]
 Fp8Granularity = Literal["tensor", "channel", "block"]
@@ -77,16 +87,16 @@ def cast_to_e2m1(x: torch.Tensor) -> torch.Tensor:
     """
     x = x.float()
     magnitude = x.abs()
-    bounds = E2M1_BOUNDS.to(x.device)
+    bounds = _on(E2M1_BOUNDS, x.device)
     ordinal = torch.searchsorted(bounds, magnitude, out_int32=True).to(torch.uint8)
-    ties_up = (magnitude.unsqueeze(-1) == _ROUND_UP_TIES.to(x.device)).any(-1).to(torch.uint8)
+    ties_up = (magnitude.unsqueeze(-1) == _on(_ROUND_UP_TIES, x.device)).any(-1).to(torch.uint8)
     sign = (x < 0).to(torch.uint8)  # -0.0 encodes as +0, as in ModelOpt
     return (sign << 3) + ordinal + ties_up
 
 
 def e2m1_to_float(codes: torch.Tensor) -> torch.Tensor:
     """Decode uint8 E2M1 codes (0..15) to float32 values."""
-    return E2M1_VALUES.to(codes.device)[codes.long()]
+    return _on(E2M1_VALUES, codes.device)[codes.long()]
 
 
 def pack_uint4(codes: torch.Tensor) -> torch.Tensor:
