@@ -463,13 +463,13 @@ PARTS: tuple[Part, ...] = (
     Part(
         "serve-vllm",
         "vLLM serving tiny NVFP4 models, CUDA graphs on, vs transformers",
-        240,
+        300,
         _pytest_part(["test_vllm_gpu_e2e.py", "test_diffusion_vllm_gpu.py"], "gpu and vllm"),
     ),
     Part(
         "serve-sglang",
         "SGLang serving tiny NVFP4 models, CUDA graphs on, vs transformers",
-        240,
+        300,
         _pytest_part(["test_sglang_gpu_e2e.py"], "gpu and sglang"),
     ),
 )
