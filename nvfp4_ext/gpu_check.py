@@ -267,7 +267,9 @@ def _check_cuda_graphs(dry_run: bool) -> dict[str, Any]:
             torch.cuda.synchronize()
             rel = _rel_error(static_out, op(fresh))
             results[name] = {"replay_vs_eager_rel_error": rel}
-            if not rel < 1e-6:
+            # Split-K and the MoE top-k sum add fp32 partials atomically: the order, hence a last bf16 bit,
+            # may differ between runs. Replaying stale inputs or buffers would be off by O(1).
+            if not rel < 1e-3:
                 failures.append(f"{name}: replay differs from eager (rel {rel:.2e})")
         except Exception as exc:  # one op failing must not hide the others
             results[name] = {"error": f"{type(exc).__name__}: {exc}"}
@@ -584,22 +586,52 @@ def _summary(r: PartResult) -> str:
 
 
 def _plot(results: list[PartResult], path: Path) -> None:
+    """Time per part coloured by status; below it, when benchmarks were timed, speedup over the BF16
+    baseline vs M per (benchmark, provider), the geometric mean over shapes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    speedups: dict[str, dict[int, list[float]]] = {}
+    for r in results:
+        if r.name.startswith("bench") and r.details.get("timed"):
+            for row in r.details["rows"]:
+                if row["speedup"] is not None:
+                    label = f"{r.name.removeprefix('bench-')}: {row['provider']}"
+                    speedups.setdefault(label, {}).setdefault(row["m"], []).append(row["speedup"])
+    panels = 2 if speedups else 1
+    fig, axes = plt.subplots(
+        panels, 1, figsize=(8, 0.45 * len(results) + 1.2 + 4 * (panels - 1)), squeeze=False
+    )
+    ax = axes[0][0]
     colors = {"pass": "tab:green", "fail": "tab:red", "skip": "tab:gray"}
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(results) + 1.2))
     names = [r.name for r in results][::-1]
     ax.barh(names, [r.seconds for r in results][::-1], color=[colors[r.status] for r in results][::-1])
     for y, r in enumerate(results[::-1]):
         ax.text(r.seconds, y, f" {r.status}", va="center", fontsize=8)
     ax.set_xlabel("seconds")
     ax.set_title("nvfp4-ext gpu-check (green pass, red fail, grey skip)")
+    if speedups:
+        ax = axes[1][0]
+        for label, by_m in sorted(speedups.items()):
+            ms = sorted(by_m)
+            means = [float(_geomean(by_m[m])) for m in ms]
+            ax.plot(ms, means, marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("M (tokens)")
+        ax.set_ylabel("speedup over BF16 (geomean over shapes)")
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _geomean(values: list[float]) -> float:
+    import math
+
+    return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
 def _git_sha() -> str | None:

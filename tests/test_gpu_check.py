@@ -93,3 +93,22 @@ def test_a_hanging_part_times_out_and_the_next_part_still_runs(tmp_path):
     assert (
         "| kernels | FAIL |" in paths["md"].read_text() and "| bench-moe | PASS |" in paths["md"].read_text()
     )
+
+
+def test_report_plots_benchmark_speedups_when_timed(tmp_path):
+    row = {
+        "shape": "s",
+        "provider": "nvfp4-triton",
+        "median_us": 10.0,
+        "speedup": 2.0,
+        "rel_error": 1e-3,
+        "note": "",
+    }
+    rows = [dict(row, m=m) for m in (1, 16)] + [dict(row, m=1, provider="bf16", speedup=1.0)]
+    timed = gpu_check.PartResult("bench-gemm", "pass", 3.0, details={"rows": rows, "timed": True})
+    paths = gpu_check.write_report(
+        [timed], tmp_path, {"device": "GPU", "dry_run": False, "seconds": 3.0, "git_sha": None}
+    )
+    markdown = paths["md"].read_text()
+    assert "## bench-gemm" in markdown and "| s | 16 | nvfp4-triton | 10.0 | 2.00x |" in markdown
+    assert paths["png"].read_bytes()[:4] == b"\x89PNG"
