@@ -26,6 +26,7 @@ installed wheel those parts say so.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -514,19 +515,21 @@ def _launch(part: Part, out: Path, dry_run: bool, timeout_s: float) -> PartResul
         command.append("--dry-run")
     start = time.monotonic()
     log = out / "parts" / f"{part.name}.log"
-    try:
-        with log.open("w") as sink:
-            proc = subprocess.run(
-                command,
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-                env=_part_env(part, dry_run),
-                timeout=timeout_s,
-                check=False,
-            )
-        returncode = proc.returncode
-    except subprocess.TimeoutExpired:
-        returncode = None
+    with log.open("w") as sink:
+        # Own session: on a timeout the whole group goes (pytest and the engine servers it started), so a
+        # hung part cannot keep GPU memory from the next one.
+        proc = subprocess.Popen(
+            command,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=_part_env(part, dry_run),
+            start_new_session=True,
+        )
+        try:
+            returncode: int | None = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            returncode = None
+            _kill_group(proc)
     seconds = round(time.monotonic() - start, 2)
     if result_path.is_file():
         result = PartResult(**json.loads(result_path.read_text()))
@@ -535,6 +538,19 @@ def _launch(part: Part, out: Path, dry_run: bool, timeout_s: float) -> PartResul
     tail = log.read_text(errors="replace")[-3000:] if log.is_file() else ""
     why = f"timed out after {timeout_s:.0f} s" if returncode is None else f"crashed (exit {returncode})"
     return PartResult(part.name, "fail", seconds, f"{why}; log {log}:\n{tail}")
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the part's process group (servers shut down cleanly), then SIGKILL whatever is left."""
+    import signal
+
+    for sig, grace in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return  # the whole group is gone
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace)
 
 
 def write_report(results: list[PartResult], out: Path, meta: dict[str, Any]) -> dict[str, Path]:
