@@ -1,6 +1,11 @@
 """Triton kernels for DiffusionGemma's fused unembedding + denoise statistics (reference:
 `nvfp4_ext.diffusion.stats.fused_denoise_stats`, backend "torch").
 
+Two launches per step and no other device work: the noise keys are hashed in the kernel from a device
+seed and the row ids, the temperatures and the soft-embedding scale are read from device tensors, and the
+outputs (argmax, sample, entropy, top probability, soft embedding) are written directly, so the launcher
+makes no host round trip and can be captured in a CUDA graph.
+
 Two passes over the vocabulary, neither materializing [rows, vocab]:
   1. `_denoise_stats_kernel` (grid: row blocks): logits = softcap(h E^T) / T per [BLOCK_R, BLOCK_V] tile,
      online max / sum -> argmax, Gumbel-max sample (counter hash of (seed, row, vocab id), the same bits as
@@ -20,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nvfp4_ext.diffusion.stats import DenoiseStats, _mix32
+from .denoise_common import MASK32, DenoiseStats
 
 __all__ = ["DEFAULT_BLOCKS", "denoise_stats_triton", "kernel_variants"]
 
@@ -31,7 +36,7 @@ DEFAULT_BLOCKS = (16, 64, 64, 64, 4)
 
 @triton.jit
 def _hash32(x):
-    # lowbias32 on uint32 (wrap-around multiply), identical to stats._mix32 on the low 32 bits.
+    # lowbias32 on uint32 (wrap-around multiply), identical to denoise_common.mix32 on the low 32 bits.
     x ^= x >> 16
     x *= 0x7FEB352D
     x ^= x >> 15
@@ -88,10 +93,12 @@ def _denoise_stats_kernel(
     h_ptr,
     e_ptr,
     temp_ptr,
-    row_key_ptr,
+    seed_ptr,
+    row_id_ptr,
     argmax_ptr,
     sample_ptr,
     entropy_ptr,
+    top_ptr,
     max_ptr,
     sum_ptr,
     # shapes and strides
@@ -111,7 +118,8 @@ def _denoise_stats_kernel(
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < M
     inv_t = 1.0 / tl.load(temp_ptr + rows, mask=row_mask, other=1.0)
-    row_key = tl.load(row_key_ptr + rows, mask=row_mask, other=0).to(tl.uint32)
+    seed_key = _hash32(tl.load(seed_ptr).to(tl.uint32))
+    row_key = _hash32(seed_key ^ tl.load(row_id_ptr + rows, mask=row_mask, other=0).to(tl.uint32))
     run_max = tl.full((BLOCK_R,), float("-inf"), tl.float32)
     noisy_max = tl.full((BLOCK_R,), float("-inf"), tl.float32)
     run_arg = tl.zeros((BLOCK_R,), dtype=tl.int32)
@@ -164,6 +172,7 @@ def _denoise_stats_kernel(
     tl.store(argmax_ptr + rows, run_arg.to(tl.int64), mask=row_mask)
     tl.store(sample_ptr + rows, noisy_arg.to(tl.int64), mask=row_mask)
     tl.store(entropy_ptr + rows, tl.log(exp_sum) - centered / exp_sum, mask=row_mask)
+    tl.store(top_ptr + rows, 1.0 / exp_sum, mask=row_mask)
     tl.store(max_ptr + rows, run_max, mask=row_mask)
     tl.store(sum_ptr + rows, exp_sum, mask=row_mask)
 
@@ -176,6 +185,7 @@ def _soft_embedding_kernel(
     temp_ptr,
     max_ptr,
     sum_ptr,
+    scale_ptr,
     out_ptr,
     # shapes and strides
     M,
@@ -185,7 +195,6 @@ def _soft_embedding_kernel(
     stride_ev,
     stride_om,
     cap,
-    embed_scale,
     # meta
     HAS_CAP: tl.constexpr,
     DOT_FP32: tl.constexpr,
@@ -229,7 +238,7 @@ def _soft_embedding_kernel(
             other=0.0,
         ).to(tl.float32)
         acc += tl.dot(w, e)
-    scale = embed_scale / tl.load(sum_ptr + rows, mask=row_mask, other=1.0)
+    scale = tl.load(scale_ptr).to(tl.float32) / tl.load(sum_ptr + rows, mask=row_mask, other=1.0)
     tl.store(
         out_ptr + rows[:, None] * stride_om + outs[None, :],
         acc * scale[:, None],
@@ -242,10 +251,10 @@ def denoise_stats_triton(
     embed_weight: torch.Tensor,
     temps: torch.Tensor,
     *,
-    seed: int,
+    seed: int | torch.Tensor,
     row_ids: torch.Tensor,
     cap: float | None,
-    embed_scale: float | None,
+    embed_scale: float | torch.Tensor | None,
     blocks: tuple[int, int, int, int, int] = DEFAULT_BLOCKS,
 ) -> DenoiseStats:
     """Launch the two kernels; same contract as `fused_denoise_stats` (which validates the shapes).
@@ -253,6 +262,8 @@ def denoise_stats_triton(
     Args:
         hidden: [M, H] fp32/fp16/bf16, last dim contiguous; embed_weight: [V, H] same dtype, contiguous rows.
         temps: [M] float32; row_ids: [M] int64; blocks: (BLOCK_R, BLOCK_V, BLOCK_H, BLOCK_HO, num_warps).
+        seed, embed_scale: ints/floats or 0-dim device tensors (tensors: no host round trip, the form an
+            engine step uses; a Python number costs one small host-to-device copy).
     """
     if hidden.dtype != embed_weight.dtype or hidden.dtype not in (
         torch.float32,
@@ -268,15 +279,18 @@ def denoise_stats_triton(
     block_r, block_v, block_h, block_ho, num_warps = blocks
     rows, hidden_size = hidden.shape
     vocab, device = embed_weight.shape[0], hidden.device
-    seed_key = _mix32(torch.tensor(seed & 0xFFFFFFFF, dtype=torch.int64, device=device))
-    row_keys = _mix32(seed_key ^ row_ids.to(device=device, dtype=torch.int64)).contiguous()
-    temps = temps.to(device=device, dtype=torch.float32).contiguous()
+    seed_t = _device_scalar(seed, torch.int64, device, lambda v: v & MASK32)
+    row_ids = _as_contiguous(row_ids, torch.int64)
+    temps = _as_contiguous(temps, torch.float32)
     argmax = torch.empty(rows, dtype=torch.int64, device=device)
-    sample, entropy = torch.empty_like(argmax), torch.empty(rows, dtype=torch.float32, device=device)
+    sample = torch.empty_like(argmax)
+    entropy, top_prob = (torch.empty(rows, dtype=torch.float32, device=device) for _ in range(2))
     row_max, exp_sum = torch.empty_like(entropy), torch.empty_like(entropy)
+    soft = None
+    if embed_scale is not None:
+        soft = torch.empty(rows, hidden_size, dtype=torch.float32, device=device)
     if rows == 0:
-        soft = torch.empty(0, hidden_size, device=device) if embed_scale is not None else None
-        return DenoiseStats(argmax, sample, entropy, entropy.clone(), soft)
+        return DenoiseStats(argmax, sample, entropy, top_prob, soft)
     dot_fp32 = hidden.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
     common = dict(
         HAS_CAP=cap is not None,
@@ -291,10 +305,12 @@ def denoise_stats_triton(
         hidden,
         embed_weight,
         temps,
-        row_keys,
+        seed_t,
+        row_ids,
         argmax,
         sample,
         entropy,
+        top_prob,
         row_max,
         exp_sum,
         rows,
@@ -305,15 +321,15 @@ def denoise_stats_triton(
         float(cap or 1.0),
         **common,
     )
-    soft = None
-    if embed_scale is not None:
-        soft = torch.empty(rows, hidden_size, dtype=torch.float32, device=device)
+    if soft is not None:
+        scale_t = _device_scalar(embed_scale, torch.float32, device, float)
         _soft_embedding_kernel[(grid_rows, triton.cdiv(hidden_size, block_ho))](
             hidden,
             embed_weight,
             temps,
             row_max,
             exp_sum,
+            scale_t,
             soft,
             rows,
             vocab,
@@ -322,11 +338,21 @@ def denoise_stats_triton(
             embed_weight.stride(0),
             soft.stride(0),
             float(cap or 1.0),
-            float(embed_scale),
             BLOCK_HO=block_ho,
             **common,
         )
-    return DenoiseStats(argmax, sample, entropy, 1.0 / exp_sum, soft)
+    return DenoiseStats(argmax, sample, entropy, top_prob, soft)
+
+
+def _as_contiguous(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # No copy (no launch) when the caller already hands the right dtype and layout.
+    return tensor if tensor.dtype == dtype and tensor.is_contiguous() else tensor.to(dtype).contiguous()
+
+
+def _device_scalar(value, dtype: torch.dtype, device: torch.device, convert) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.reshape(()) if value.dtype == dtype else value.reshape(()).to(dtype)
+    return torch.tensor(convert(value), dtype=dtype, device=device)
 
 
 def kernel_variants(dtype: str = "bf16", blocks: tuple[int, int, int, int, int] = DEFAULT_BLOCKS) -> list:
@@ -346,10 +372,12 @@ def kernel_variants(dtype: str = "bf16", blocks: tuple[int, int, int, int, int] 
         "h_ptr": f"*{dtype}",
         "e_ptr": f"*{dtype}",
         "temp_ptr": "*fp32",
-        "row_key_ptr": "*i64",
+        "seed_ptr": "*i64",
+        "row_id_ptr": "*i64",
         "argmax_ptr": "*i64",
         "sample_ptr": "*i64",
         "entropy_ptr": "*fp32",
+        "top_ptr": "*fp32",
         "max_ptr": "*fp32",
         "sum_ptr": "*fp32",
         **sizes,
@@ -363,11 +391,11 @@ def kernel_variants(dtype: str = "bf16", blocks: tuple[int, int, int, int, int] 
         "temp_ptr": "*fp32",
         "max_ptr": "*fp32",
         "sum_ptr": "*fp32",
+        "scale_ptr": "*fp32",
         "out_ptr": "*fp32",
         **sizes,
         "stride_om": "i32",
         "cap": "fp32",
-        "embed_scale": "fp32",
         **{k: "constexpr" for k in soft_meta},
     }
     label = f"{block_r}x{block_v}x{block_h} w{num_warps} {dtype}"

@@ -15,10 +15,11 @@ and the Triton kernel (`nvfp4_ext.kernels.denoise_stats`) draws the same noise a
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
+
+from nvfp4_ext.kernels.denoise_common import DenoiseStats, mix32, row_keys
 
 __all__ = [
     "DEFAULT_CHUNK",
@@ -32,26 +33,7 @@ __all__ = [
 ]
 
 DEFAULT_CHUNK = 1024
-_MASK32 = 0xFFFFFFFF
-
-
-@dataclass(frozen=True)
-class DenoiseStats:
-    """Statistics of one step for R rows (positions).
-
-    Attributes:
-        argmax: [R] int64, argmax of the tempered logits (the committed canvas).
-        sample: [R] int64, a sample of softmax(z) (Gumbel-max with the given noise).
-        entropy: [R] float32, entropy of softmax(z) in nats.
-        top_prob: [R] float32, max of softmax(z).
-        soft_embedding: [R, H] float32, softmax(z) @ E * embed_scale, or None when not requested.
-    """
-
-    argmax: torch.Tensor
-    sample: torch.Tensor
-    entropy: torch.Tensor
-    top_prob: torch.Tensor
-    soft_embedding: torch.Tensor | None = None
+Backend = Literal["torch", "triton", "auto"]
 
 
 def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
@@ -62,31 +44,20 @@ def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
     return torch.tanh(logits / cap) * cap
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    # "lowbias32" integer hash (bijective on 32 bits). int64 holds the products; only the low 32 bits are
-    # kept, which equals uint32 wrap-around arithmetic in the Triton kernel.
-    # In place after the first op: the fused path hashes [rows, chunk] int64 blocks.
-    x = x & _MASK32
-    x ^= x >> 16
-    x.mul_(0x7FEB352D).bitwise_and_(_MASK32)
-    x ^= x >> 15
-    x.mul_(0x846CA68B).bitwise_and_(_MASK32)
-    x ^= x >> 16
-    return x
-
-
-def gumbel_noise(seed: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+def gumbel_noise(seed: int | torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """Standard Gumbel noise g[r, c] = -log(-log(u)), u a hash of (seed, rows[r], cols[c]) in (0, 1).
 
     Args:
-        seed: any int (only its low 32 bits matter).
+        seed: any int (only its low 32 bits matter) or a 0-dim int64 tensor.
         rows: [R] int64 global row ids; cols: [C] int64 vocabulary ids.
     Returns:
         [R, C] float32 noise, identical however the vocabulary is chunked.
     """
-    seed_key = _mix32(torch.tensor(seed & _MASK32, dtype=torch.int64, device=rows.device))
-    row_key = _mix32(seed_key ^ rows.to(torch.int64))
-    bits = _mix32(row_key[:, None] ^ cols.to(torch.int64)[None, :])
+    return _noise_from_keys(row_keys(seed, rows), cols.to(device=rows.device, dtype=torch.int64))
+
+
+def _noise_from_keys(keys: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    bits = mix32(keys[:, None] ^ cols[None, :])
     bits >>= 8
     u = bits.float()
     del bits
@@ -144,12 +115,12 @@ def fused_denoise_stats(
     embed_weight: torch.Tensor,
     temperature: float | torch.Tensor,
     *,
-    seed: int,
+    seed: int | torch.Tensor,
     row_ids: torch.Tensor | None = None,
     cap: float | None = 30.0,
-    embed_scale: float | None = None,
+    embed_scale: float | torch.Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK,
-    backend: Literal["torch", "triton"] = "torch",
+    backend: Backend = "torch",
 ) -> DenoiseStats:
     """Unembedding + softcap + statistics without materializing [R, V] logits or probabilities.
 
@@ -157,12 +128,15 @@ def fused_denoise_stats(
         hidden: [R, H] final decoder hidden states (model dtype).
         embed_weight: [V, H] tied embedding / lm_head weight (model dtype).
         temperature: a float or [R] tensor (> 0).
-        seed: seed of the counter-based Gumbel noise.
+        seed: seed of the counter-based Gumbel noise: an int, or a 0-dim int64 tensor on hidden's device
+            (an engine step draws it on the device, so nothing is read back to the host).
         row_ids: [R] int64 global row ids for the noise (default arange(R)).
         cap: final logit softcap (30 for DiffusionGemma; None disables it).
-        embed_scale: when given, also return softmax(z) @ E * embed_scale (the self-conditioning input).
-        chunk_size: vocabulary rows per chunk; bounds the temporaries to [R, chunk_size].
-        backend: "torch" (any device) or "triton" (the kernel in nvfp4_ext.kernels.denoise_stats).
+        embed_scale: when given (a float or a 0-dim tensor), also return softmax(z) @ E * embed_scale
+            (the self-conditioning input).
+        chunk_size: vocabulary rows per chunk of the torch path; bounds the temporaries to [R, chunk_size].
+        backend: "torch" (any device, a loop over vocabulary chunks), "triton" (two fused kernels,
+            `nvfp4_ext.kernels.denoise_stats`), or "auto" (Triton on CUDA when Triton is importable).
     Returns:
         `DenoiseStats`; equals `denoise_stats_ref(softcap(h E^T), T, noise=gumbel_noise(...))` within fp32
         rounding.
@@ -174,43 +148,49 @@ def fused_denoise_stats(
         )
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if backend not in ("torch", "triton", "auto"):
+        raise ValueError(f"backend must be 'torch', 'triton' or 'auto', got {backend!r}")
     rows, device = hidden.shape[0], hidden.device
     if row_ids is None:
         row_ids = torch.arange(rows, device=device, dtype=torch.int64)
     temps = _as_row_tensor(temperature, rows, device)
+    if backend == "auto":
+        backend = "triton" if hidden.is_cuda and _triton_available() else "torch"
     if backend == "triton":
         from nvfp4_ext.kernels.denoise_stats import denoise_stats_triton
 
         return denoise_stats_triton(
             hidden, embed_weight, temps, seed=seed, row_ids=row_ids, cap=cap, embed_scale=embed_scale
         )
-    if backend != "torch":
-        raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
-
     return _online_stats(
         _chunks_from_hidden(hidden, embed_weight, temps, cap, chunk_size),
         rows,
         hidden.shape[1],
         device,
-        seed,
-        row_ids,
+        row_keys(seed, row_ids),
         embed_scale,
     )
+
+
+def _triton_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
 
 
 def logits_denoise_stats(
     logits: torch.Tensor,
     temperature: float | torch.Tensor,
     *,
-    seed: int,
+    seed: int | torch.Tensor,
     row_ids: torch.Tensor | None = None,
     embed_weight: torch.Tensor | None = None,
-    embed_scale: float | None = None,
+    embed_scale: float | torch.Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK,
 ) -> DenoiseStats:
     """The same statistics from logits an engine already computed, without [R, V] temporaries of its own.
 
-    For engines whose runner hands the sampler softcapped logits (vLLM): the input stays the only [R, V]
+    For engines whose runner hands the sampler softcapped logits: the input stays the only [R, V]
     tensor. Masked (-inf) logits, e.g. from top-k/top-p, get zero probability.
 
     Args:
@@ -235,7 +215,7 @@ def logits_denoise_stats(
             z = logits[:, start : start + chunk_size].float() / temps[:, None]
             yield start, z, None if embed_weight is None else embed_weight[start : start + chunk_size]
 
-    return _online_stats(chunks(), rows, hidden_size, device, seed, row_ids, embed_scale)
+    return _online_stats(chunks(), rows, hidden_size, device, row_keys(seed, row_ids), embed_scale)
 
 
 def _chunks_from_hidden(
@@ -243,10 +223,21 @@ def _chunks_from_hidden(
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     for start in range(0, embed_weight.shape[0], chunk_size):
         weight = embed_weight[start : start + chunk_size]
-        z = (hidden @ weight.T).float()
+        z = (hidden @ weight.T).float()  # model-dtype GEMM, like HF's lm_head; softcap in fp32
         if cap is not None:  # HF's softcap, in place to keep one [rows, chunk] buffer
             z.div_(cap).tanh_().mul_(cap)
         yield start, z.div_(temps[:, None]), weight
+
+
+def _probs_times_weight(weights: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """fp32 [R, c] (unnormalized probabilities) @ [c, H] -> fp32 [R, H], never upcasting the weight slice:
+    on CUDA a model-dtype GEMM with fp32 output; on CPU probabilities rounded to the model dtype (as vLLM's
+    built-in step does) and the product upcast ([R, H] is small)."""
+    if weight.dtype == torch.float32:
+        return weights @ weight
+    if weight.is_cuda:
+        return torch.mm(weights.to(weight.dtype), weight, out_dtype=torch.float32)
+    return (weights.to(weight.dtype) @ weight).float()
 
 
 def _online_stats(
@@ -254,11 +245,11 @@ def _online_stats(
     rows: int,
     hidden_size: int,
     device: torch.device,
-    seed: int,
-    row_ids: torch.Tensor,
-    embed_scale: float | None,
+    keys: torch.Tensor,
+    embed_scale: float | torch.Tensor | None,
 ) -> DenoiseStats:
-    """One pass over tempered [R, chunk] blocks with an online max / sum (flash-softmax style)."""
+    """One pass over tempered [R, chunk] blocks with an online max / sum (flash-softmax style); `keys` are
+    the rows' noise keys (`row_keys`)."""
     run_max = torch.full((rows,), -torch.inf, device=device)
     run_arg = torch.zeros(rows, dtype=torch.int64, device=device)
     noisy_max = torch.full((rows,), -torch.inf, device=device)
@@ -268,7 +259,7 @@ def _online_stats(
     soft = torch.zeros(rows, hidden_size, device=device) if embed_scale is not None else None
     for start, z, weight in chunks:
         cols = torch.arange(start, start + z.shape[1], device=device)
-        noisy = z + gumbel_noise(seed, row_ids, cols)
+        noisy = _noise_from_keys(keys, cols).add_(z)
         chunk_noisy, chunk_noisy_arg = noisy.max(dim=-1)
         del noisy
         # Strictly greater keeps the first index on ties, like torch.argmax over the full row.
@@ -281,16 +272,16 @@ def _online_stats(
         run_arg = torch.where(better, chunk_arg + start, run_arg)
         # Rows with nothing but -inf so far have zero sums; keep their arithmetic finite.
         seen = torch.isfinite(run_max)
-        shift = torch.where(seen, run_max - new_max, torch.zeros_like(run_max))
-        alpha = torch.where(seen, torch.exp(shift), torch.zeros_like(run_max))
+        shift = torch.where(seen, run_max - new_max, 0.0)
+        alpha = torch.where(seen, torch.exp(shift), 0.0)
         run_max = new_max
-        z.sub_(torch.where(torch.isfinite(run_max), run_max, torch.zeros_like(run_max))[:, None])
+        z.sub_(torch.where(torch.isfinite(run_max), run_max, 0.0)[:, None])
         weights = torch.exp(z)
         z.mul_(weights).nan_to_num_(nan=0.0)  # 0 * -inf of masked columns -> 0
         centered = alpha * (centered + shift * exp_sum) + z.sum(-1)
         exp_sum = alpha * exp_sum + weights.sum(-1)
         if soft is not None:
-            soft = soft * alpha[:, None] + weights @ weight.float()
+            soft = soft * alpha[:, None] + _probs_times_weight(weights, weight)
     entropy = torch.log(exp_sum) - centered / exp_sum
     if soft is not None:
         soft = soft / exp_sum[:, None] * embed_scale
