@@ -18,8 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from nvfp4_ext.diffusion.batched import batched_denoise_step, policy_accept_masks
-from nvfp4_ext.diffusion.policies import ConfidencePolicy, EntropyBoundPolicy, FixedKPolicy
+from nvfp4_ext.diffusion.batched import batched_denoise_step
+from nvfp4_ext.diffusion.policies import (
+    ConfidencePolicy,
+    EntropyBoundPolicy,
+    FixedKPolicy,
+    batched_accept,
+    encode_policies,
+)
 from nvfp4_ext.engines.vllm.diffusion_gemma import request_policy, validate_policy_request
 from nvfp4_ext.errors import ConfigError
 
@@ -156,11 +162,11 @@ def test_batched_step_equals_vllm_builtin_step(compute_sc: bool) -> None:
     assert int(theirs["num_sampled"].sum()) > 0  # some slots committed and emitted along the way
 
 
-def test_policy_accept_masks_pick_each_rows_policy() -> None:
+def test_batched_accept_picks_each_rows_policy() -> None:
     gen = torch.Generator().manual_seed(1)
     entropy, top_prob = torch.rand(4, 10, generator=gen), torch.rand(4, 10, generator=gen)
     policies = [FixedKPolicy(2), EntropyBoundPolicy(0.5), FixedKPolicy(2), ConfidencePolicy(0.6)]
-    mask = policy_accept_masks(policies, entropy, top_prob)
+    mask = batched_accept(*encode_policies(policies), entropy, top_prob)
     for row, policy in enumerate(policies):
         assert torch.equal(mask[row], policy.accept(entropy[row : row + 1], top_prob[row : row + 1])[0])
     assert mask[0].sum() == 2 and bool((mask.sum(-1) >= 1).all())

@@ -1,10 +1,16 @@
 """The batched, slot-indexed denoise step an engine runs once per scheduler step (pure torch).
 
 Same state layout and semantics as vLLM 0.32's `_compiled_sample_step` (models/diffusion_gemma.py:444-631,
-see shared/reference/vllm-integration.md §6), with two changes that make it pluggable and memory-lean:
-  * the accepted positions come in as a mask (any `DenoisePolicy`), not as a hard-coded entropy bound;
-  * the self-conditioning soft embedding comes in precomputed ([n, CL, H], e.g. from
-    `logits_denoise_stats`), instead of [n, CL, vocab] probabilities.
+see shared/reference/vllm-integration.md §6), with changes that make it pluggable, memory-lean and
+free of host syncs:
+  * the accepted positions come in as a mask (any `DenoisePolicy`, batched by `batched_accept` from
+    per-row device codes), not as a hard-coded entropy bound;
+  * the self-conditioning soft embedding comes in precomputed ([n, CL, H], from `fused_denoise_stats`),
+    instead of [n, CL, vocab] probabilities;
+  * `hidden_denoise_step` goes from the decoder's hidden states to the updated state: statistics without
+    [rows, vocab] tensors, policy masks and the state update, with every input a device tensor (seed,
+    temperatures, policies, normalizer) and no data-dependent op, so it runs under FakeTensorMode and
+    compiles with fullgraph.
 With the `entropy_bound` mask and `soft = probs @ E * normalizer` it updates the state exactly as vLLM's
 step does (tests/test_diffusion_vllm.py runs vLLM's own function against it).
 """
@@ -13,23 +19,10 @@ from __future__ import annotations
 
 import torch
 
-from nvfp4_ext.diffusion.policies import DenoisePolicy
+from nvfp4_ext.diffusion.policies import batched_accept
+from nvfp4_ext.diffusion.stats import DEFAULT_CHUNK, Backend, fused_denoise_stats
 
-__all__ = ["batched_denoise_step", "policy_accept_masks"]
-
-
-def policy_accept_masks(
-    policies: list[DenoisePolicy], entropy: torch.Tensor, top_prob: torch.Tensor
-) -> torch.Tensor:
-    """[n, CL] accepted mask, row i chosen by `policies[i]`; rows sharing a policy are decided together."""
-    mask = torch.zeros_like(entropy, dtype=torch.bool)
-    groups: dict[DenoisePolicy, list[int]] = {}
-    for row, policy in enumerate(policies):
-        groups.setdefault(policy, []).append(row)
-    for policy, rows in groups.items():
-        index = torch.tensor(rows, device=entropy.device)
-        mask[index] = policy.accept(entropy[index], top_prob[index])
-    return mask
+__all__ = ["batched_denoise_step", "hidden_denoise_step"]
 
 
 def batched_denoise_step(
@@ -129,3 +122,96 @@ def batched_denoise_step(
     canvas[decode_slots] = torch.where(newly_converged, argmax_canvas[decode_slots], canvas[decode_slots])
     is_encoder_phase[decode_slots] &= ~read_only[decode_slots]
     draft_tokens[all_slots, :canvas_length] = canvas[all_slots]
+
+
+def hidden_denoise_step(
+    hidden: torch.Tensor,
+    embed_weight: torch.Tensor,
+    temps: torch.Tensor,
+    seed: torch.Tensor,
+    policy_codes: torch.Tensor,
+    policy_params: torch.Tensor,
+    normalizer: torch.Tensor | None,
+    decode_slots: torch.Tensor,
+    decode_idx: torch.Tensor,
+    all_slots: torch.Tensor,
+    valid_canvas_len: torch.Tensor,
+    canvas: torch.Tensor,
+    argmax_canvas: torch.Tensor,
+    step_tensor: torch.Tensor,
+    is_encoder_phase: torch.Tensor,
+    confident_tensor: torch.Tensor,
+    sc_embeds: torch.Tensor,
+    history: torch.Tensor,
+    history_len_tensor: torch.Tensor,
+    max_steps_tensor: torch.Tensor,
+    pin_mask: torch.Tensor,
+    seed_canvas: torch.Tensor,
+    read_only: torch.Tensor,
+    sampled: torch.Tensor,
+    num_sampled: torch.Tensor,
+    draft_tokens: torch.Tensor,
+    *,
+    cap: float | None,
+    confidence_threshold: float,
+    vocab_size: int,
+    canvas_length: int,
+    stability_slots: int,
+    chunk_size: int = DEFAULT_CHUNK,
+    backend: Backend = "auto",
+) -> None:
+    """One denoise step of n requests from their hidden states, in place (see `batched_denoise_step`).
+
+    Args:
+        hidden: [n * CL, H] final decoder hidden states, request-major; embed_weight: [V, H] tied embedding.
+        temps: [n] float32 per-request temperature; seed: 0-dim int64 device tensor (Gumbel noise key).
+        policy_codes, policy_params: [n] device tensors from `encode_policies`.
+        normalizer: 0-dim tensor, the soft-embedding scale (sqrt(H)), or None when no request denoises
+            again (no self-conditioning: the soft embedding is skipped).
+        the rest: as in `batched_denoise_step`; cap: final logit softcap; backend: of the statistics.
+    """
+    num_decode = decode_slots.shape[0]
+    row_temps = temps.repeat_interleave(canvas_length, output_size=num_decode * canvas_length)
+    stats = fused_denoise_stats(
+        hidden,
+        embed_weight,
+        row_temps,
+        seed=seed,
+        cap=cap,
+        embed_scale=normalizer,
+        chunk_size=chunk_size,
+        backend=backend,
+    )
+    shape = (num_decode, canvas_length)
+    entropy, top_prob = stats.entropy.view(shape), stats.top_prob.view(shape)
+    soft = stats.soft_embedding
+    batched_denoise_step(
+        stats.sample.view(shape),
+        stats.argmax.view(shape),
+        entropy,
+        batched_accept(policy_codes, policy_params, entropy, top_prob),
+        None if soft is None else soft.view(num_decode, canvas_length, -1),
+        decode_slots,
+        decode_idx,
+        all_slots,
+        valid_canvas_len,
+        canvas,
+        argmax_canvas,
+        step_tensor,
+        is_encoder_phase,
+        confident_tensor,
+        sc_embeds,
+        history,
+        history_len_tensor,
+        max_steps_tensor,
+        pin_mask,
+        seed_canvas,
+        read_only,
+        sampled,
+        num_sampled,
+        draft_tokens,
+        confidence_threshold=confidence_threshold,
+        vocab_size=vocab_size,
+        canvas_length=canvas_length,
+        stability_slots=stability_slots,
+    )

@@ -28,6 +28,9 @@ from nvfp4_ext.errors import ConfigError
 __all__ = [
     "DEFAULT_POLICY",
     "POLICIES",
+    "POLICY_CODES",
+    "batched_accept",
+    "encode_policies",
     "ConfidencePolicy",
     "DenoisePolicy",
     "EntropyBoundPolicy",
@@ -133,6 +136,47 @@ class FixedKPolicy(_PolicyBase):
 POLICIES: dict[str, type[_PolicyBase]] = {
     cls.name: cls for cls in (EntropyBoundPolicy, ConfidencePolicy, FixedKPolicy)
 }
+
+
+# Device-side form of a policy: one small int (which rule) and one float (its parameter) per row, so a
+# batch mixing policies is decided by `batched_accept` with a fixed set of ops and no host round trip.
+POLICY_CODES: dict[str, int] = {"entropy_bound": 0, "confidence": 1, "fixed_k": 2}
+_POLICY_PARAM = {"entropy_bound": "bound", "confidence": "threshold", "fixed_k": "k"}
+
+
+def encode_policies(policies: list[DenoisePolicy]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (codes [n] int32, params [n] float32) CPU tensors for `batched_accept`; pinned when CUDA is
+    available, so `.to(device, non_blocking=True)` is an asynchronous copy."""
+    codes = torch.empty(len(policies), dtype=torch.int32)
+    params = torch.empty(len(policies), dtype=torch.float32)
+    for row, policy in enumerate(policies):
+        if policy.name not in POLICY_CODES:
+            raise ConfigError(f"policy: no device encoding for policy {policy.name!r}")
+        codes[row] = POLICY_CODES[policy.name]
+        params[row] = float(getattr(policy, _POLICY_PARAM[policy.name]))
+    if torch.cuda.is_available():
+        codes, params = codes.pin_memory(), params.pin_memory()
+    return codes, params
+
+
+def batched_accept(
+    codes: torch.Tensor, params: torch.Tensor, entropy: torch.Tensor, top_prob: torch.Tensor
+) -> torch.Tensor:
+    """[n, L] accepted mask, row i decided by policy `codes[i]` with parameter `params[i]`
+    (`encode_policies`); the same ops as each policy's `accept`, so row masks agree bit for bit.
+
+    Every rule is evaluated for every row and the row's own is selected: [n, L] is small, and the op
+    sequence does not depend on the data (no host sync; traceable by torch.compile and CUDA graphs).
+    """
+    codes, params = codes[:, None], params.to(entropy.dtype)[:, None]
+    sorted_entropy, order = torch.sort(entropy, dim=-1, descending=False)
+    keep_sorted = torch.cumsum(sorted_entropy, dim=-1) - sorted_entropy <= params
+    entropy_bound = torch.scatter(torch.zeros_like(keep_sorted), dim=-1, index=order, src=keep_sorted)
+    confidence = (top_prob >= params).scatter(-1, top_prob.argmax(dim=-1, keepdim=True), True)
+    stable_order = torch.sort(entropy, dim=-1, stable=True).indices
+    first_k = torch.arange(entropy.shape[-1], device=entropy.device)[None, :] < params
+    fixed_k = torch.zeros_like(first_k).scatter(-1, stable_order, first_k)
+    return torch.where(codes == 0, entropy_bound, torch.where(codes == 1, confidence, fixed_k))
 
 
 def get_policy(name: str = DEFAULT_POLICY, **params: Any) -> DenoisePolicy:

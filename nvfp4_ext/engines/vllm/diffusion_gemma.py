@@ -32,11 +32,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from nvfp4_ext.diffusion.batched import batched_denoise_step, policy_accept_masks
+from nvfp4_ext.diffusion.batched import batched_denoise_step
 from nvfp4_ext.diffusion.policies import (
     DEFAULT_POLICY,
     DenoisePolicy,
     EntropyBoundPolicy,
+    batched_accept,
+    encode_policies,
     policy_from_mapping,
 )
 from nvfp4_ext.diffusion.stats import DEFAULT_CHUNK, logits_denoise_stats
@@ -311,7 +313,9 @@ def _build_classes() -> dict[str, type]:
                 stats.sample.view(n, width),
                 stats.argmax.view(n, width),
                 entropy,
-                policy_accept_masks(policies, entropy, top_prob),
+                batched_accept(
+                    *(t.to(device, non_blocking=True) for t in encode_policies(policies)), entropy, top_prob
+                ),
                 soft.view(n, width, -1) if soft is not None else None,
                 tile_slots,
                 decode_idx[sel],
