@@ -313,3 +313,24 @@ def test_step_compiles_with_fullgraph_and_matches_eager(monkeypatch: pytest.Monk
     for name in eager:
         torch.testing.assert_close(compiled_state[name], eager[name], rtol=1e-5, atol=1e-5, msg=name)
     torch._dynamo.reset()
+
+
+def test_step_benchmark_runs_at_tiny_dims(tmp_path: Path) -> None:
+    """benchmarks/bench_denoise_step.py end to end (numbers are the benchmark's business, not asserted here
+    beyond what must hold at any size: the built-in step holds [rows, vocab] tensors, ours does not)."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_denoise_step as bench
+
+    out = tmp_path / "step.json"
+    args = ["--vocab", "4096", "--canvas", "16", "--hidden", "32", "--chunk", "256", "--requests", "2"]
+    assert bench.main([*args, "--contexts", "2048", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    (row,) = result["memory"]
+    assert row["builtin_bytes"] >= 2 * 16 * 4096 * 4 * 3  # logits, scaled, log-probs (fp32 [rows, vocab])
+    assert row["ours_bytes"] < 2 * 16 * 4096 * 4  # less than one fp32 [rows, vocab] tensor
+    # two Triton kernels and at most the default row-id arange: the stats stage's goal is <= 20 launches
+    assert 2 <= result["launches"]["triton"] <= 3 < result["launches"]["torch"]
+    assert {r["path"] for r in result["capacity"]} == {"built-in", "ours"}

@@ -17,12 +17,14 @@ step does (tests/test_diffusion_vllm.py runs vLLM's own function against it).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from nvfp4_ext.diffusion.policies import batched_accept
 from nvfp4_ext.diffusion.stats import DEFAULT_CHUNK, Backend, fused_denoise_stats
 
-__all__ = ["batched_denoise_step", "hidden_denoise_step"]
+__all__ = ["accept_and_update", "batched_denoise_step", "hidden_denoise_step"]
 
 
 def batched_denoise_step(
@@ -61,7 +63,8 @@ def batched_denoise_step(
     Args:
         new_tokens, argmax_tokens, token_entropy, accept_mask: [n, CL] per decode request (sample, argmax,
             entropy of the tempered distribution, accepted positions).
-        soft_embeds: [n, CL, H] softmax @ E * normalizer, or None when no slot denoises again.
+        soft_embeds: [n, CL, H] softmax @ E * normalizer (overwritten: masked in place), or None when no
+            slot denoises again.
         decode_slots / decode_idx / all_slots / valid_canvas_len: request mapping (as in vLLM).
         canvas ... read_only: per-slot state tensors, updated in place (vLLM's DiffusionGemmaRequestStates).
         sampled, num_sampled, draft_tokens: outputs, updated in place.
@@ -116,7 +119,8 @@ def batched_denoise_step(
     else:
         keep = (is_denoise & ~is_encoder_phase[decode_slots])[:, None, None]
         unpinned = (~pin_mask[decode_slots]).unsqueeze(-1)
-        sc_embeds[decode_slots] = (soft_embeds * keep * unpinned).to(sc_embeds.dtype)
+        # in place: the soft embedding is this step's own buffer, and a product would be one more [n, CL, H]
+        sc_embeds[decode_slots] = soft_embeds.mul_(keep & unpinned).to(sc_embeds.dtype)
 
     newly_converged = (converged & is_denoise).unsqueeze(1)
     canvas[decode_slots] = torch.where(newly_converged, argmax_canvas[decode_slots], canvas[decode_slots])
@@ -159,6 +163,7 @@ def hidden_denoise_step(
     stability_slots: int,
     chunk_size: int = DEFAULT_CHUNK,
     backend: Backend = "auto",
+    update: Callable[..., None] | None = None,
 ) -> None:
     """One denoise step of n requests from their hidden states, in place (see `batched_denoise_step`).
 
@@ -169,6 +174,7 @@ def hidden_denoise_step(
         normalizer: 0-dim tensor, the soft-embedding scale (sqrt(H)), or None when no request denoises
             again (no self-conditioning: the soft embedding is skipped).
         the rest: as in `batched_denoise_step`; cap: final logit softcap; backend: of the statistics.
+        update: `accept_and_update` or a compiled form of it (default: the eager function).
     """
     num_decode = decode_slots.shape[0]
     row_temps = temps.repeat_interleave(canvas_length, output_size=num_decode * canvas_length)
@@ -183,13 +189,14 @@ def hidden_denoise_step(
         backend=backend,
     )
     shape = (num_decode, canvas_length)
-    entropy, top_prob = stats.entropy.view(shape), stats.top_prob.view(shape)
     soft = stats.soft_embedding
-    batched_denoise_step(
+    (update or accept_and_update)(
         stats.sample.view(shape),
         stats.argmax.view(shape),
-        entropy,
-        batched_accept(policy_codes, policy_params, entropy, top_prob),
+        stats.entropy.view(shape),
+        stats.top_prob.view(shape),
+        policy_codes,
+        policy_params,
         None if soft is None else soft.view(num_decode, canvas_length, -1),
         decode_slots,
         decode_idx,
@@ -210,6 +217,36 @@ def hidden_denoise_step(
         sampled,
         num_sampled,
         draft_tokens,
+        confidence_threshold=confidence_threshold,
+        vocab_size=vocab_size,
+        canvas_length=canvas_length,
+        stability_slots=stability_slots,
+    )
+
+
+def accept_and_update(
+    new_tokens: torch.Tensor,
+    argmax_tokens: torch.Tensor,
+    token_entropy: torch.Tensor,
+    top_prob: torch.Tensor,
+    policy_codes: torch.Tensor,
+    policy_params: torch.Tensor,
+    soft_embeds: torch.Tensor | None,
+    *state: torch.Tensor,
+    confidence_threshold: float,
+    vocab_size: int,
+    canvas_length: int,
+    stability_slots: int,
+) -> None:
+    """`batched_accept` + `batched_denoise_step`: the part of a step after the statistics ([n, CL] inputs;
+    `state` = decode_slots ... draft_tokens as in `batched_denoise_step`). Engines compile this function."""
+    batched_denoise_step(
+        new_tokens,
+        argmax_tokens,
+        token_entropy,
+        batched_accept(policy_codes, policy_params, token_entropy, top_prob),
+        soft_embeds,
+        *state,
         confidence_threshold=confidence_threshold,
         vocab_size=vocab_size,
         canvas_length=canvas_length,
