@@ -33,8 +33,9 @@ RELEASES = {"0.32": None, "0.33": REPO / ".venv" / "vllm-0.33", "0.34": REPO / "
 def test_adapter_hooks_run_on_the_real_release(release: str) -> None:
     """Our DiffusionGemma model state + sampler step for step equal to vLLM's own sampler on deterministic
     requests (top-k / top-p), per-request policies over width tiles, the 0.34 startup profile run, our
-    NVFP4 linear method inside the release's linear layer, and register() (quantization method, model
-    override, admission hook) on the release's real classes."""
+    NVFP4 linear method inside the release's linear layer, register() (quantization method, model
+    override, admission hook), and the memory-lean step from hidden states (no [rows, vocab] tensor, same
+    outcome as vLLM's sampler) on the release's real classes."""
     side = RELEASES[release]
     if side is not None and not (side / "vllm" / "__init__.py").is_file():
         message = f"vLLM {release} sources missing at {side} (run scripts/install.sh)"
@@ -43,14 +44,17 @@ def test_adapter_hooks_run_on_the_real_release(release: str) -> None:
         pytest.skip(message)
     env = dict(os.environ, VLLM_TARGET_DEVICE="cpu", TORCHDYNAMO_DISABLE="1", HF_HUB_OFFLINE="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(side) if side else "", env.get("PYTHONPATH", "")]))
-    command = [sys.executable, str(DRIVER), release, "sampler", "policies", "quant", "register"]
+    command = [sys.executable, str(DRIVER), release, "sampler", "policies", "quant", "register", "lean"]
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     output = (proc.stdout + proc.stderr)[-5000:]
     assert proc.returncode == 0, f"vLLM {release}: {' '.join(command[1:])} failed:\n{output}"
-    for check in ("sampler", "policies", "quant", "register"):
+    for check in ("sampler", "policies", "quant", "register", "lean"):
         assert f"{check} ok" in proc.stdout, output
     expected_rows = "hidden states" if release >= "0.34" else "logits"  # what the runner hands the sampler
     assert f"sampler ok {expected_rows}" in proc.stdout, proc.stdout
+    # our step from hidden states: 0.34 hands them over, before it our compute_logits defers the logits
+    lean_rows = "hidden states" if release >= "0.34" else "deferred logits"
+    assert f"lean ok {lean_rows}" in proc.stdout, proc.stdout
 
 
 def test_supported_ranges_match_the_tested_releases_and_the_extras() -> None:

