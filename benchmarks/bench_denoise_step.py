@@ -329,22 +329,7 @@ def capacity(
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vocab", type=int, default=262144)
-    parser.add_argument("--canvas", type=int, default=256)
-    parser.add_argument("--hidden", type=int, default=2816)
-    parser.add_argument("--chunk", type=int, default=DEFAULT_CHUNK)
-    parser.add_argument("--requests", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
-    parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 8192])
-    parser.add_argument("--out", type=Path, help="write the results as JSON here")
-    parser.add_argument("--triton-launch-child", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.triton_launch_child:
-        print(stats_stage_launches("triton", 20, 32, 300, args.chunk))
-        return 0
-
+def measure(args: argparse.Namespace) -> tuple[list[dict], dict]:
     fns = vllm_functions()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -375,8 +360,38 @@ def main(argv: list[str] | None = None) -> int:
         f"{torch_launches}; Triton path {triton_launches}"
     )
 
+    return memory_rows, {"torch": torch_launches, "triton": triton_launches}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vocab", type=int, default=262144)
+    parser.add_argument("--canvas", type=int, default=256)
+    parser.add_argument("--hidden", type=int, default=2816)
+    parser.add_argument("--chunk", type=int, default=DEFAULT_CHUNK)
+    parser.add_argument("--requests", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 8192])
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument(
+        "--measured", type=Path, help="reuse the memory and launch figures of an earlier --out JSON"
+    )
+    parser.add_argument("--triton-launch-child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.triton_launch_child:
+        print(stats_stage_launches("triton", 20, 32, 300, args.chunk))
+        return 0
+
+    if args.measured:
+        earlier = json.loads(args.measured.read_text())
+        memory_rows, launches = earlier["memory"], earlier["launches"]
+    else:
+        memory_rows, launches = measure(args)
+
     per_request = {
         "built-in": max(r["builtin_bytes"] / r["requests"] for r in memory_rows),
+        # vLLM's GPU step (Triton row stats) sizes its tiles for 3 fp32 [canvas, vocab] copies per request
+        "built-in GPU budget": 3 * args.canvas * args.vocab * 4,
         "ours": max(r["ours_bytes"] / r["requests"] for r in memory_rows),
     }
     print(
@@ -388,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
             cap = capacity(step_bytes, context, args.canvas, args.hidden)
             capacity_rows.append({"context": context, "path": path, "step_bytes": step_bytes, **cap})
             print(
-                f"  context {context:>6} {path:>9}: {cap['per_stream_bytes'] / 2**20:8.0f} MiB/stream "
+                f"  context {context:>6} {path:>19}: {cap['per_stream_bytes'] / 2**20:8.0f} MiB/stream "
                 f"-> {cap['streams']:4d} concurrent {args.canvas}-token canvases"
             )
     if args.out:
@@ -396,11 +411,11 @@ def main(argv: list[str] | None = None) -> int:
         result = {
             "env": {"torch": torch.__version__, "device": "cpu", "args": {**vars(args), "out": str(args.out)}},
             "memory": memory_rows,
-            "launches": {"torch": torch_launches, "triton": triton_launches},
+            "launches": launches,
             "weights_bytes": weight_bytes(),
             "capacity": capacity_rows,
         }
-        args.out.write_text(json.dumps(result, indent=2))
+        args.out.write_text(json.dumps(result, indent=2, default=str))
     return 0
 
 

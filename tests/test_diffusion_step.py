@@ -326,11 +326,15 @@ def test_step_benchmark_runs_at_tiny_dims(tmp_path: Path) -> None:
 
     out = tmp_path / "step.json"
     args = ["--vocab", "4096", "--canvas", "16", "--hidden", "32", "--chunk", "256", "--requests", "2"]
-    assert bench.main([*args, "--contexts", "2048", "--out", str(out)]) == 0
+    args += ["--contexts", "2048"]
+    assert bench.main([*args, "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     (row,) = result["memory"]
     assert row["builtin_bytes"] >= 2 * 16 * 4096 * 4 * 3  # logits, scaled, log-probs (fp32 [rows, vocab])
     assert row["ours_bytes"] < 2 * 16 * 4096 * 4  # less than one fp32 [rows, vocab] tensor
     # two Triton kernels and at most the default row-id arange: the stats stage's goal is <= 20 launches
     assert 2 <= result["launches"]["triton"] <= 3 < result["launches"]["torch"]
-    assert {r["path"] for r in result["capacity"]} == {"built-in", "ours"}
+    assert {r["path"] for r in result["capacity"]} == {"built-in", "built-in GPU budget", "ours"}
+    again = tmp_path / "again.json"  # capacity from the recorded measurements
+    assert bench.main([*args, "--measured", str(out), "--out", str(again)]) == 0
+    assert json.loads(again.read_text())["capacity"] == result["capacity"]
