@@ -1,10 +1,10 @@
-"""One DiffusionGemma denoise step in vLLM, built-in vs ours: peak extra memory per request, kernel launches of
-the statistics stage, and how many concurrent canvases fit on an 80 GB H100 with NVFP4 weights.
+"""One DiffusionGemma denoise step in vLLM, built-in vs ours: peak extra memory per request, kernel launches
+of the statistics stage, and how many concurrent canvases fit on an 80 GB H100 with NVFP4 weights.
 
 built-in: what vLLM's model runner and `DiffusionSampler` run for a denoise step on a non-CUDA device, with
-    vLLM's own functions from the installed source: `compute_logits` (the lm_head GEMM in the model dtype, then
-    `_softcap_logits` in fp32), `_denoise_temperature`, `sample_row_stats_reference` (model-dtype softmax for
-    self-conditioning) and `_compiled_sample_step`;
+    vLLM's own functions from the installed source: `compute_logits` (the lm_head GEMM in the model dtype,
+    then `_softcap_logits` in fp32), `_denoise_temperature`, `sample_row_stats_reference` (model-dtype
+    softmax for self-conditioning) and `_compiled_sample_step`;
 ours: `nvfp4_ext.diffusion.batched.hidden_denoise_step` from the same hidden states (no logits are made).
 Memory is tensor accounting (`bench_denoise_memory.LiveTensorBytes`: the storage of every tensor the step
 creates, while alive), in the model dtype (bf16) at DiffusionGemma's dims by default.
@@ -276,7 +276,11 @@ def triton_launches_subprocess() -> int | None:
         return None
     env = dict(os.environ, TRITON_INTERPRET="1")
     out = subprocess.run(
-        [sys.executable, __file__, "--triton-launch-child"], env=env, capture_output=True, text=True, check=True
+        [sys.executable, __file__, "--triton-launch-child"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return int(out.stdout.strip().splitlines()[-1])
 
@@ -409,7 +413,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         result = {
-            "env": {"torch": torch.__version__, "device": "cpu", "args": {**vars(args), "out": str(args.out)}},
+            "env": {
+                "torch": torch.__version__,
+                "device": "cpu",
+                "args": {**vars(args), "out": str(args.out)},
+            },
             "memory": memory_rows,
             "launches": launches,
             "weights_bytes": weight_bytes(),

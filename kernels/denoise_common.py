@@ -37,7 +37,7 @@ class DenoiseStats:
 
 
 def mix32(x: torch.Tensor) -> torch.Tensor:
-    """"lowbias32" integer hash (bijective on 32 bits) of int64 tensors; only the low 32 bits are kept,
+    """The "lowbias32" integer hash (bijective on 32 bits) of int64 tensors; only the low 32 bits are kept,
     which equals uint32 wrap-around arithmetic in the Triton kernel. In place after the first op (the
     torch path hashes [rows, chunk] int64 blocks)."""
     x = x & MASK32

@@ -89,7 +89,11 @@ def _problem(seed: int = 0) -> tuple[dict, dict]:
 
 
 def _run_ours(inputs: dict, state: dict, policies=POLICIES, **kwargs) -> None:
-    codes, params = encode_policies(policies)
+    _step(inputs, *encode_policies(policies), state, **kwargs)
+
+
+def _step(inputs: dict, codes: torch.Tensor, params: torch.Tensor, state: dict, **kwargs) -> None:
+    options = {"chunk_size": 64, **kwargs}
     hidden_denoise_step(
         inputs["hidden"],
         inputs["embed_weight"],
@@ -108,8 +112,7 @@ def _run_ours(inputs: dict, state: dict, policies=POLICIES, **kwargs) -> None:
         vocab_size=VOCAB,
         canvas_length=CL,
         stability_slots=ST,
-        chunk_size=64,
-        **kwargs,
+        **options,
     )
 
 
@@ -240,26 +243,7 @@ def test_step_makes_no_host_sync() -> None:
     with _FailOnHostSync(), pytest.raises(AssertionError, match="host sync"):
         float(inputs["normalizer"])  # the mode does catch what it must catch
     with _FailOnHostSync():
-        hidden_denoise_step(
-            inputs["hidden"],
-            inputs["embed_weight"],
-            inputs["temps"],
-            inputs["seed"],
-            codes,
-            params,
-            inputs["normalizer"],
-            inputs["decode_slots"],
-            inputs["decode_idx"],
-            inputs["all_slots"],
-            inputs["valid_canvas_len"],
-            *state.values(),
-            cap=30.0,
-            confidence_threshold=0.05,
-            vocab_size=VOCAB,
-            canvas_length=CL,
-            stability_slots=ST,
-            chunk_size=64,
-        )
+        _step(inputs, codes, params, state)
 
 
 def test_step_runs_under_fake_tensor_mode() -> None:
@@ -284,27 +268,7 @@ def test_step_compiles_with_fullgraph_and_matches_eager(monkeypatch: pytest.Monk
     codes, params = encode_policies([FixedKPolicy(2), ConfidencePolicy(0.5), *POLICIES[:2]])
 
     def step(inputs, codes, params, state):
-        hidden_denoise_step(
-            inputs["hidden"],
-            inputs["embed_weight"],
-            inputs["temps"],
-            inputs["seed"],
-            codes,
-            params,
-            inputs["normalizer"],
-            inputs["decode_slots"],
-            inputs["decode_idx"],
-            inputs["all_slots"],
-            inputs["valid_canvas_len"],
-            *state.values(),
-            cap=30.0,
-            confidence_threshold=0.05,
-            vocab_size=VOCAB,
-            canvas_length=CL,
-            stability_slots=ST,
-            chunk_size=100,
-            backend="torch",
-        )
+        _step(inputs, codes, params, state, chunk_size=100, backend="torch")
 
     torch.manual_seed(9)
     step(inputs, codes, params, eager)

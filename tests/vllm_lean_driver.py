@@ -20,10 +20,9 @@ import types
 
 import numpy as np
 import torch
+import vllm_release_driver as base
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-
-import vllm_release_driver as base
 
 VOCAB, HIDDEN, CANVAS = base.VOCAB, base.HIDDEN, base.CANVAS
 
@@ -37,7 +36,9 @@ class _LargestTensor(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        inputs = {
+            t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
+        }
         for tensor in tree_leaves(out):
             if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in inputs:
                 self.largest = max(self.largest, tensor.numel())
@@ -77,7 +78,9 @@ def check_lean(vdg) -> None:
     our_state.model = model
     builtin_state.model = types.SimpleNamespace(
         model=builtin_state.model.model,
-        compute_logits=lambda hidden: vdg.DiffusionGemmaForConditionalGeneration.compute_logits(model, hidden),
+        compute_logits=lambda hidden: vdg.DiffusionGemmaForConditionalGeneration.compute_logits(
+            model, hidden
+        ),
     )
     theirs, _ = builtin_state.custom_sampler(base._base_sampler())
     ours, _ = our_state.custom_sampler(base._base_sampler())
@@ -95,7 +98,9 @@ def check_lean(vdg) -> None:
             sampler.add_request(slot, _params())
         sampler.apply_staged_writes()
         torch.manual_seed(1)
-        sampler(torch.zeros(0, HIDDEN if hands_hidden_states else VOCAB), base._batch(slots, np.zeros(4, int)))
+        sampler(
+            torch.zeros(0, HIDDEN if hands_hidden_states else VOCAB), base._batch(slots, np.zeros(4, int))
+        )
     # Peaked rows (low entropy) so requests accept, converge and commit within a few steps.
     targets = torch.randint(0, VOCAB, (int(valid.sum()),), generator=gen)
     hidden = embed[targets] * 0.4 + torch.randn(int(valid.sum()), HIDDEN, generator=gen) * 0.1

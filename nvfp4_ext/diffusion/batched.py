@@ -136,26 +136,7 @@ def hidden_denoise_step(
     policy_codes: torch.Tensor,
     policy_params: torch.Tensor,
     normalizer: torch.Tensor | None,
-    decode_slots: torch.Tensor,
-    decode_idx: torch.Tensor,
-    all_slots: torch.Tensor,
-    valid_canvas_len: torch.Tensor,
-    canvas: torch.Tensor,
-    argmax_canvas: torch.Tensor,
-    step_tensor: torch.Tensor,
-    is_encoder_phase: torch.Tensor,
-    confident_tensor: torch.Tensor,
-    sc_embeds: torch.Tensor,
-    history: torch.Tensor,
-    history_len_tensor: torch.Tensor,
-    max_steps_tensor: torch.Tensor,
-    pin_mask: torch.Tensor,
-    seed_canvas: torch.Tensor,
-    read_only: torch.Tensor,
-    sampled: torch.Tensor,
-    num_sampled: torch.Tensor,
-    draft_tokens: torch.Tensor,
-    *,
+    *state: torch.Tensor,
     cap: float | None,
     confidence_threshold: float,
     vocab_size: int,
@@ -173,10 +154,12 @@ def hidden_denoise_step(
         policy_codes, policy_params: [n] device tensors from `encode_policies`.
         normalizer: 0-dim tensor, the soft-embedding scale (sqrt(H)), or None when no request denoises
             again (no self-conditioning: the soft embedding is skipped).
-        the rest: as in `batched_denoise_step`; cap: final logit softcap; backend: of the statistics.
+        state: decode_slots, decode_idx, all_slots, valid_canvas_len, then the per-slot state and outputs
+            (canvas ... draft_tokens), as in `batched_denoise_step`.
+        cap: final logit softcap; chunk_size, backend: of the statistics (`fused_denoise_stats`).
         update: `accept_and_update` or a compiled form of it (default: the eager function).
     """
-    num_decode = decode_slots.shape[0]
+    num_decode = state[0].shape[0]
     row_temps = temps.repeat_interleave(canvas_length, output_size=num_decode * canvas_length)
     stats = fused_denoise_stats(
         hidden,
@@ -198,25 +181,7 @@ def hidden_denoise_step(
         policy_codes,
         policy_params,
         None if soft is None else soft.view(num_decode, canvas_length, -1),
-        decode_slots,
-        decode_idx,
-        all_slots,
-        valid_canvas_len,
-        canvas,
-        argmax_canvas,
-        step_tensor,
-        is_encoder_phase,
-        confident_tensor,
-        sc_embeds,
-        history,
-        history_len_tensor,
-        max_steps_tensor,
-        pin_mask,
-        seed_canvas,
-        read_only,
-        sampled,
-        num_sampled,
-        draft_tokens,
+        *state,
         confidence_threshold=confidence_threshold,
         vocab_size=vocab_size,
         canvas_length=canvas_length,

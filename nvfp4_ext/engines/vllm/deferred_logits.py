@@ -92,10 +92,11 @@ def _forward(name: str):
     return method
 
 
-for _name in (
+_OPERATORS = (
     "__add__ __radd__ __sub__ __rsub__ __mul__ __rmul__ __truediv__ __rtruediv__ __neg__ __lt__ __le__ "
     "__gt__ __ge__ __eq__ __ne__ __iadd__ __isub__ __imul__ __itruediv__ __array__"
-).split():
+)
+for _name in _OPERATORS.split():
     setattr(DeferredLogits, _name, _forward(_name))
 DeferredLogits.__hash__ = object.__hash__  # type: ignore[method-assign]  (defining __eq__ removed it)
 

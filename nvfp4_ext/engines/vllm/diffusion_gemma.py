@@ -314,8 +314,8 @@ def _build_classes() -> dict[str, type]:
                 self.sampling_states, decode_slots_np[sel_np]
             ):
                 self._denoise_tile_hidden(
-                    hidden, sel, sel_np, tile_slots, width, decode_slots_np, decode_idx, valid_len, valid_len_np,
-                    row_starts_np, all_slots, sampled, num_sampled,
+                    hidden, sel, sel_np, tile_slots, width, decode_slots_np, decode_idx, valid_len,
+                    valid_len_np, row_starts_np, all_slots, sampled, num_sampled,
                 )  # fmt: skip
                 return
             tile_logits = self._tile_logits(
@@ -358,25 +358,9 @@ def _build_classes() -> dict[str, type]:
                 stats.top_prob.view(n, width),
                 *self._tile_policies(decode_slots_np[sel_np], device),
                 soft.view(n, width, -1) if soft is not None else None,
-                tile_slots,
-                decode_idx[sel],
-                all_slots,
-                valid_len[sel],
-                states.canvas[:, :width],
-                states.argmax_canvas[:, :width],
-                states.step,
-                states.is_encoder_phase,
-                states.confident,
-                states.self_conditioning_embeds[:, :width],
-                states.accepted_canvas_history[:, :, :width],
-                states.accepted_canvas_history_len,
-                states.max_steps,
-                states.pin_mask[:, :width],
-                states.seed_canvas[:, :width],
-                states.read_only,
-                sampled[:, :width],
-                num_sampled,
-                self.req_states.draft_tokens,
+                *self._tile_state(
+                    tile_slots, decode_idx[sel], all_slots, valid_len[sel], width, sampled, num_sampled
+                ),
                 confidence_threshold=self.confidence_threshold,
                 vocab_size=self.vocab_size,
                 canvas_length=width,
@@ -392,21 +376,49 @@ def _build_classes() -> dict[str, type]:
                 return rows.hidden
             return rows if _vllm_compat.logits_projection(self) is not None else None
 
+        def _tile_state(
+            self, tile_slots, tile_idx, all_slots, tile_valid, width, sampled, num_sampled
+        ) -> tuple:
+            """The tile's request mapping, the per-slot state at the tile's width and the outputs, in
+            `batched_denoise_step`'s order."""
+            states = self.diffusion_states
+            return (
+                tile_slots,
+                tile_idx,
+                all_slots,
+                tile_valid,
+                states.canvas[:, :width],
+                states.argmax_canvas[:, :width],
+                states.step,
+                states.is_encoder_phase,
+                states.confident,
+                states.self_conditioning_embeds[:, :width],
+                states.accepted_canvas_history[:, :, :width],
+                states.accepted_canvas_history_len,
+                states.max_steps,
+                states.pin_mask[:, :width],
+                states.seed_canvas[:, :width],
+                states.read_only,
+                sampled[:, :width],
+                num_sampled,
+                self.req_states.draft_tokens,
+            )
+
         def _tile_policies(self, slots_np: np.ndarray, device: torch.device) -> tuple[torch.Tensor, ...]:
             """Per-row policy codes and parameters on the device (pinned, non-blocking copies)."""
             policies = [self._policies.get(int(slot), self._default_policy) for slot in slots_np]
             return tuple(t.to(device, non_blocking=True) for t in encode_policies(policies))
 
         def _denoise_tile_hidden(
-            self, hidden, sel, sel_np, tile_slots, width, decode_slots_np, decode_idx, valid_len, valid_len_np,
-            row_starts_np, all_slots, sampled, num_sampled,
+            self, hidden, sel, sel_np, tile_slots, width, decode_slots_np, decode_idx, valid_len,
+            valid_len_np, row_starts_np, all_slots, sampled, num_sampled,
         ) -> None:  # fmt: skip
             """`_denoise_tile` from hidden states: no [rows, vocab] tensor, no host sync."""
             states, device, n = self.diffusion_states, hidden.device, len(sel_np)
             if bool((np.diff(sel_np) == 1).all()) and int(valid_len_np[sel_np].min()) == width:
                 first = int(row_starts_np[sel_np[0]])
                 tile_hidden = hidden[first : first + n * width]
-            else:  # phantom positions of a truncated canvas: zero hidden -> zero logits, as vLLM's zeroed logits
+            else:  # phantom positions of a truncated canvas: zero hidden -> zero logits (vLLM zeroes them)
                 positions = torch.arange(width, device=device)
                 starts = async_tensor_h2d(row_starts_np[sel_np], device=device)
                 src = (starts[:, None] + positions[None]).clamp_max(hidden.shape[0] - 1).reshape(-1)
@@ -426,25 +438,9 @@ def _build_classes() -> dict[str, type]:
                 torch.randint(0, 2**31 - 1, (1,), device=device)[0],
                 *self._tile_policies(decode_slots_np[sel_np], device),
                 self.normalizer if compute_sc else None,
-                tile_slots,
-                decode_idx[sel],
-                all_slots,
-                valid_len[sel],
-                states.canvas[:, :width],
-                states.argmax_canvas[:, :width],
-                states.step,
-                states.is_encoder_phase,
-                states.confident,
-                states.self_conditioning_embeds[:, :width],
-                states.accepted_canvas_history[:, :, :width],
-                states.accepted_canvas_history_len,
-                states.max_steps,
-                states.pin_mask[:, :width],
-                states.seed_canvas[:, :width],
-                states.read_only,
-                sampled[:, :width],
-                num_sampled,
-                self.req_states.draft_tokens,
+                *self._tile_state(
+                    tile_slots, decode_idx[sel], all_slots, valid_len[sel], width, sampled, num_sampled
+                ),
                 cap=cap,
                 confidence_threshold=self.confidence_threshold,
                 vocab_size=self.vocab_size,
