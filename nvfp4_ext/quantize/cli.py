@@ -9,8 +9,7 @@ import math
 import sys
 from pathlib import Path
 
-from nvfp4_ext.quantize.plan import OUTPUT_FORMATS, RECIPES
-from nvfp4_ext.quantize.scales import SCALE_METHODS
+from nvfp4_ext.quantize.options import OUTPUT_FORMATS, RECIPES, SCALE_METHODS
 
 __all__ = ["add_arguments", "run", "summarize"]
 
@@ -23,9 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--recipe",
         choices=RECIPES,
-        default="nvfp4",
-        help="nvfp4: W4A4 (needs --calib); w4a16: weight-only NVFP4; mixed: routed experts NVFP4, attention "
-        "and dense MLP FP8, the rest unchanged (default: nvfp4)",
+        default="w4a16",
+        help="w4a16: weight-only NVFP4, no calibration (default); nvfp4: W4A4, needs --calib for the "
+        "activation scales; mixed: routed experts NVFP4, attention and MLP FP8, the rest unchanged "
+        "(static FP8/W4A4 scales with --calib, else block FP8 and W4A16)",
     )
     parser.add_argument(
         "--scales",
