@@ -326,7 +326,8 @@ def format_report(report: dict) -> str:
     ]
     other = summary["other_tensors"]
     lines.append(
-        f"  + {other['count']} other tensors (norms, biases, KV scales, integer buffers): {_human(other['bytes'])} bytes"
+        f"  + {other['count']} other tensors (norms, biases, KV scales, integer buffers): "
+        f"{_human(other['bytes'])} bytes"
     )
     if summary["unquantized_reasons"]:
         dtypes = sorted({r["dtype"] for r in report["modules"] if r["scheme"] == "unquantized"})

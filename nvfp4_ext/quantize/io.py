@@ -286,7 +286,9 @@ def check_output_dir(dst: Path, *, force: bool) -> None:
         ConfigError: naming `dst`.
     """
     if (dst.exists() or dst.is_symlink()) and not dst.is_dir():
-        raise ConfigError(f"output {dst} exists and is not a directory: refusing to replace it, even with --force")
+        raise ConfigError(
+            f"output {dst} exists and is not a directory: refusing to replace it, even with --force"
+        )
     if dst.exists() and not force:
         raise ConfigError(f"output directory {dst} already exists (use --force to overwrite it)")
 
