@@ -74,8 +74,12 @@ def summarize(out_dir: Path) -> str:
     if info["scales"] != "rtn" and sse_rtn > 0:
         gain = 100 * (1 - sse / sse_rtn)
         lines.append(f"{info['scales']} scales: squared error {gain:.1f}% lower than rtn")
-    for name, reason in info.get("kept", {}).items():
-        lines.append(f"kept {name} unquantized: {reason}")
+    kept = info.get("kept", {})
+    if kept:  # each one was logged (with its reason) as it was planned: count them, do not repeat them
+        lines.append(
+            f"kept {len(kept)} weight-like tensor{'s' if len(kept) > 1 else ''} in source precision "
+            f"(reasons above and in {PROVENANCE_FILE})"
+        )
     return "\n".join(lines)
 
 

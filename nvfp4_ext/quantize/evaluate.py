@@ -23,7 +23,16 @@ if TYPE_CHECKING:  # torch loads inside the functions: `nvfp4-ext eval --help` s
 
     from nvfp4_ext.quantize.dequantize import QuantizedReader
 
-__all__ = ["add_arguments", "evaluate", "layer_type", "run", "weight_metrics"]
+__all__ = [
+    "add_arguments",
+    "evaluate",
+    "layer_type",
+    "model_name",
+    "provenance",
+    "run",
+    "sqnr_figure",
+    "weight_metrics",
+]
 
 _EXPERT = re.compile(r"^(?P<parent>.*\.experts)\.(?P<index>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)$")
 
@@ -253,22 +262,23 @@ def _short_names(modules: list[str]) -> list[str]:
     return [".".join(p[common:]) for p in parts]
 
 
-def _plot(report: dict, path: Path) -> bool:
-    """Bar per layer (checkpoint order, named on the x axis), coloured by scheme, y from 0 dB so that a
-    few tenths of a dB look as small as they are; dashed line = the scheme's overall SQNR."""
-    try:
-        import matplotlib
+def sqnr_figure(report: dict):
+    """A matplotlib Figure: a bar per layer (checkpoint order, named on the x axis) coloured by scheme, y from
+    0 dB so that a few tenths of a dB look as small as they are, a dashed line at each scheme's overall SQNR,
+    and a title naming the model, recipe and scale rule.
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.patches import Patch
-    except ImportError:
-        return False
+    Raises:
+        ImportError: matplotlib is not installed.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
     rows = report["layers"]
     colours = {"nvfp4": "tab:blue", "nvfp4_w4a16": "tab:cyan", "fp8": "tab:orange", "fp8_block": "tab:red"}
     finite = [r["sqnr_db"] for r in rows if math.isfinite(r["sqnr_db"])]
     top = max(10.0, 1.15 * max(finite, default=10.0))
-    fig, ax = plt.subplots(figsize=(min(40.0, max(8.0, 0.22 * len(rows) + 2)), 6))
+    fig = Figure(figsize=(min(40.0, max(8.0, 0.22 * len(rows) + 2)), 6))
+    ax = fig.add_subplot()
     xs = range(len(rows))
     heights = [min(r["sqnr_db"], top) for r in rows]
     ax.bar(xs, heights, width=0.8, color=[colours.get(r["scheme"], "tab:gray") for r in rows])
@@ -292,8 +302,15 @@ def _plot(report: dict, path: Path) -> bool:
     ax.legend(handles=legend, loc="upper right", fontsize=8, framealpha=0.9)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
+
+
+def _plot(report: dict, path: Path) -> bool:
+    try:
+        figure = sqnr_figure(report)
+    except ImportError:  # matplotlib is optional
+        return False
+    figure.savefig(path, dpi=110)
     return True
 
 

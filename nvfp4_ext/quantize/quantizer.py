@@ -295,8 +295,7 @@ def quantize_checkpoint(
         )
     for task in tasks:
         if task.reason:
-            # debug only: the result lists kept layers (provenance "kept"; the CLI prints them once)
-            log.debug("keeping %s in %s: %s", task.source.name, task.source.dtype, task.reason)
+            log.warning("keeping %s in %s: %s", task.source.name, task.source.dtype, task.reason)
     amax: dict[str, float] = {}
     if calib is not None:
         from nvfp4_ext.quantize.calibrate import collect_activation_amax
