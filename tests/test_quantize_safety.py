@@ -72,7 +72,8 @@ def test_refuses_a_file_as_destination_even_with_force(small, tmp_path, capsys, 
     target.write_text("not a directory")
     assert main(["quantize", str(small), str(target), *(["--force"] if force else [])]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: output {target} exists and is not a directory") and len(err.splitlines()) == 1
+    assert err.startswith(f"error: output {target} exists and is not a directory")
+    assert len(err.splitlines()) == 1
     assert target.read_text() == "not a directory" and _leftovers(tmp_path) == []
 
 

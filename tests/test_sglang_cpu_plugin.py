@@ -380,7 +380,8 @@ def _routed_reference(
                 continue
             gate = x[t] @ weight(f"{base}.{e}.gate_proj").t()
             up = x[t] @ weight(f"{base}.{e}.up_proj").t()
-            expected[t] += topk_weights[t, j] * ((activation(gate) * up) @ weight(f"{base}.{e}.down_proj").t())
+            down = weight(f"{base}.{e}.down_proj")
+            expected[t] += topk_weights[t, j] * ((activation(gate) * up) @ down.t())
     return expected
 
 

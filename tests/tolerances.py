@@ -17,13 +17,14 @@ __all__ = ["assert_within_rounding", "linear_terms", "moe_terms"]
 def assert_within_rounding(
     actual: torch.Tensor, expected: torch.Tensor, terms: torch.Tensor, ulps: float = 8
 ) -> None:
-    """Assert |actual - expected| <= ulps * eps32 * terms elementwise (`terms` = sum of |term| per element)."""
+    """Assert |actual - expected| <= ulps * eps32 * terms elementwise (terms: sum of |term| per element)."""
     assert actual.shape == expected.shape == terms.shape, (actual.shape, expected.shape, terms.shape)
     difference = (actual.double() - expected.double()).abs()
     bound = ulps * torch.finfo(torch.float32).eps * terms.double()
     worst = int((difference - bound).flatten().argmax())
     assert (difference <= bound).all(), (
-        f"element {worst}: off by {difference.flatten()[worst]:.3g}, rounding bound {bound.flatten()[worst]:.3g}"
+        f"element {worst}: off by {difference.flatten()[worst]:.3g}, "
+        f"rounding bound {bound.flatten()[worst]:.3g}"
     )
 
 
