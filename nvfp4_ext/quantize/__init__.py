@@ -9,8 +9,7 @@ Public API (imported lazily, so `import nvfp4_ext.quantize.options` and the CLI'
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from nvfp4_ext.lazy import lazy_getattr
 
 _EXPORTS = {
     "QuantizedReader": "nvfp4_ext.quantize.dequantize",
@@ -24,10 +23,4 @@ _EXPORTS = {
     "quantize_weight": "nvfp4_ext.quantize.scales",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
