@@ -20,6 +20,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+# the `nvfp4-ext kernels-report` flags live in a module without torch (instant --help); re-exported here
+from nvfp4_ext.kernels_report_cli import add_arguments
+
 from .sass import loop_instruction_mix
 from .variants import KernelVariant, shipped_variants
 
@@ -212,20 +215,6 @@ def format_table(results: list[CompileResult]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--arch",
-        type=int,
-        nargs="+",
-        default=[80, 90, 100],
-        choices=sorted(ARCHES),
-        help="compute capabilities to compile for (default: 80 90 100)",
-    )
-    parser.add_argument("--kernel", default="", help="only kernels whose name contains this text")
-    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
-    parser.add_argument("--used-by", action="store_true", help="list the shapes that launch each config")
-
-
 def run(args: argparse.Namespace) -> int:
     """Print the resource table; exit status 1 if any configuration spills registers."""
     from nvfp4_ext.errors import ConfigError

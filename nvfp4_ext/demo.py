@@ -24,7 +24,7 @@ from pathlib import Path
 
 from nvfp4_ext.errors import ConfigError, Nvfp4ExtError
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_arguments", "check_port", "run", "server_command", "start_failure", "wait_ready"]
 
 MODELS = ("gemma4-moe", "qwen3-moe", "qwen3-dense")
 _BACKEND_LINE = re.compile(r"nvfp4_ext: (\S+) layers run on the (\S+) backend")
@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--workdir",
         type=Path,
         default=None,
-        help="keep the models and the server log here (default: a temporary directory)",
+        help="keep the models and the server log here (default: a temporary directory, removed after a "
+        "successful run and kept after a failure)",
     )
     parser.add_argument("--prompt", default="w5 w17 w99 w3", help="chat message to send")
     parser.add_argument("--max-tokens", type=int, default=16)
@@ -54,6 +55,19 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def check_port(port: int) -> None:
+    """Fail before building anything when 127.0.0.1:`port` is taken (vLLM would print a long traceback).
+
+    Raises:
+        ConfigError: naming --port.
+    """
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise ConfigError(f"--port {port}: 127.0.0.1:{port} is not free ({exc.strerror})") from None
 
 
 def _step(n: int, text: str) -> None:
@@ -117,8 +131,42 @@ def _stop(proc: subprocess.Popen) -> int:
     return proc.returncode
 
 
-def _tail(path: Path, lines: int = 40) -> str:
+def _tail(path: Path, lines: int = 20) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def start_failure(proc: subprocess.Popen, log_path: Path, timeout: float) -> str:
+    """Why a server that never answered /health failed: it exited (with which code) or timed out."""
+    code = proc.poll()
+    if code is not None:
+        what = f"the vLLM server exited with code {code} before it was ready"
+    else:
+        what = f"the vLLM server did not answer /health within {timeout:.0f} s (--timeout)"
+    return f"{what}; its log is kept at {log_path}; last lines:\n{_tail(log_path)}"
+
+
+def server_command(model_dir: Path, port: int, on_cpu: bool) -> list[str]:
+    """vLLM's OpenAI server on 127.0.0.1 serving `model_dir` with our quantization method."""
+    command = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--quantization",
+        "nvfp4_ext",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        "float32" if on_cpu else "bfloat16",
+        "--max-model-len",
+        "256",
+    ]
+    if on_cpu:
+        command.append("--enforce-eager")
+    return command
 
 
 def run(args: argparse.Namespace) -> int:
@@ -127,13 +175,19 @@ def run(args: argparse.Namespace) -> int:
             "vLLM is not installed: run scripts/install.sh (CPU) or `pip install nvfp4-ext[vllm]` (GPU)"
         )
     import torch
+    from transformers.utils import logging as hf_logging
 
     from nvfp4_ext.quantize import quantize_checkpoint
     from nvfp4_ext.tiny_models import TINY_BUILDERS
 
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars of a 1-shard tiny model are noise
+
+    if args.port:
+        check_port(args.port)
     on_cpu = not torch.cuda.is_available()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="nvfp4_ext_demo_"))
     workdir.mkdir(parents=True, exist_ok=True)
+    succeeded = False
     try:
         source, quantized = workdir / f"{args.model}-bf16", workdir / f"{args.model}-nvfp4-{args.recipe}"
         _step(1, f"building a tiny random {args.model} model in {source}")
@@ -146,25 +200,7 @@ def run(args: argparse.Namespace) -> int:
                 source, quantized, recipe=args.recipe, calib=calib, force=True, progress=False
             )
         port = args.port or _free_port()
-        command = [
-            sys.executable,
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            str(quantized),
-            "--quantization",
-            "nvfp4_ext",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--dtype",
-            "float32" if on_cpu else "bfloat16",
-            "--max-model-len",
-            "256",
-        ]
-        if on_cpu:
-            command.append("--enforce-eager")
+        command = server_command(quantized, port, on_cpu)
         log_path = workdir / "server.log"
         _step(3, f"starting vLLM: {' '.join(command)}  (log: {log_path})")
         with log_path.open("w") as log:
@@ -172,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             started = time.monotonic()
             if not wait_ready(proc, port, args.timeout):
-                raise Nvfp4ExtError(f"the vLLM server did not start (log {log_path}):\n{_tail(log_path)}")
+                raise Nvfp4ExtError(start_failure(proc, log_path, args.timeout))
             print(f"      ready in {time.monotonic() - started:.0f} s", flush=True)
             _step(4, f"chat completion for {args.prompt!r}")
             answer = _chat(port, str(quantized), args.prompt, args.max_tokens)
@@ -190,8 +226,10 @@ def run(args: argparse.Namespace) -> int:
             code = _stop(proc)
         print(f"      server stopped (exit code {code})", flush=True)
         if not backends:
-            raise Nvfp4ExtError(f"the server ran but logged no nvfp4_ext layer (log {log_path})")
+            raise Nvfp4ExtError(f"the server ran but logged no nvfp4_ext layer (log kept at {log_path})")
+        succeeded = True
         return 0
     finally:
-        if args.workdir is None:
+        # a temporary workdir goes only after success: on failure the message points into it
+        if args.workdir is None and succeeded:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -49,7 +49,7 @@ def test_nvfp4_without_calibration_points_to_w4a16(small, tmp_path):
 
 
 def test_cli_reports_errors_in_one_line(small, tmp_path, capsys):
-    assert main(["quantize", str(small), str(tmp_path / "out")]) == 2
+    assert main(["quantize", str(small), str(tmp_path / "out"), "--recipe", "nvfp4"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "--calib" in err and "Traceback" not in err
 
@@ -64,6 +64,17 @@ def test_refuses_existing_destination_unless_forced(small, tmp_path):
     quantize_checkpoint(small, dst, recipe="w4a16", progress=False, force=True)
     assert not (dst / "keep.txt").exists() and (dst / "hf_quant_config.json").exists()
     assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_refuses_a_file_as_destination_even_with_force(small, tmp_path, capsys, force):
+    target = tmp_path / "out.safetensors"
+    target.write_text("not a directory")
+    assert main(["quantize", str(small), str(target), *(["--force"] if force else [])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: output {target} exists and is not a directory")
+    assert len(err.splitlines()) == 1
+    assert target.read_text() == "not a directory" and _leftovers(tmp_path) == []
 
 
 def test_rejects_already_quantized_input(small, tmp_path):
@@ -208,7 +219,7 @@ def test_corrupt_input_gets_a_named_error(small, tmp_path):
     shard = small / "model.safetensors"
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) - 100])  # truncate the last tensor's bytes
-    with pytest.raises(CheckpointError, match=r"model\.safetensors.*truncated data"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*truncated"):
         quantize_checkpoint(small, tmp_path / "out", recipe="w4a16", progress=False)
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
     shard.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")

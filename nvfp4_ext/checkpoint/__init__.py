@@ -10,8 +10,7 @@ Public names (imported lazily, so `import nvfp4_ext.checkpoint` stays cheap):
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from nvfp4_ext.lazy import lazy_getattr
 
 _EXPORTS = {
     "Checkpoint": "nvfp4_ext.checkpoint.reader",
@@ -29,10 +28,4 @@ _EXPORTS = {
     "inspect_checkpoint": "nvfp4_ext.checkpoint.inspect",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -18,16 +18,15 @@ import json
 import re
 import sys
 from collections import defaultdict
-
-import torch
+from typing import TYPE_CHECKING
 
 from nvfp4_ext.checkpoint.config import NVFP4_SCHEMES, SCHEMES
-from nvfp4_ext.checkpoint.modules import ModuleRecord
 from nvfp4_ext.checkpoint.names import group_fused
-from nvfp4_ext.checkpoint.reader import Checkpoint
-from nvfp4_ext.checkpoint.validate import validate_checkpoint
 from nvfp4_ext.errors import ConfigError
-from nvfp4_ext.format import global_multiplier
+
+if TYPE_CHECKING:  # torch and the reader load inside the functions: `nvfp4-ext inspect --help` stays instant
+    from nvfp4_ext.checkpoint.modules import ModuleRecord
+    from nvfp4_ext.checkpoint.reader import Checkpoint
 
 __all__ = ["FUSED_SCALE_RATIO", "add_arguments", "format_report", "inspect_checkpoint", "run"]
 
@@ -76,6 +75,8 @@ def _row_chunks(ckpt: Checkpoint, name: str):
 
 def _scan(ckpt: Checkpoint, record: ModuleRecord) -> list[str]:
     """Findings that need the weight data: all-zero NVFP4 blocks, NaN/inf values."""
+    import torch
+
     findings = []
     weight = record.tensors["weight"]
     if record.scheme in NVFP4_SCHEMES:
@@ -103,6 +104,8 @@ def _global_range(ckpt: Checkpoint, record: ModuleRecord) -> tuple[float, float]
     name = record.tensors.get("weight_global")
     if record.scheme not in NVFP4_SCHEMES or name is None:
         return None
+    from nvfp4_ext.format import global_multiplier
+
     convention = ckpt.quant_config.global_scale_convention if ckpt.quant_config else "modelopt"
     multiplier = global_multiplier(ckpt.get(name), convention)
     return float(multiplier.min()), float(multiplier.max())
@@ -137,6 +140,8 @@ def inspect_checkpoint(model_dir: str, *, scan: bool = True, gpu: str | None = N
         ConfigError: `gpu` is not MAJOR.MINOR.
     """
     capability = _parse_capability(gpu) if gpu is not None else None
+    from nvfp4_ext.checkpoint.validate import validate_checkpoint
+
     ckpt = validate_checkpoint(model_dir)
     records = ckpt.modules()
     ranges = {r.name: _global_range(ckpt, r) for r in records}
@@ -321,7 +326,8 @@ def format_report(report: dict) -> str:
     ]
     other = summary["other_tensors"]
     lines.append(
-        f"  + {other['count']} other tensors (norms, biases, KV scales): {_human(other['bytes'])} bytes"
+        f"  + {other['count']} other tensors (norms, biases, KV scales, integer buffers): "
+        f"{_human(other['bytes'])} bytes"
     )
     if summary["unquantized_reasons"]:
         dtypes = sorted({r["dtype"] for r in report["modules"] if r["scheme"] == "unquantized"})

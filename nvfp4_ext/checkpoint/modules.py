@@ -55,6 +55,9 @@ AUX_SUFFIXES = (
     "v_scale",
 )
 _FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+# dtypes a stored layer weight can have; integer and bool tensors under other names are buffers
+# (`position_ids`, `token_type_ids`, attention masks), which transformers writes beside the layers.
+_WEIGHT_DTYPES = ("U8", "F8_E4M3", *_FLOAT_DTYPES)
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,7 @@ def _candidates(ckpt: Checkpoint) -> dict[str, tuple[str, str]]:
                 found[prefix] = (name, ".")
         elif (
             len(info.shape) >= 2
+            and info.dtype in _WEIGHT_DTYPES
             and leaf not in AUX_SUFFIXES
             and not leaf.endswith(tuple(f"_{s}" for s in AUX_SUFFIXES))
         ):

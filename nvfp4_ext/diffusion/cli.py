@@ -13,13 +13,15 @@ import argparse
 import json
 import sys
 
-from nvfp4_ext.diffusion.policies import DEFAULT_POLICY, POLICIES, get_policy
 from nvfp4_ext.errors import ConfigError
 
-__all__ = ["add_arguments", "parse_prompt_ids", "run"]
+__all__ = ["POLICY_CHOICES", "add_arguments", "parse_prompt_ids", "run"]
 
-# CLI flag -> (policy, parameter)
+# CLI flag -> the policy it parameterizes. Policy names are spelled here rather than imported from
+# `policies` (which imports torch) so that `generate --help` answers at once; a test keeps them equal.
 _POLICY_FLAGS = {"bound": "entropy_bound", "threshold": "confidence", "k": "fixed_k"}
+POLICY_CHOICES = tuple(sorted(_POLICY_FLAGS.values()))
+_DEFAULT_POLICY = "entropy_bound"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,8 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, help="default: generation_config.max_new_tokens")
     parser.add_argument(
         "--policy",
-        choices=sorted(POLICIES),
-        default=DEFAULT_POLICY,
+        choices=POLICY_CHOICES,
+        default=_DEFAULT_POLICY,
         help="denoise policy (default entropy_bound with the checkpoint's bound)",
     )
     parser.add_argument(
@@ -75,6 +77,7 @@ def parse_prompt_ids(text: str) -> list[int]:
 def _policy(args: argparse.Namespace, model: object | None):
     """The policy the flags ask for; with `model=None` only validates (the checkpoint default needs it)."""
     from nvfp4_ext.diffusion.driver import default_policy
+    from nvfp4_ext.diffusion.policies import DEFAULT_POLICY, get_policy
 
     for flag, owner in _POLICY_FLAGS.items():
         if getattr(args, flag) is not None and owner != args.policy:

@@ -1,6 +1,6 @@
 """`nvfp4-ext quantize` and `nvfp4-ext eval`: making NVFP4 checkpoints and measuring their accuracy.
 
-Public API::
+Public API (imported lazily, so `import nvfp4_ext.quantize.options` and the CLI's `--help` stay cheap)::
 
     from nvfp4_ext.quantize import quantize_checkpoint, dequantize_checkpoint
     quantize_checkpoint(src_dir, dst_dir, recipe="w4a16", scales="mse")   # -> Path of the ModelOpt checkpoint
@@ -9,19 +9,18 @@ Public API::
 
 from __future__ import annotations
 
-from nvfp4_ext.quantize.dequantize import QuantizedReader, dequantize_checkpoint
-from nvfp4_ext.quantize.plan import DEFAULT_EXCLUDES, OUTPUT_FORMATS, RECIPES
-from nvfp4_ext.quantize.quantizer import PROVENANCE_FILE, quantize_checkpoint
-from nvfp4_ext.quantize.scales import SCALE_METHODS, quantize_weight
+from nvfp4_ext.lazy import lazy_getattr
 
-__all__ = [
-    "DEFAULT_EXCLUDES",
-    "OUTPUT_FORMATS",
-    "PROVENANCE_FILE",
-    "RECIPES",
-    "SCALE_METHODS",
-    "QuantizedReader",
-    "dequantize_checkpoint",
-    "quantize_checkpoint",
-    "quantize_weight",
-]
+_EXPORTS = {
+    "QuantizedReader": "nvfp4_ext.quantize.dequantize",
+    "dequantize_checkpoint": "nvfp4_ext.quantize.dequantize",
+    "DEFAULT_EXCLUDES": "nvfp4_ext.quantize.plan",
+    "OUTPUT_FORMATS": "nvfp4_ext.quantize.options",
+    "RECIPES": "nvfp4_ext.quantize.options",
+    "SCALE_METHODS": "nvfp4_ext.quantize.options",
+    "PROVENANCE_FILE": "nvfp4_ext.quantize.quantizer",
+    "quantize_checkpoint": "nvfp4_ext.quantize.quantizer",
+    "quantize_weight": "nvfp4_ext.quantize.scales",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

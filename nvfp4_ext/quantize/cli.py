@@ -9,8 +9,7 @@ import math
 import sys
 from pathlib import Path
 
-from nvfp4_ext.quantize.plan import OUTPUT_FORMATS, RECIPES
-from nvfp4_ext.quantize.scales import SCALE_METHODS
+from nvfp4_ext.quantize.options import OUTPUT_FORMATS, RECIPES, SCALE_METHODS
 
 __all__ = ["add_arguments", "run", "summarize"]
 
@@ -23,9 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--recipe",
         choices=RECIPES,
-        default="nvfp4",
-        help="nvfp4: W4A4 (needs --calib); w4a16: weight-only NVFP4; mixed: routed experts NVFP4, attention "
-        "and dense MLP FP8, the rest unchanged (default: nvfp4)",
+        default="w4a16",
+        help="w4a16: weight-only NVFP4, no calibration (default); nvfp4: W4A4, needs --calib for the "
+        "activation scales; mixed: routed experts NVFP4, attention and MLP FP8, the rest unchanged "
+        "(static FP8/W4A4 scales with --calib, else block FP8 and W4A16)",
     )
     parser.add_argument(
         "--scales",
@@ -74,8 +74,12 @@ def summarize(out_dir: Path) -> str:
     if info["scales"] != "rtn" and sse_rtn > 0:
         gain = 100 * (1 - sse / sse_rtn)
         lines.append(f"{info['scales']} scales: squared error {gain:.1f}% lower than rtn")
-    for name, reason in info.get("kept", {}).items():
-        lines.append(f"kept {name} unquantized: {reason}")
+    kept = info.get("kept", {})
+    if kept:  # each one was logged (with its reason) as it was planned: count them, do not repeat them
+        lines.append(
+            f"kept {len(kept)} weight-like tensor{'s' if len(kept) > 1 else ''} in source precision "
+            f"(reasons above and in {PROVENANCE_FILE})"
+        )
     return "\n".join(lines)
 
 

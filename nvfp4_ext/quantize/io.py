@@ -31,6 +31,7 @@ __all__ = [
     "ShardWriter",
     "SourceTensor",
     "atomic_output_dir",
+    "check_output_dir",
     "copy_aux_files",
     "list_source_tensors",
     "read_safetensors_header",
@@ -135,6 +136,7 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
     if not isinstance(header, dict):
         raise CheckpointError("safetensors header is not a JSON object", file=str(path))
     header.pop("__metadata__", None)
+    size = path.stat().st_size
     for name, info in header.items():
         if not isinstance(info, dict) or info.get("dtype") not in DTYPE_TO_TORCH:
             dtype = info.get("dtype") if isinstance(info, dict) else info
@@ -150,6 +152,13 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
                 tensor=name,
             )
         info["data_start"] = 8 + length + offsets[0]
+        if 8 + length + offsets[1] > size:
+            raise CheckpointError(
+                f"truncated safetensors file: tensor data ends at byte {8 + length + offsets[1]}, "
+                f"the file has {size} bytes",
+                file=str(path),
+                tensor=name,
+            )
     return header
 
 
@@ -159,6 +168,8 @@ def list_source_tensors(model_dir: Path) -> list[SourceTensor]:
     Raises:
         CheckpointError: no safetensors files, an index naming a missing shard, or duplicate tensor names.
     """
+    if not model_dir.is_dir():
+        raise CheckpointError("model directory not found", file=str(model_dir))
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -268,6 +279,20 @@ def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def check_output_dir(dst: Path, *, force: bool) -> None:
+    """Refuse an output path that exists, unless `force` and it is a directory (never replace a file).
+
+    Raises:
+        ConfigError: naming `dst`.
+    """
+    if (dst.exists() or dst.is_symlink()) and not dst.is_dir():
+        raise ConfigError(
+            f"output {dst} exists and is not a directory: refusing to replace it, even with --force"
+        )
+    if dst.exists() and not force:
+        raise ConfigError(f"output directory {dst} already exists (use --force to overwrite it)")
+
+
 @contextlib.contextmanager
 def atomic_output_dir(dst: Path, *, force: bool) -> Iterator[Path]:
     """Yield a fresh temporary directory next to `dst`; rename it to `dst` only if the block completes.
@@ -279,8 +304,7 @@ def atomic_output_dir(dst: Path, *, force: bool) -> Iterator[Path]:
         ConfigError: `dst` exists and `force` is false, or `dst`'s parent is not a directory.
     """
     dst = dst.absolute()
-    if dst.exists() and not force:
-        raise ConfigError(f"output directory {dst} already exists (use --force to overwrite it)")
+    check_output_dir(dst, force=force)
     if not dst.parent.is_dir():
         raise ConfigError(f"parent directory of the output {dst} does not exist")
     tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:12]}"

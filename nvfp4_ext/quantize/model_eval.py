@@ -129,7 +129,13 @@ def model_metrics(
     try:
         ref = _load(reference_dir)
     except (OSError, ValueError, ImportError, KeyError, AttributeError, RuntimeError) as exc:
-        return {"skipped": f"transformers cannot load the reference on CPU: {exc}"}
+        return {"skipped": f"transformers cannot load the reference on CPU ({type(exc).__name__}: {exc})"}
+    if ref.get_output_embeddings() is None:
+        # encoders such as BertModel return hidden states, not token logits
+        return {
+            "skipped": f"{type(ref).__name__} has no language-model head (no token logits), so KL, top-1 "
+            "agreement and perplexity do not apply; the weight metrics above are the report"
+        }
     with tempfile.TemporaryDirectory(prefix="nvfp4_eval_") as tmp:
         dequantized = dequantize_checkpoint(quantized_dir, Path(tmp) / "dequantized")
         quant = _load(dequantized)
@@ -141,6 +147,9 @@ def model_metrics(
     try:
         result = _diffusion(ref, quant, ids, canvas) if canvas else _causal(ref, quant, ids, seq_len)
     except (AttributeError, TypeError, ValueError, RuntimeError, IndexError) as exc:
-        return {"skipped": f"{type(ref).__name__} does not run as a language model here: {exc}"}
+        return {
+            "skipped": f"{type(ref).__name__} does not run as a language model here "
+            f"({type(exc).__name__}: {exc})"
+        }
     result["text"] = source
     return result

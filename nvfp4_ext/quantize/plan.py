@@ -18,6 +18,7 @@ from typing import Literal
 from nvfp4_ext.errors import ConfigError
 from nvfp4_ext.format import NVFP4_BLOCK_SIZE
 from nvfp4_ext.quantize.io import OutputTensor, SourceTensor
+from nvfp4_ext.quantize.options import OUTPUT_FORMATS, RECIPES
 
 __all__ = [
     "DEFAULT_EXCLUDES",
@@ -28,10 +29,6 @@ __all__ = [
     "plan_tasks",
 ]
 
-Recipe = Literal["nvfp4", "w4a16", "mixed"]
-RECIPES: tuple[str, ...] = ("nvfp4", "w4a16", "mixed")
-OutputFormat = Literal["modelopt", "compressed-tensors"]
-OUTPUT_FORMATS: tuple[str, ...] = ("modelopt", "compressed-tensors")
 Scheme = Literal["nvfp4", "nvfp4_w4a16", "fp8", "fp8_block", "unquantized"]
 
 # Module-name patterns (fnmatch) kept in source precision: embeddings, LM head, norms, MoE routers (Gemma 4
@@ -111,8 +108,14 @@ def _matches(module: str, patterns: Sequence[str]) -> str | None:
     return None
 
 
+# BERT-style encoders name their MLP `layer.N.intermediate.dense` (up) and `layer.N.output.dense` (down);
+# `layer.N.attention.output.dense` is caught by the `attention` segment.
+_ENCODER_MLP = re.compile(r"(^|\.)(intermediate\.dense|layer\.\d+\.output\.dense)$")
+
+
 def _is_dense(module: str) -> bool:
-    return bool(_DENSE_SEGMENTS & set(module.split(".")))
+    """Attention or MLP linear (the layers recipe `mixed` puts in FP8)."""
+    return bool(_DENSE_SEGMENTS & set(module.split("."))) or bool(_ENCODER_MLP.search(module))
 
 
 def _scheme(module: str, is_expert: bool, recipe: str, calibrated: bool) -> Scheme | None:

@@ -26,6 +26,7 @@ from nvfp4_ext.quantize.io import (
     ShardWriter,
     SourceTensor,
     atomic_output_dir,
+    check_output_dir,
     copy_aux_files,
     list_source_tensors,
     read_tensor,
@@ -276,8 +277,7 @@ def quantize_checkpoint(
         raise CheckpointError("input model directory not found", file=str(src))
     if dst.absolute() == src.absolute():
         raise ConfigError("the output directory must differ from the input directory")
-    if dst.exists() and not force:
-        raise ConfigError(f"output directory {dst} already exists (use --force to overwrite it)")
+    check_output_dir(dst, force=force)
     if recipe == "nvfp4" and calib is None:
         raise ConfigError(
             "--recipe nvfp4 (W4A4) needs activation scales: pass --calib FILE (a text to calibrate on), "

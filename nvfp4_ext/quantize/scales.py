@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
@@ -33,11 +32,9 @@ from nvfp4_ext.format import (
     nvfp4_global_scale,
     pack_uint4,
 )
+from nvfp4_ext.quantize.options import SCALE_METHODS, ScaleMethod
 
 __all__ = ["SCALE_METHODS", "ScaleMethod", "ScaleStats", "e2m1_codes", "e2m1_round", "quantize_weight"]
-
-ScaleMethod = Literal["rtn", "four-over-six", "mse"]
-SCALE_METHODS: tuple[str, ...] = ("rtn", "four-over-six", "mse")
 
 # Elements per row chunk: keeps the float32 temporaries (~ a dozen of them) about cache-sized.
 _CHUNK_ELEMENTS = 1 << 18
