@@ -23,6 +23,7 @@ __all__ = [
     "Fp8BackendChoice",
     "fast_decode_requested",
     "fp8_gemm",
+    "host_may_read_values",
     "interpreter_enabled",
     "nvfp4_gemm",
     "nvfp4_moe",
@@ -46,6 +47,19 @@ def fast_decode_requested(x: torch.Tensor) -> bool:
     """
     wanted = os.environ.get("NVFP4_EXT_FAST_DECODE", "0") not in ("", "0")
     return wanted and x.is_cuda and x.dtype == torch.bfloat16 and not interpreter_enabled()
+
+
+def host_may_read_values(t: torch.Tensor) -> bool:
+    """Whether host code may read `t`'s values now (a sync on CUDA): not while a CUDA graph is being
+    captured (illegal there), nor while torch.compile traces or fake tensors stand in (no values exist).
+
+    Only input validation may depend on this; the computation itself never reads device values.
+    """
+    from torch._subclasses.fake_tensor import is_fake
+
+    if is_fake(t) or torch.compiler.is_compiling():
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def _resolve(backend: str, kind: LayerKind, device: torch.device, allowed: tuple[str, ...]) -> str:

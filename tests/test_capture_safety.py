@@ -1,0 +1,150 @@
+"""Every forward path an engine may capture in a CUDA graph runs under `FakeTensorMode` (CPU proxy).
+
+vLLM captures MoE and linear layers (piecewise and full graphs), SGLang captures decode. During capture no
+host code may read device values (`.item()`, `int(t)`, `torch.bincount`, `nonzero`, boolean indexing) and no
+output shape may depend on them. Fake tensors carry no data, so such an op raises here
+(`DynamicOutputShapeException` / `DataDependentOutputException`) exactly where capture would break. The
+Triton launchers run their host code with the kernel launch replaced by a recorder (fake tensors have no
+memory to launch on); `tests/test_kernels_gpu.py` captures and replays the real kernels on a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._subclasses import FakeTensorMode
+
+from nvfp4_ext.format import quantize_fp8, quantize_nvfp4
+from nvfp4_ext.kernels import fp8_gemm, nvfp4_gemm, nvfp4_moe
+from nvfp4_ext.kernels.moe_align import moe_align_block_size
+
+pytest.importorskip("triton")
+
+EXPERTS, HIDDEN, INTER = 8, 64, 32
+
+
+class _RecordedLaunch:
+    """Stands in for a `@triton.jit` kernel: `kernel[grid](*args, **meta)` records the call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[tuple, tuple, dict]] = []
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            self.calls.append((tuple(grid), args, meta))
+
+        return launch
+
+
+@pytest.fixture
+def mode() -> FakeTensorMode:
+    return FakeTensorMode()
+
+
+@pytest.fixture
+def fake(mode):
+    """`fake(t)`: a fake tensor with t's shape, dtype and strides (no data); run the code under test
+    inside `with mode:`."""
+    return mode.from_tensor
+
+
+def _moe_weights(experts: int = EXPERTS):
+    torch.manual_seed(0)
+    q13 = quantize_nvfp4(torch.randn(experts, 2 * INTER, HIDDEN))
+    q2 = quantize_nvfp4(torch.randn(experts, HIDDEN, INTER))
+    w13_global = q13.global_scale[:, None].expand(experts, 2 * INTER).contiguous()  # per row, as engines keep it
+    w2_global = q2.global_scale[:, None].expand(experts, HIDDEN).contiguous()
+    return q13.qdata, q13.scale, w13_global, q2.qdata, q2.scale, w2_global
+
+
+def _moe_args(fake, tokens: int, top_k: int, dtype=torch.float16):
+    weights = [fake(w) for w in _moe_weights()]
+    x = fake(torch.randn(tokens, HIDDEN, dtype=dtype))
+    topk_weights = fake(torch.rand(tokens, top_k))
+    topk_ids = fake(torch.randint(0, EXPERTS, (tokens, top_k), dtype=torch.int32))
+    return (x, *weights, topk_weights, topk_ids)
+
+
+@pytest.mark.parametrize(("tokens", "top_k", "block_m"), [(1, 8, 16), (3, 2, 16), (300, 2, 64)])
+def test_moe_alignment_shapes_depend_only_on_input_shapes(mode, fake, tokens, top_k, block_m):
+    """On main this raised DynamicOutputShapeException (aten.bincount)."""
+    topk_ids = fake(torch.randint(0, EXPERTS, (tokens, top_k)))
+    with mode:
+        align = moe_align_block_size(topk_ids, block_m, EXPERTS)
+    pairs = tokens * top_k
+    capacity = -(-(pairs + min(pairs, EXPERTS) * (block_m - 1)) // block_m) * block_m
+    assert align.sorted_ids.shape == (capacity,) and align.expert_ids.shape == (capacity // block_m,)
+    assert align.num_padded.shape == (1,)
+
+
+@pytest.mark.parametrize(("tokens", "top_k"), [(1, 2), (2, 4), (40, 2)], ids=["decode", "pairs=E", "prefill"])
+def test_moe_reference_runs_under_fake_tensors(mode, fake, tokens, top_k):
+    """The torch backend is the CUDA path below sm_80; on main it raised on aten._unique2 (`.tolist()`)."""
+    args = _moe_args(fake, tokens, top_k)
+    with mode:
+        out = nvfp4_moe(*args, "gelu_tanh", backend="torch")
+    assert out.shape == (tokens, HIDDEN) and out.dtype == torch.float16
+
+
+def test_linear_references_run_under_fake_tensors(mode, fake):
+    q = quantize_nvfp4(torch.randn(48, HIDDEN))
+    x = fake(torch.randn(5, HIDDEN, dtype=torch.float16))
+    with mode:
+        out = nvfp4_gemm(x, fake(q.qdata), fake(q.scale), fake(q.global_scale), backend="torch")
+    assert out.shape == (5, 48)
+    for granularity in ("tensor", "channel", "block"):
+        w, s = quantize_fp8(torch.randn(48, HIDDEN), granularity)
+        w, s = fake(w), fake(s)
+        with mode:
+            assert fp8_gemm(x, w, s, backend="torch").shape == (5, 48)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_fp8_scaled_mm_path_runs_under_fake_tensors(mode, fake, granularity):
+    from nvfp4_ext.kernels.ops import _fp8_scaled_mm
+
+    w, s = quantize_fp8(torch.randn(48, HIDDEN), granularity)
+    args = (fake(torch.randn(5, HIDDEN, dtype=torch.bfloat16)), fake(w), fake(s.reshape(-1)), None)
+    with mode:
+        assert _fp8_scaled_mm(*args).shape == (5, 48)
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 300])
+def test_moe_launcher_host_code_runs_under_fake_tensors(mode, fake, monkeypatch, tokens):
+    """Alignment, config choice, global scales and both launches, with the range check of `topk_ids`
+    skipped as it is during capture. On main: DynamicOutputShapeException (aten.bincount)."""
+    from nvfp4_ext.kernels import nvfp4_moe_kernel
+
+    gate_up, down = _RecordedLaunch(), _RecordedLaunch()
+    monkeypatch.setattr(nvfp4_moe_kernel, "_moe_gate_up_kernel", gate_up)
+    monkeypatch.setattr(nvfp4_moe_kernel, "_moe_down_kernel", down)
+    args = _moe_args(fake, tokens, 2)
+    with mode:
+        out = nvfp4_moe_kernel.nvfp4_moe_triton(*args, "silu")
+    assert out.shape == (tokens, HIDDEN)
+    assert len(gate_up.calls) == 1 and len(down.calls) == 1
+    config = nvfp4_moe_kernel.select_moe_config(tokens, EXPERTS, 2)
+    blocks = -(-(2 * tokens + min(2 * tokens, EXPERTS) * (config.block_m - 1)) // config.block_m)
+    assert gate_up.calls[0][0] == (blocks * -(-INTER // config.gate_up.block_n),)
+
+
+@pytest.mark.parametrize("m", [1, 40, 130])
+def test_gemm_launchers_host_code_runs_under_fake_tensors(mode, fake, monkeypatch, m):
+    from nvfp4_ext.kernels import fp8_gemm_kernel, nvfp4_gemm_kernel
+
+    gemm, fp8 = _RecordedLaunch(), _RecordedLaunch()
+    monkeypatch.setattr(nvfp4_gemm_kernel, "_nvfp4_gemm_kernel", gemm)
+    monkeypatch.setattr(fp8_gemm_kernel, "_fp8_gemm_kernel", fp8)
+    q = quantize_nvfp4(torch.randn(48, 2048))
+    x = fake(torch.randn(m, 2048, dtype=torch.float16))
+    bias = fake(torch.randn(48, dtype=torch.float16))
+    weights = fake(q.qdata), fake(q.scale), fake(q.global_scale)
+    with mode:
+        out = nvfp4_gemm_kernel.nvfp4_gemm_triton(x, *weights, bias)
+    assert out.shape == (m, 48) and len(gemm.calls) == 1
+    for granularity in ("tensor", "channel", "block"):
+        w, s = quantize_fp8(torch.randn(48, 2048), granularity)
+        w, s = fake(w), fake(s)
+        with mode:
+            assert fp8_gemm_kernel.fp8_gemm_triton(x, w, s, bias).shape == (m, 48)
+    assert len(fp8.calls) == 3
