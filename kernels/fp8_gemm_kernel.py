@@ -1,7 +1,8 @@
-"""FP8 (e4m3) weight-only W8A16 GEMM in Triton, for GPUs without FP8 tensor cores (sm_80, sm_86).
+"""FP8 (e4m3) weight-only W8A16 GEMM in Triton, for GPUs without FP8 tensor cores (sm_80, sm_86) and layers
+`torch._scaled_mm` cannot take (block scales; per-channel scales on sm_12x).
 
-Reference: `nvfp4_ext.kernels.reference.fp8_gemm_ref`. GPUs with FP8 tensor cores (sm_89+) use
-`torch._scaled_mm` instead (see `ops.fp8_gemm`).
+Reference: `nvfp4_ext.kernels.reference.fp8_gemm_ref`. Otherwise GPUs with FP8 tensor cores (sm_89+) use
+`torch._scaled_mm` (see `ops.fp8_gemm` / `ops.fp8_path`).
 
 Weights are loaded as bytes (sm_80 has no e4m3 type) and decoded in registers; an e4m3 value has 4
 significant bits and lies in [2**-9, 448], so it is exact as an fp16 or bf16 tensor-core operand. Per-tensor
