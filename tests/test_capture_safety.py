@@ -148,3 +148,45 @@ def test_gemm_launchers_host_code_runs_under_fake_tensors(mode, fake, monkeypatc
         with mode:
             assert fp8_gemm_kernel.fp8_gemm_triton(x, w, s, bias).shape == (m, 48)
     assert len(fp8.calls) == 3
+
+
+# --------------------------------------------------------------------------------------- engine adapters
+def test_vllm_adapters_forward_glue_runs_under_fake_tensors(monkeypatch):
+    """What vLLM captures around our ops: expert-parallel id translation in the MoE method and the linear
+    methods' op calls (the ops' own insides are covered above), with vLLM's real method base classes."""
+    pytest.importorskip("vllm")
+    from types import SimpleNamespace
+
+    import vllm.model_executor.parameter as vllm_parameter
+
+    from nvfp4_ext.engines.vllm.config import Nvfp4ExtConfig
+    from nvfp4_ext.engines.vllm.linear import Nvfp4ExtLinearMethod
+    from nvfp4_ext.engines.vllm.moe import Nvfp4ExtFusedMoEMethod
+
+    monkeypatch.setattr(vllm_parameter, "get_tensor_model_parallel_rank", lambda: 0)
+    monkeypatch.setattr(vllm_parameter, "get_tensor_model_parallel_world_size", lambda: 1)
+    config = Nvfp4ExtConfig.from_config({"quant_method": "modelopt", "quant_algo": "NVFP4"})
+    loader = {"weight_loader": lambda *args, **kwargs: None}
+
+    moe = Nvfp4ExtFusedMoEMethod(config, "nvfp4", "layers.0.experts", SimpleNamespace(intermediate_size=None))
+    experts = torch.nn.Module()
+    moe.create_weights(experts, EXPERTS, HIDDEN, INTER, torch.float32, **loader)
+    linear = Nvfp4ExtLinearMethod(config, "nvfp4", "layers.0.mlp.down_proj")
+    dense = torch.nn.Module()
+    linear.create_weights(dense, HIDDEN, [48], HIDDEN, 48, torch.float32, **loader)
+    for layer in (experts, dense):
+        for _, param in layer.named_parameters():
+            if param.dtype != torch.uint8:
+                param.data.fill_(1.0)
+    moe.process_weights_after_loading(experts)
+    linear.process_weights_after_loading(dense)
+    experts.activation = "silu"
+    # Expert parallelism: this rank holds experts 4..7 as local 0..3; the others map to -1.
+    experts.expert_map = torch.tensor([-1, -1, -1, -1, 0, 1, 2, 3], dtype=torch.int32)
+
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        x = mode.from_tensor(torch.randn(3, HIDDEN))
+        topk_ids = mode.from_tensor(torch.randint(0, EXPERTS, (3, 2), dtype=torch.int32))
+        out = moe.apply(experts, x, mode.from_tensor(torch.rand(3, 2)), topk_ids)
+        assert out.shape == (3, HIDDEN)
+        assert linear.apply(dense, x).shape == (3, 48)
