@@ -212,7 +212,8 @@ def scaled_mm_unsupported(
     if capability < (8, 9):
         return f"no FP8 tensor cores (sm_{capability[0]}{capability[1]})"
     if not per_tensor and capability[0] in _NO_ROWWISE_SCALED_MM_MAJORS:
-        return f"per-channel scales on sm_{capability[0]}{capability[1]} (no row-wise torch._scaled_mm, pytorch#192707)"
+        arch = f"sm_{capability[0]}{capability[1]}"
+        return f"per-channel scales on {arch} (no row-wise torch._scaled_mm, pytorch#192707)"
     return None
 
 

@@ -120,7 +120,8 @@ def nvfp4_moe_ref(
             weight = torch.where(picked, flat_weights, 0.0).reshape(num_tokens, top_k).sum(1, keepdim=True)
             contribution = expert_mlp(xf, expert)
             # where, not a product: a token that skipped this expert contributes exactly nothing (not NaN).
-            out += torch.where(picked.reshape(num_tokens, top_k).any(1, keepdim=True), contribution * weight, 0.0)
+            routed = picked.reshape(num_tokens, top_k).any(1, keepdim=True)
+            out += torch.where(routed, contribution * weight, 0.0)
     return out.to(x.dtype)
 
 

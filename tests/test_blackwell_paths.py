@@ -1,4 +1,4 @@
-"""Blackwell-only forward paths, proven on CPU: FlashInfer W4A4 padding (sm >= 100) and the FP8 choice on sm_12x.
+"""Blackwell-only forward paths, proven on CPU: FlashInfer W4A4 padding (sm >= 100), the FP8 choice on sm_12x.
 
 FlashInfer's kernels need a GPU, so `FlashinferFp4Model` stands in for `flashinfer.fp4_quantize` /
 `flashinfer.mm_fp4` with what they compute (NVFP4 quantization of the activations with 128x4-swizzled
@@ -9,6 +9,7 @@ it reads are decoded with CUTLASS's index formula, not with our swizzle. The rea
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from importlib.machinery import ModuleSpec
@@ -16,16 +17,17 @@ from types import ModuleType
 
 import pytest
 import torch
+from nvfp4_ext.kernels.ops import fp8_path, scaled_mm_unsupported
 
 from nvfp4_ext.format import dequantize_nvfp4, fake_quantize_nvfp4, quantize_fp8, quantize_nvfp4
-from nvfp4_ext.kernels.ops import fp8_path, scaled_mm_unsupported
 
 
 # ----------------------------------------------------------------------------------- FlashInfer model
 def _sf_offset(rows: torch.Tensor, cols: torch.Tensor, padded_cols: int) -> torch.Tensor:
     """Offset of scale (r, c) in CUTLASS's 128x4 layout: 128-row x 4-column tiles, each stored as
     32 x (4 x 4) (row r % 32, then row group r % 128 // 32, then column c % 4)."""
-    return (rows // 128) * 128 * padded_cols + (cols // 4) * 512 + (rows % 32) * 16 + (rows % 128 // 32) * 4 + cols % 4
+    tile = (rows // 128) * 128 * padded_cols + (cols // 4) * 512
+    return tile + (rows % 32) * 16 + (rows % 128 // 32) * 4 + cols % 4
 
 
 def _swizzle(scale: torch.Tensor) -> torch.Tensor:
@@ -109,7 +111,12 @@ def _expected_w4a4(x, q, global_per_row, input_global, bias):
 
 @pytest.mark.parametrize(
     ("n", "k", "dtype"),
-    [(528, 256, torch.bfloat16), (96, 528, torch.float16), (528, 528, torch.float32), (256, 128, torch.bfloat16)],
+    [
+        (528, 256, torch.bfloat16),
+        (96, 528, torch.float16),
+        (528, 528, torch.float32),
+        (256, 128, torch.bfloat16),
+    ],
     ids=["N=528", "K=528", "both-fp32", "aligned"],
 )
 def test_flashinfer_w4a4_pads_at_load_and_slices_to_the_unpadded_product(flashinfer_model, n, k, dtype):
@@ -144,11 +151,11 @@ def test_vllm_w4a4_layer_prepares_once_at_load_and_runs_flashinfer_padded(flashi
     """vLLM's NVFP4 linear with the FlashInfer backend: padding, swizzle and the reciprocal input scale at
     load; the forward through the opaque op gives the unpadded product."""
     pytest.importorskip("vllm")
+    import vllm.model_executor.parameter as vllm_parameter
+
     import nvfp4_ext.engines.common as common
     from nvfp4_ext.engines.vllm.config import Nvfp4ExtConfig
     from nvfp4_ext.engines.vllm.linear import Nvfp4ExtLinearMethod
-
-    import vllm.model_executor.parameter as vllm_parameter
 
     # A single-rank layer without initialising torch.distributed in this process.
     monkeypatch.setattr(vllm_parameter, "get_tensor_model_parallel_rank", lambda: 0)
@@ -178,10 +185,13 @@ def test_vllm_w4a4_layer_prepares_once_at_load_and_runs_flashinfer_padded(flashi
 
 @pytest.mark.gpu
 def test_flashinfer_w4a4_on_a_blackwell_gpu_equals_the_unpadded_product():
-    """The real FlashInfer kernels at an unaligned width (sm >= 100 with flashinfer installed)."""
+    """The real FlashInfer kernels at an unaligned width (sm >= 100 with flashinfer installed), eager and
+    replayed from a CUDA graph."""
     if torch.cuda.get_device_capability() < (10, 0):
         pytest.skip("FlashInfer FP4 GEMMs need sm >= 100")
     pytest.importorskip("flashinfer")
+    from test_kernels_gpu import _replay_matches_eager
+
     from nvfp4_ext.engines.common import (
         flashinfer_input_scale_inverse,
         flashinfer_nvfp4_weights,
@@ -195,13 +205,15 @@ def test_flashinfer_w4a4_on_a_blackwell_gpu_equals_the_unpadded_product():
         weight, swizzled = flashinfer_nvfp4_weights(q.qdata, q.scale)
         x = torch.randn(16, k, device="cuda", dtype=torch.bfloat16)
         bias = torch.randn(n, device="cuda")
-        out = nvfp4_linear_forward(
-            x, weight, q.scale, global_per_row, bias, "flashinfer", input_global=input_global,
-            weight_scale_swizzled=swizzled, input_global_inv=flashinfer_input_scale_inverse(input_global),
+        forward = functools.partial(
+            nvfp4_linear_forward, x, weight, q.scale, global_per_row, bias, "flashinfer",
+            input_global=input_global, weight_scale_swizzled=swizzled,
+            input_global_inv=flashinfer_input_scale_inverse(input_global),
         )
-        expected, magnitude = _expected_w4a4(x, q, global_per_row, input_global, bias)
-        rel = float((out.double() - expected).norm() / expected.norm())
+        expected, _ = _expected_w4a4(x, q, global_per_row, input_global, bias)
+        rel = float((forward().double() - expected).norm() / expected.norm())
         assert rel < 1e-2, rel  # bf16 output; FlashInfer's activation rounding may differ in ties
+        _replay_matches_eager(forward, functools.partial(x.copy_, torch.randn_like(x)))
 
 
 # ------------------------------------------------------------------------------ FP8 on consumer Blackwell

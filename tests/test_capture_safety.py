@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from nvfp4_ext.kernels import fp8_gemm, nvfp4_gemm, nvfp4_moe
+from nvfp4_ext.kernels.moe_align import moe_align_block_size
 from torch._subclasses import FakeTensorMode
 
 from nvfp4_ext.format import quantize_fp8, quantize_nvfp4
-from nvfp4_ext.kernels import fp8_gemm, nvfp4_gemm, nvfp4_moe
-from nvfp4_ext.kernels.moe_align import moe_align_block_size
 
 pytest.importorskip("triton")
 
@@ -52,7 +52,8 @@ def _moe_weights(experts: int = EXPERTS):
     torch.manual_seed(0)
     q13 = quantize_nvfp4(torch.randn(experts, 2 * INTER, HIDDEN))
     q2 = quantize_nvfp4(torch.randn(experts, HIDDEN, INTER))
-    w13_global = q13.global_scale[:, None].expand(experts, 2 * INTER).contiguous()  # per row, as engines keep it
+    # Per row, as the engine adapters keep them.
+    w13_global = q13.global_scale[:, None].expand(experts, 2 * INTER).contiguous()
     w2_global = q2.global_scale[:, None].expand(experts, HIDDEN).contiguous()
     return q13.qdata, q13.scale, w13_global, q2.qdata, q2.scale, w2_global
 

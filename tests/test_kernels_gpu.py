@@ -143,28 +143,3 @@ def test_fp8_gemm_captures_in_a_cuda_graph(backend, granularity):
         lambda: fp8_gemm(x, weight, scale, backend=backend), lambda: x.copy_(torch.randn_like(x))
     )
 
-
-def test_flashinfer_w4a4_linear_captures_in_a_cuda_graph():
-    if torch.cuda.get_device_capability() < (10, 0):
-        pytest.skip("FlashInfer FP4 GEMMs need sm >= 100")
-    pytest.importorskip("flashinfer")
-    from nvfp4_ext.engines.common import (
-        flashinfer_input_scale_inverse,
-        flashinfer_nvfp4_weights,
-        nvfp4_linear_forward,
-    )
-
-    q = quantize_nvfp4(torch.randn(528, 2816, device="cuda"))  # padded to 544 rows at load
-    weight, swizzled = flashinfer_nvfp4_weights(q.qdata, q.scale)
-    input_global = torch.tensor(0.02, device="cuda")
-    inverse = flashinfer_input_scale_inverse(input_global)
-    global_per_row = q.global_scale.expand(528).contiguous()
-    x = torch.randn(16, 2816, device="cuda", dtype=torch.bfloat16)
-
-    def fn():
-        return nvfp4_linear_forward(
-            x, weight, q.scale, global_per_row, None, "flashinfer", input_global=input_global,
-            weight_scale_swizzled=swizzled, input_global_inv=inverse,
-        )
-
-    _replay_matches_eager(fn, lambda: x.copy_(torch.randn_like(x)))

@@ -114,7 +114,8 @@ def test_flashinfer_layer_is_padded_and_swizzled_once_at_load(monkeypatch):
     for _ in range(2):
         out = method.apply(layer, x)
     assert len(swizzles) == 1 and model.calls.count("mm_fp4") == 2
-    expected, magnitude = _expected_w4a4(x, q, q.global_scale.expand(528), torch.tensor(0.02), torch.zeros(528))
+    row_global, input_global = q.global_scale.expand(528), torch.tensor(0.02)
+    expected, magnitude = _expected_w4a4(x, q, row_global, input_global, torch.zeros(528))
     assert ((out.double() - expected).abs() <= 2**-7 * (magnitude + expected.abs()) + 1e-6).all()
 
 
@@ -128,7 +129,8 @@ def test_moe_logs_the_triton_kernels_it_runs_where_flashinfer_would_be_chosen(mo
     layer = torch.nn.Module()
     method = Nvfp4ExtMoEMethod(_config(), "nvfp4", "blk.experts")
     method.create_weights(layer, experts, hidden, inter, torch.float32)
-    method.create_moe_runner(layer, SimpleNamespace(activation="silu", is_gated=True, routed_scaling_factor=None))
+    runner_config = SimpleNamespace(activation="silu", is_gated=True, routed_scaling_factor=None)
+    method.create_moe_runner(layer, runner_config)
     for name, param in layer.named_parameters():
         if "scale" in name:
             param.data.fill_(1.0)

@@ -15,14 +15,15 @@ __all__ = ["NVFP4_LINEAR_OP"]
 
 NVFP4_LINEAR_OP = "nvfp4_ext::nvfp4_linear"
 _SCHEMA = (
-    "(Tensor x, Tensor weight, Tensor weight_scale, Tensor global_per_row, Tensor? bias, Tensor? input_global, "
-    "Tensor? weight_scale_swizzled, Tensor? input_global_inv, str backend) -> Tensor"
+    "(Tensor x, Tensor weight, Tensor weight_scale, Tensor global_per_row, Tensor? bias, "
+    "Tensor? input_global, Tensor? weight_scale_swizzled, Tensor? input_global_inv, str backend) -> Tensor"
 )
 
 
 @torch.library.custom_op(NVFP4_LINEAR_OP, mutates_args=(), schema=_SCHEMA)
 def _nvfp4_linear_op(
-    x, weight, weight_scale, global_per_row, bias, input_global, weight_scale_swizzled, input_global_inv, backend
+    x, weight, weight_scale, global_per_row, bias, input_global, weight_scale_swizzled, input_global_inv,
+    backend,
 ):
     return nvfp4_linear_forward(
         x,
@@ -39,7 +40,8 @@ def _nvfp4_linear_op(
 
 @_nvfp4_linear_op.register_fake
 def _nvfp4_linear_fake(
-    x, weight, weight_scale, global_per_row, bias, input_global, weight_scale_swizzled, input_global_inv, backend
+    x, weight, weight_scale, global_per_row, bias, input_global, weight_scale_swizzled, input_global_inv,
+    backend,
 ):
     # N from the per-row globals: a FlashInfer layer's weight carries padding rows.
     return x.new_empty((*x.shape[:-1], global_per_row.shape[0]))
