@@ -191,3 +191,36 @@ def test_vllm_adapters_forward_glue_runs_under_fake_tensors(monkeypatch):
         out = moe.apply(experts, x, mode.from_tensor(torch.rand(3, 2)), topk_ids)
         assert out.shape == (3, HIDDEN)
         assert linear.apply(dense, x).shape == (3, 48)
+
+
+def test_flashinfer_w4a4_host_code_runs_under_fake_tensors(mode, fake, monkeypatch):
+    """Our code around FlashInfer's two calls (activation padding, output slice, per-row globals) at an
+    unaligned width; the calls themselves return outputs of FlashInfer's documented shapes."""
+    import sys
+    from importlib.machinery import ModuleSpec
+    from types import ModuleType
+
+    from nvfp4_ext.engines.common import flashinfer_nvfp4_weights, nvfp4_linear_forward
+
+    def fp4_quantize(x, global_scale):
+        m, k = x.shape
+        return x.new_empty((m, k // 2), dtype=torch.uint8), x.new_empty((-(-m // 128) * 128, -(-k // 64) * 4))
+
+    def mm_fp4(a, b, a_descale, b_descale, alpha, out_dtype, backend):
+        return a.new_empty((a.shape[0], b.shape[1]), dtype=out_dtype)
+
+    module = ModuleType("flashinfer")
+    module.__spec__ = ModuleSpec("flashinfer", None)
+    module.fp4_quantize, module.mm_fp4 = fp4_quantize, mm_fp4
+    monkeypatch.setitem(sys.modules, "flashinfer", module)
+    q = quantize_nvfp4(torch.randn(528, 528))
+    weight, swizzled = flashinfer_nvfp4_weights(q.qdata, q.scale)
+    args = [fake(t) for t in (weight, q.scale, q.global_scale.expand(528).contiguous())]
+    scales = [fake(t) for t in (torch.tensor(0.02), torch.tensor([50.0]), swizzled)]
+    x = fake(torch.randn(2, 3, 528))
+    with mode:
+        out = nvfp4_linear_forward(
+            x, *args, None, "flashinfer", input_global=scales[0], input_global_inv=scales[1],
+            weight_scale_swizzled=scales[2],
+        )
+    assert out.shape == (2, 3, 528) and out.dtype == torch.float32
