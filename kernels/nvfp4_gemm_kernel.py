@@ -129,7 +129,10 @@ def _nvfp4_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    x_rows = x_ptr + row_offsets(offs_m, stride_xm)[:, None]
+    # Activation rows stay int32 (M * K < 2**31 below ~760k tokens at K=2816): int64 here costs 24 registers
+    # and spills on sm_80 (fast-decode mid tile). The output offsets (M * N, 2**31 at an LM head's 8192
+    # tokens) are int64.
+    x_rows = x_ptr + offs_m[:, None] * stride_xm
 
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
