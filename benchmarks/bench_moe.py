@@ -8,7 +8,8 @@ Providers (each checked against `nvfp4_moe_ref` before it is timed):
   * dequant-first   dequantize all experts to BF16 on every call, then vLLM's `fused_experts`;
   * nvfp4-triton    our fused kernels (`nvfp4_ext.kernels.nvfp4_moe`, backend "triton");
   * nvfp4-triton-ptx  the same with the opt-in PTX weight decode (NVFP4_EXT_FAST_DECODE=1, bf16 only);
-  * torch-ref       `nvfp4_moe_ref` (dequantizes the routed experts one at a time).
+  * torch-ref       `nvfp4_moe_ref` (capture-safe: one expert per (token, slot) pair while T*k <= E, else
+                    every expert over all tokens, dequantized one at a time).
 The vLLM providers need vLLM's CUDA build; without it the table says so. Timing: `triton.testing.do_bench`
 median and p20/p80. Output: a table on stdout, `benchmarks/results/<gpu>/moe-<date>.json` and a PNG.
 

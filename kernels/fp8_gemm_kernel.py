@@ -1,7 +1,8 @@
-"""FP8 (e4m3) weight-only W8A16 GEMM in Triton, for GPUs without FP8 tensor cores (sm_80, sm_86).
+"""FP8 (e4m3) weight-only W8A16 GEMM in Triton, for GPUs without FP8 tensor cores (sm_80, sm_86) and layers
+`torch._scaled_mm` cannot take (block scales; per-channel scales on sm_12x).
 
-Reference: `nvfp4_ext.kernels.reference.fp8_gemm_ref`. GPUs with FP8 tensor cores (sm_89+) use
-`torch._scaled_mm` instead (see `ops.fp8_gemm`).
+Reference: `nvfp4_ext.kernels.reference.fp8_gemm_ref`. Otherwise GPUs with FP8 tensor cores (sm_89+) use
+`torch._scaled_mm` (see `ops.fp8_gemm` / `ops.fp8_path`).
 
 Weights are loaded as bytes (sm_80 has no e4m3 type) and decoded in registers; an e4m3 value has 4
 significant bits and lies in [2**-9, 448], so it is exact as an fp16 or bf16 tensor-core operand. Per-tensor
@@ -18,7 +19,7 @@ import triton.language as tl
 from nvfp4_ext.format import FP8_BLOCK
 
 from .nvfp4_gemm_kernel import GemmConfig, _split_k_for
-from .nvfp4_tile import e4m3_to_float
+from .nvfp4_tile import e4m3_to_float, row_offsets
 
 __all__ = ["fp8_gemm_triton", "select_fp8_config", "shipped_fp8_configs"]
 
@@ -75,7 +76,7 @@ def _fp8_gemm_kernel(
     for k0 in range(k_start, k_end, BLOCK_K):
         cols = k0 + offs_k
         mask_k = cols < k_end
-        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + cols[None, :]
+        x_ptrs = x_ptr + row_offsets(offs_m, stride_xm)[:, None] + cols[None, :]
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         x = x.to(tl.float32).to(DOT_DTYPE)  # upcast first: the interpreter computes bf16 wrongly
         w_ptrs = w_ptr + offs_n[None, :] * stride_wn + cols[:, None]
@@ -91,7 +92,7 @@ def _fp8_gemm_kernel(
 
     if not BLOCK_SCALES:
         accumulator = accumulator * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-    out_offsets = offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    out_offsets = row_offsets(offs_m, stride_om)[:, None] + offs_n[None, :] * stride_on
     mask_out = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K == 1:
         if HAS_BIAS:

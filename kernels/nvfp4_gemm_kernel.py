@@ -24,7 +24,7 @@ import triton.language as tl
 
 from nvfp4_ext.format import NVFP4_BLOCK_SIZE
 
-from .nvfp4_tile import FAST_DECODE_GLOBAL_FACTOR, load_activation_pair, load_nvfp4_tile_pair
+from .nvfp4_tile import fast_decode_global, load_activation_pair, load_nvfp4_tile_pair, row_offsets
 from .ops import fast_decode_requested
 from .shapes import DIFFUSIONGEMMA_GEMM_SHAPES
 
@@ -129,6 +129,9 @@ def _nvfp4_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
+    # Activation rows stay int32 (M * K < 2**31 below ~760k tokens at K=2816): int64 here costs 24 registers
+    # and spills on sm_80 (fast-decode mid tile). The output offsets (M * N, 2**31 at an LM head's 8192
+    # tokens) are int64.
     x_rows = x_ptr + offs_m[:, None] * stride_xm
 
     k_start = pid_k * k_per_split
@@ -144,9 +147,9 @@ def _nvfp4_gemm_kernel(
         accumulator = tl.dot(x_odd, w_odd, accumulator, input_precision="ieee")
 
     # Epilogue: per-row global multiplier, then bias and the output dtype (or an fp32 split-K partial).
-    row_global = tl.load(global_ptr + offs_n, mask=mask_n, other=0.0)
+    row_global = fast_decode_global(tl.load(global_ptr + offs_n, mask=mask_n, other=0.0), FAST_DECODE)
     accumulator = accumulator * row_global[None, :]
-    out_offsets = offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    out_offsets = row_offsets(offs_m, stride_om)[:, None] + offs_n[None, :] * stride_on
     mask_out = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K == 1:
         if HAS_BIAS:
@@ -217,8 +220,8 @@ def nvfp4_gemm_triton(
     m, n, k = _check_inputs(x, weight, weight_scale, global_scale, bias)
     config = config or select_gemm_config(m, n, k)
     fast = fast_decode_requested(x)
-    row_global = global_scale.to(torch.float32).reshape(-1).expand(n)
-    row_global = (row_global * FAST_DECODE_GLOBAL_FACTOR if fast else row_global).contiguous()
+    # A float32 [N] global (what the engine adapters precompute at load) is passed as is: no per-call copy.
+    row_global = global_scale.to(torch.float32).reshape(-1).expand(n).contiguous()
     k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), config.block_k) * config.block_k
     split_k = triton.cdiv(k, k_per_split)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)

@@ -24,8 +24,8 @@ import triton.language as tl
 from nvfp4_ext.format import NVFP4_BLOCK_SIZE
 
 from .moe_align import moe_align_block_size
-from .nvfp4_tile import FAST_DECODE_GLOBAL_FACTOR, load_activation_pair, load_nvfp4_tile_pair
-from .ops import fast_decode_requested
+from .nvfp4_tile import fast_decode_global, load_activation_pair, load_nvfp4_tile_pair, row_offsets
+from .ops import fast_decode_requested, host_may_read_values
 from .reference import ACTIVATIONS
 from .shapes import DIFFUSIONGEMMA_MOE_SHAPE
 
@@ -115,7 +115,7 @@ def _moe_gate_up_kernel(
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     offs_pair = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
     mask_m = offs_pair < num_pairs
-    x_rows = x_ptr + (offs_pair // top_k)[:, None] * stride_xm
+    x_rows = x_ptr + row_offsets(offs_pair // top_k, stride_xm)[:, None]
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < inter_size
     w_expert = w_ptr + expert * stride_we
@@ -140,8 +140,12 @@ def _moe_gate_up_kernel(
 
     # Epilogue: global scales of the gate and up rows, then the gated activation.
     global_expert = global_ptr + expert * stride_ge
-    gate = acc_gate * tl.load(global_expert + offs_n, mask=mask_n, other=0.0)[None, :]
-    up = acc_up * tl.load(global_expert + inter_size + offs_n, mask=mask_n, other=0.0)[None, :]
+    gate_global = fast_decode_global(tl.load(global_expert + offs_n, mask=mask_n, other=0.0), FAST_DECODE)
+    up_global = fast_decode_global(
+        tl.load(global_expert + inter_size + offs_n, mask=mask_n, other=0.0), FAST_DECODE
+    )
+    gate = acc_gate * gate_global[None, :]
+    up = acc_up * up_global[None, :]
     if ACTIVATION == 0:  # noqa: SIM108 (a constexpr branch, resolved at compile time)
         # gelu_tanh(g) = g * sigmoid(2 * sqrt(2/pi) * (g + 0.044715 g^3)): 0.5 * (1 + tanh(u)) = sigmoid(2u).
         z = 1.5957691216057308 * (gate + 0.044715 * gate * gate * gate)
@@ -151,7 +155,7 @@ def _moe_gate_up_kernel(
     e = tl.exp(-tl.abs(z))
     sigmoid = tl.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
     hidden = gate * sigmoid * up
-    out_ptrs = out_ptr + offs_pair[:, None] * stride_om + offs_n[None, :]
+    out_ptrs = out_ptr + row_offsets(offs_pair, stride_om)[:, None] + offs_n[None, :]
     tl.store(out_ptrs, hidden.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
@@ -180,7 +184,7 @@ def _moe_down_kernel(
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     offs_pair = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
     mask_m = offs_pair < num_pairs
-    h_rows = h_ptr + offs_pair[:, None] * stride_hm
+    h_rows = h_ptr + row_offsets(offs_pair, stride_hm)[:, None]
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < hidden_size
     w_expert = w_ptr + expert * stride_we
@@ -197,10 +201,12 @@ def _moe_down_kernel(
         accumulator = tl.dot(h_odd, w_odd, accumulator, input_precision="ieee")
 
     # Epilogue: global scale per output row, router weight per pair, then the top-k sum via fp32 atomics.
-    row_global = tl.load(global_ptr + expert * stride_ge + offs_n, mask=mask_n, other=0.0)
+    row_global = fast_decode_global(
+        tl.load(global_ptr + expert * stride_ge + offs_n, mask=mask_n, other=0.0), FAST_DECODE
+    )
     router = tl.load(topk_weights_ptr + offs_pair, mask=mask_m, other=0.0).to(tl.float32)
     accumulator = accumulator * row_global[None, :] * router[:, None]
-    out_ptrs = out_ptr + (offs_pair // top_k)[:, None] * stride_om + offs_n[None, :]
+    out_ptrs = out_ptr + row_offsets(offs_pair // top_k, stride_om)[:, None] + offs_n[None, :]
     tl.atomic_add(out_ptrs, accumulator, mask=mask_m[:, None] & mask_n[None, :])
 
 
@@ -248,12 +254,16 @@ def _check_inputs(x, w13, w13_scale, w13_global, w2, w2_scale, w2_global, topk_w
         raise ValueError(f"expected topk_weights {list(topk_ids.shape)}, got {list(topk_weights.shape)}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"expected activation in {ACTIVATIONS}, got {activation!r}")
-    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-    if topk_ids.numel() and not capturing:
+    # One host sync in eager mode; skipped under capture (the alignment then drops out-of-range ids).
+    if topk_ids.numel() and host_may_read_values(topk_ids):
         low, high = int(topk_ids.min()), int(topk_ids.max())
         if low < 0 or high >= experts:
             raise ValueError(f"expected topk_ids in [0, {experts}), got values in [{low}, {high}]")
     return tokens, hidden, intermediate, experts
+
+
+def _per_row_global(global_scale: torch.Tensor, experts: int, rows: int) -> torch.Tensor:
+    return global_scale.to(torch.float32).reshape(experts, -1).expand(experts, rows).contiguous()
 
 
 def nvfp4_moe_triton(
@@ -294,9 +304,10 @@ def nvfp4_moe_triton(
         return out.to(x.dtype)
     align = moe_align_block_size(topk_ids, config.block_m, experts)
     fast = fast_decode_requested(x)
-    factor = FAST_DECODE_GLOBAL_FACTOR if fast else 1.0
-    g13 = (w13_global.float().reshape(experts, -1).expand(experts, 2 * intermediate) * factor).contiguous()
-    g2 = (w2_global.float().reshape(experts, -1).expand(experts, hidden) * factor).contiguous()
+    # Per-row float32 globals ([E, 2I] / [E, H], what the engine adapters precompute at load) pass through
+    # without a copy; [E] globals (tests, benchmarks) are expanded here.
+    g13 = _per_row_global(w13_global, experts, 2 * intermediate)
+    g2 = _per_row_global(w2_global, experts, hidden)
     dot_dtype = _DOT_DTYPES[x.dtype]
 
     hidden_act = torch.empty((align.num_pairs, intermediate), dtype=x.dtype, device=x.device)

@@ -18,6 +18,7 @@ __all__ = [
     "e4m3_to_float",
     "load_activation_pair",
     "load_nvfp4_tile_pair",
+    "row_offsets",
 ]
 
 
@@ -51,6 +52,22 @@ def e4m3_to_float(raw):
     raw = raw.to(tl.int32)
     bits = ((raw & 0x7F) << 7) | ((raw & 0x80) << 8)
     return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * 256.0
+
+
+@triton.jit
+def row_offsets(rows, stride):
+    """Element offsets rows * stride in int64: in int32 they wrap once M * N reaches 2**31 (a 262144-wide
+    LM head at 8192 tokens), and the kernel would read or write the wrong rows."""
+    return rows.to(tl.int64) * stride
+
+
+@triton.jit
+def fast_decode_global(row_global, FAST_DECODE: tl.constexpr):
+    """The global scale a tile decoded by `load_nvfp4_tile_pair(FAST_DECODE=...)` needs: the PTX decode
+    leaves values 2**-9 too small, made up here once per output column instead of a scaled copy per call."""
+    if FAST_DECODE:
+        row_global = row_global * _FAST_DECODE_GLOBAL_FACTOR
+    return row_global
 
 
 @triton.jit
@@ -109,6 +126,7 @@ fma.rn.bf16x2 $3, bits, $6, negzero;
 }
 """)
 FAST_DECODE_GLOBAL_FACTOR = 512.0  # 2**9, see _E2M1_BF16X2_ASM
+_FAST_DECODE_GLOBAL_FACTOR = tl.constexpr(FAST_DECODE_GLOBAL_FACTOR)
 _FAST_SCALE_FACTOR = tl.constexpr(2.0**117)
 
 

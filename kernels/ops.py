@@ -8,6 +8,8 @@ Triton is imported only when a Triton backend actually runs, so this module load
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from typing import Any, Literal
 
@@ -23,10 +25,15 @@ __all__ = [
     "Fp8BackendChoice",
     "fast_decode_requested",
     "fp8_gemm",
+    "fp8_path",
+    "host_may_read_values",
     "interpreter_enabled",
     "nvfp4_gemm",
     "nvfp4_moe",
+    "scaled_mm_unsupported",
 ]
+
+logger = logging.getLogger("nvfp4_ext")
 
 BackendChoice = Literal["auto", "triton", "torch"]
 Fp8BackendChoice = Literal["auto", "triton", "torch", "scaled_mm"]
@@ -46,6 +53,19 @@ def fast_decode_requested(x: torch.Tensor) -> bool:
     """
     wanted = os.environ.get("NVFP4_EXT_FAST_DECODE", "0") not in ("", "0")
     return wanted and x.is_cuda and x.dtype == torch.bfloat16 and not interpreter_enabled()
+
+
+def host_may_read_values(t: torch.Tensor) -> bool:
+    """Whether host code may read `t`'s values now (a sync on CUDA): not while a CUDA graph is being
+    captured (illegal there), nor while torch.compile traces or fake tensors stand in (no values exist).
+
+    Only input validation may depend on this; the computation itself never reads device values.
+    """
+    from torch._subclasses.fake_tensor import is_fake
+
+    if is_fake(t) or torch.compiler.is_compiling():
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def _resolve(backend: str, kind: LayerKind, device: torch.device, allowed: tuple[str, ...]) -> str:
@@ -157,21 +177,72 @@ def fp8_gemm(
         [M, N] in x.dtype.
     """
     chosen = _resolve(backend, "fp8_linear", x.device, ("auto", "triton", "torch", "scaled_mm"))
-    if chosen == "scaled_mm" and _scaled_mm_supports(weight, weight_scale):
+    if chosen == "scaled_mm":
+        capability = _device_capability(x.device.index) if x.device.type == "cuda" else None
+        chosen = fp8_path(capability, weight.shape, weight_scale)
+    if chosen == "scaled_mm":
         return _fp8_scaled_mm(x, weight, weight_scale, bias)
-    if chosen == "torch" or (chosen == "scaled_mm" and x.device.type != "cuda"):
+    if chosen == "torch":
         return fp8_gemm_ref(x, weight, weight_scale, bias)
     from .fp8_gemm_kernel import fp8_gemm_triton
 
     return fp8_gemm_triton(x, weight, weight_scale, bias, config=config)
 
 
-def _scaled_mm_supports(weight: torch.Tensor, weight_scale: torch.Tensor) -> bool:
-    """Per-tensor or per-channel scales and 16-aligned N, K: what `torch._scaled_mm` takes."""
-    n, k = weight.shape
+# Consumer Blackwell (sm_120 RTX 50xx / RTX PRO 6000, sm_121) has no row-wise scaled FP8 GEMM in cuBLASLt
+# for torch._scaled_mm (pytorch#192707); tensor-wise scaling works there.
+_NO_ROWWISE_SCALED_MM_MAJORS = (12,)
+
+
+def scaled_mm_unsupported(
+    capability: tuple[int, int], weight_shape: tuple[int, ...], weight_scale: torch.Tensor
+) -> str | None:
+    """Why `torch._scaled_mm` cannot run this FP8 layer on a GPU of `capability`, or None if it can.
+
+    It takes per-tensor or per-channel (row-wise) scales with N and K multiples of 16 on sm_89+, and
+    row-wise scales not on sm_12x. Everything else takes the W8A16 Triton kernel.
+    """
+    n, k = weight_shape
     per_tensor = weight_scale.numel() == 1
     per_channel = weight_scale.numel() == n and weight_scale.dim() in (1, 2)
-    return (per_tensor or per_channel) and n % 16 == 0 and k % 16 == 0
+    if not (per_tensor or per_channel):
+        return "128x128 block scales"
+    if n % 16 or k % 16:
+        return f"N={n}, K={k} not multiples of 16"
+    if capability < (8, 9):
+        return f"no FP8 tensor cores (sm_{capability[0]}{capability[1]})"
+    if not per_tensor and capability[0] in _NO_ROWWISE_SCALED_MM_MAJORS:
+        arch = f"sm_{capability[0]}{capability[1]}"
+        return f"per-channel scales on {arch} (no row-wise torch._scaled_mm, pytorch#192707)"
+    return None
+
+
+def fp8_path(
+    capability: tuple[int, int] | None, weight_shape: tuple[int, ...], weight_scale: torch.Tensor
+) -> Literal["scaled_mm", "triton", "torch"]:
+    """Where an FP8 layer that asked for `torch._scaled_mm` runs: there if the GPU supports its scales,
+    else on the W8A16 Triton kernel (the reason logged once per process); on a CPU (None) the reference."""
+    if capability is None:
+        return "torch"
+    unsupported = scaled_mm_unsupported(capability, weight_shape, weight_scale)
+    if unsupported is None:
+        return "scaled_mm"
+    _log_once(f"FP8 linears with {unsupported} run on the W8A16 Triton kernel, not torch._scaled_mm")
+    return "triton"
+
+
+@functools.cache
+def _device_capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+_LOGGED: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _LOGGED:
+        _LOGGED.add(message)
+        logger.info("nvfp4_ext: %s", message)
 
 
 def _fp8_scaled_mm(

@@ -71,8 +71,10 @@ def nvfp4_moe_ref(
 ) -> torch.Tensor:
     """Routed NVFP4 experts: out[t] = sum_j w[t,j] * W2[e] @ (act(G[e] @ x[t]) * (U[e] @ x[t])), e = ids[t,j].
 
-    Only experts that received tokens are dequantized, one at a time, so peak memory is one expert's
-    float32 weights rather than all E of them.
+    CUDA-graph safe (this is also the CUDA path below sm_80): no host read of `topk_ids`, no shape that
+    depends on its values. Experts are dequantized one at a time, so peak memory is one expert's float32
+    weights. Decode-sized inputs (T*k <= E pairs) run each pair through its own expert; larger ones run every
+    expert over all tokens, weighted by the router (zero where the token did not pick it).
 
     Args:
         x: [T, H] activations.
@@ -89,22 +91,37 @@ def nvfp4_moe_ref(
     if activation not in ACTIVATIONS:
         raise ValueError(f"expected activation in {ACTIVATIONS}, got {activation!r}")
     num_tokens, hidden = x.shape
-    intermediate = w13.shape[1] // 2
+    num_experts, top_k = w13.shape[0], topk_ids.shape[1]
     out = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=x.device)
     xf = x.float()
     flat_ids = topk_ids.reshape(-1).long()
     flat_weights = topk_weights.reshape(-1).float()
-    flat_tokens = torch.arange(num_tokens, device=x.device).repeat_interleave(topk_ids.shape[1])
-    for expert in torch.unique(flat_ids).tolist():
-        selected = flat_ids == expert
-        tokens = flat_tokens[selected]
-        w13_e = dequantize_nvfp4(w13[expert], w13_scale[expert], w13_global[expert])
-        gate_up = xf[tokens] @ w13_e.t()
-        hidden_act = apply_gated_activation(gate_up[:, :intermediate], gate_up[:, intermediate:], activation)
+
+    def expert_mlp(rows: torch.Tensor, expert: int | torch.Tensor) -> torch.Tensor:
+        # `expert` is a python int or a 1-element device tensor (index_select keeps the host out).
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            return t[expert] if isinstance(expert, int) else t.index_select(0, expert)[0]
+
+        w13_e = dequantize_nvfp4(pick(w13), pick(w13_scale), pick(w13_global))
+        gate_up = rows @ w13_e.t()
         del w13_e
-        w2_e = dequantize_nvfp4(w2[expert], w2_scale[expert], w2_global[expert])
-        expert_out = (hidden_act @ w2_e.t()) * flat_weights[selected].unsqueeze(1)
-        out.index_add_(0, tokens, expert_out)
+        intermediate = gate_up.shape[1] // 2
+        act = apply_gated_activation(gate_up[:, :intermediate], gate_up[:, intermediate:], activation)
+        return act @ dequantize_nvfp4(pick(w2), pick(w2_scale), pick(w2_global)).t()
+
+    if flat_ids.numel() <= num_experts:
+        for pair in range(flat_ids.numel()):
+            token = pair // top_k
+            contribution = expert_mlp(xf[token : token + 1], flat_ids[pair : pair + 1])
+            out[token : token + 1] += contribution * flat_weights[pair]
+    else:
+        for expert in range(num_experts):
+            picked = flat_ids == expert
+            weight = torch.where(picked, flat_weights, 0.0).reshape(num_tokens, top_k).sum(1, keepdim=True)
+            contribution = expert_mlp(xf, expert)
+            # where, not a product: a token that skipped this expert contributes exactly nothing (not NaN).
+            routed = picked.reshape(num_tokens, top_k).any(1, keepdim=True)
+            out += torch.where(routed, contribution * weight, 0.0)
     return out.to(x.dtype)
 
 

@@ -95,8 +95,18 @@ def cast_to_e2m1(x: torch.Tensor) -> torch.Tensor:
 
 
 def e2m1_to_float(codes: torch.Tensor) -> torch.Tensor:
-    """Decode uint8 E2M1 codes (0..15) to float32 values."""
-    return _on(E2M1_VALUES, codes.device)[codes.long()]
+    """Decode uint8 E2M1 codes (0..15) to float32 values (equal to `E2M1_VALUES[codes]`, -0.0 included).
+
+    Arithmetic rather than a lookup in `E2M1_VALUES`: copying the table to a CUDA device on every call
+    would be a host-to-device copy, which is illegal while a CUDA graph is being captured.
+    """
+    c = codes.to(torch.int32)
+    exponent = (c >> 1) & 3
+    half_mantissa = (c & 1).to(torch.float32) * 0.5
+    magnitude = torch.where(
+        exponent == 0, half_mantissa, torch.exp2((exponent - 1).to(torch.float32)) * (1.0 + half_mantissa)
+    )
+    return torch.where((c & 8) != 0, -magnitude, magnitude)
 
 
 def pack_uint4(codes: torch.Tensor) -> torch.Tensor:

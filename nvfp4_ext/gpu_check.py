@@ -183,7 +183,12 @@ def _check_cuda_graphs(dry_run: bool) -> dict[str, Any]:
     import torch
 
     import nvfp4_ext.kernels  # noqa: F401  (registers torch.ops.nvfp4_ext.*)
-    from nvfp4_ext.engines.common import nvfp4_linear_forward, nvfp4_moe_forward
+    from nvfp4_ext.engines.common import (
+        flashinfer_input_scale_inverse,
+        flashinfer_nvfp4_weights,
+        nvfp4_linear_forward,
+        nvfp4_moe_forward,
+    )
     from nvfp4_ext.format import quantize_fp8, quantize_nvfp4
 
     device, dtype = _device_and_dtype(dry_run)
@@ -238,8 +243,12 @@ def _check_cuda_graphs(dry_run: bool) -> dict[str, Any]:
         try:
             import flashinfer  # noqa: F401
 
+            # Prepared as the adapters do at load: padded weight, swizzled scales, 1 / input scale.
+            fi_weight, fi_scale = flashinfer_nvfp4_weights(q.qdata, q.scale)
+            fi_inverse = flashinfer_input_scale_inverse(input_scale)
             ops["w4a4_linear_flashinfer"] = lambda x: nvfp4_linear_forward(
-                x, q.qdata, q.scale, q.global_scale.expand(n), None, "flashinfer", input_scale
+                x, fi_weight, q.scale, q.global_scale.expand(n), None, "flashinfer", input_scale,
+                weight_scale_swizzled=fi_scale, input_global_inv=fi_inverse,
             )
         except ImportError:
             pass
@@ -284,7 +293,11 @@ def _check_flashinfer_w4a4(dry_run: bool) -> dict[str, Any]:
     """FlashInfer's W4A4 linear vs the emulated backend: activation codes/scales and the GEMM output."""
     import torch
 
-    from nvfp4_ext.engines.common import nvfp4_linear_forward, swizzle_block_scales
+    from nvfp4_ext.engines.common import (
+        flashinfer_input_scale_inverse,
+        flashinfer_nvfp4_weights,
+        nvfp4_linear_forward,
+    )
     from nvfp4_ext.format import quantize_nvfp4, unpack_uint4
     from nvfp4_ext.kernels.fp4_emulation import fp4_quantize_emulated
 
@@ -311,7 +324,8 @@ def _check_flashinfer_w4a4(dry_run: bool) -> dict[str, Any]:
         import flashinfer
     except ImportError as exc:
         raise Skip(f"FlashInfer is not installed ({exc}); pip install nvfp4-ext[flashinfer]") from exc
-    swizzled = swizzle_block_scales(q.scale)
+    fi_weight, swizzled = flashinfer_nvfp4_weights(q.qdata, q.scale)  # what the adapters prepare at load
+    fi_inverse = flashinfer_input_scale_inverse(input_scale)
     failures = []
     for row in rows:
         m = row["m"]
@@ -328,13 +342,14 @@ def _check_flashinfer_w4a4(dry_run: bool) -> dict[str, Any]:
         )
         native = nvfp4_linear_forward(
             x,
-            q.qdata,
+            fi_weight,
             q.scale,
             global_per_row,
             None,
             "flashinfer",
             input_scale,
             weight_scale_swizzled=swizzled,
+            input_global_inv=fi_inverse,
         )
         emulated = nvfp4_linear_forward(x, q.qdata, q.scale, global_per_row, None, "emulated", input_scale)
         rel = _rel_error(native, emulated)

@@ -47,8 +47,13 @@ def _write_image_processor(model_dir) -> None:
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(model_dir)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
+# vLLM captures CUDA graphs by default, which is what users run: every test runs with graphs on, and once
+# more with --enforce-eager as the extra case.
+GRAPH_MODES = {"cuda-graphs": [], "eager": ["--enforce-eager"]}
+
+
+@pytest.fixture(scope="module", params=list(GRAPH_MODES))
+def server(tmp_path_factory: pytest.TempPathFactory, request):
     import torch
 
     from nvfp4_ext.quantize import quantize_checkpoint
@@ -71,7 +76,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):
         str(port),
         "--max-model-len",
         "512",
-        "--enforce-eager",
+        *GRAPH_MODES[request.param],
         "--dtype",
         "bfloat16",
         "--limit-mm-per-prompt",

@@ -70,3 +70,76 @@ def test_fp8_gemm_on_gpu(granularity):
     weight, scale = quantize_fp8(torch.randn(2816, 2816, device="cuda"), granularity)
     x = torch.randn(8, 2816, device="cuda", dtype=torch.bfloat16)
     _close(fp8_gemm(x, weight, scale, backend="triton"), fp8_gemm_ref(x, weight, scale))
+
+
+# --------------------------------------------------------------------------------- CUDA-graph capture
+def _capture(fn):
+    """Warm up on a side stream (Triton compiles, caches fill), then capture one call of `fn`."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+def _replay_matches_eager(fn, refill):
+    """Capture `fn`, give its static inputs new values (`refill`), replay, and compare with an eager call
+    on those values: whatever the graph baked in at capture (routing, sizes, host reads) would show."""
+    graph, out = _capture(fn)
+    refill()
+    graph.replay()
+    torch.cuda.synchronize()
+    _close(out, fn())
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("tokens", [1, 4, 300])
+def test_nvfp4_moe_captures_in_a_cuda_graph(backend, tokens):
+    """The alignment sized by shapes only, the router's ids read on the device: new routing after capture
+    is served by the replay (on main, capture failed: bincount syncs)."""
+    torch.manual_seed(tokens)
+    experts, hidden, inter, top_k = 32, 512, 256, 4
+    q13 = quantize_nvfp4(torch.randn(experts, 2 * inter, hidden, device="cuda") / hidden**0.5)
+    q2 = quantize_nvfp4(torch.randn(experts, hidden, inter, device="cuda") / inter**0.5)
+    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+    topk_weights = torch.rand(tokens, top_k, device="cuda")
+    topk_ids = torch.randint(0, experts, (tokens, top_k), device="cuda", dtype=torch.int32)
+    weights = (q13.qdata, q13.scale, q13.global_scale, q2.qdata, q2.scale, q2.global_scale)
+
+    def fn():
+        return nvfp4_moe(x, *weights, topk_weights, topk_ids, "gelu_tanh", backend=backend)
+
+    def refill():
+        x.copy_(torch.randn_like(x))
+        topk_ids.copy_(torch.randint(0, experts, topk_ids.shape, device="cuda", dtype=torch.int32))
+        topk_weights.copy_(torch.rand_like(topk_weights))
+
+    _replay_matches_eager(fn, refill)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("m", [1, 64, 300])
+def test_nvfp4_gemm_captures_in_a_cuda_graph(backend, m):
+    q = quantize_nvfp4(torch.randn(1024, 2048, device="cuda"))
+    g = q.global_scale * torch.linspace(0.5, 2.0, 1024, device="cuda")
+    x = torch.randn(m, 2048, device="cuda", dtype=torch.bfloat16)
+    _replay_matches_eager(
+        lambda: nvfp4_gemm(x, q.qdata, q.scale, g, backend=backend), lambda: x.copy_(torch.randn_like(x))
+    )
+
+
+@pytest.mark.parametrize("backend", ["triton", "scaled_mm", "torch"])
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])
+def test_fp8_gemm_captures_in_a_cuda_graph(backend, granularity):
+    weight, scale = quantize_fp8(torch.randn(1024, 2048, device="cuda"), granularity)
+    scale = scale.reshape(-1) if granularity == "channel" else scale
+    x = torch.randn(8, 2048, device="cuda", dtype=torch.bfloat16)
+    _replay_matches_eager(
+        lambda: fp8_gemm(x, weight, scale, backend=backend), lambda: x.copy_(torch.randn_like(x))
+    )
+

@@ -33,7 +33,12 @@ import triton.language as tl  # noqa: E402
 from nvfp4_ext.kernels import fp8_gemm, nvfp4_gemm, nvfp4_moe  # noqa: E402
 from nvfp4_ext.kernels.nvfp4_gemm_kernel import GemmConfig  # noqa: E402
 from nvfp4_ext.kernels.nvfp4_moe_kernel import MoeConfig, TileConfig  # noqa: E402
-from nvfp4_ext.kernels.nvfp4_tile import E2M1_FP16_SCALE, e2m1_pair_to_float, e4m3_to_float  # noqa: E402
+from nvfp4_ext.kernels.nvfp4_tile import (  # noqa: E402
+    E2M1_FP16_SCALE,
+    e2m1_pair_to_float,
+    e4m3_to_float,
+    row_offsets,
+)
 from nvfp4_ext.kernels.reference import (  # noqa: E402
     apply_gated_activation,
     fp8_gemm_ref,
@@ -84,6 +89,21 @@ def test_device_decoders_match_format_tables_for_every_byte():
     finite = (codes & 0x7F) != 0x7F  # 0x7F / 0xFF are NaN in e4m3fn; scales never hold them
     expected = codes.view(torch.float8_e4m3fn).float()
     torch.testing.assert_close(scales[finite], expected[finite], rtol=0, atol=0)
+
+
+@triton.jit
+def _row_offset_probe(rows_ptr, out_ptr, stride, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(out_ptr + offs, row_offsets(tl.load(rows_ptr + offs), stride))
+
+
+def test_row_offsets_do_not_wrap_past_two_to_the_31():
+    """The row offsets every kernel uses for activations and outputs: a [8192, 262144] output (LM head at
+    8192 tokens) has M*N = 2**31; int32 row * stride arithmetic wraps there (as it did on main)."""
+    rows = torch.tensor([0, 1, 8191, 8192, 65535, 2**20, 2**24, 2**31 - 1], dtype=torch.int32)
+    out = torch.zeros(8, dtype=torch.int64)
+    _row_offset_probe[(1,)](rows, out, 262144, N=8)
+    assert out.tolist() == [r * 262144 for r in rows.tolist()]
 
 
 # ------------------------------------------------------------------------------------------- NVFP4 GEMM

@@ -171,3 +171,38 @@ def test_ptx_fast_decode_bit_math_reproduces_e2m1_times_scale():
                 torch.testing.assert_close(
                     product * FAST_DECODE_GLOBAL_FACTOR, expected[:, None] * scales[None, :], rtol=0, atol=0
                 )
+
+
+class _RecordedLaunch:
+    """Stands in for a `@triton.jit` kernel: records `kernel[grid](*args, **meta)`."""
+
+    def __init__(self) -> None:
+        self.args: list[tuple] = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **meta: self.args.append(args)
+
+
+def test_precomputed_per_row_globals_reach_the_kernels_without_a_copy(monkeypatch):
+    """The engine adapters build float32 per-row globals once at load ([N], [E, 2I], [E, H]); the launchers
+    hand those very tensors to the kernels (on main the MoE launcher rebuilt both per call). [E] / 0-d
+    globals are still expanded."""
+    from nvfp4_ext.kernels import nvfp4_gemm_kernel, nvfp4_moe_kernel
+
+    launches = {name: _RecordedLaunch() for name in ("gemm", "gate_up", "down")}
+    monkeypatch.setattr(nvfp4_gemm_kernel, "_nvfp4_gemm_kernel", launches["gemm"])
+    monkeypatch.setattr(nvfp4_moe_kernel, "_moe_gate_up_kernel", launches["gate_up"])
+    monkeypatch.setattr(nvfp4_moe_kernel, "_moe_down_kernel", launches["down"])
+    args = _moe_args(torch.tensor([[0, 1], [3, 2]]))
+    w13_global = args[3][:, None].expand(4, 32).contiguous()
+    w2_global = args[6][:, None].expand(4, 32).contiguous()
+    args[3], args[6] = w13_global, w2_global
+    nvfp4_moe_triton(*args)
+    assert launches["gate_up"].args[0][3].data_ptr() == w13_global.data_ptr()
+    assert launches["down"].args[0][3].data_ptr() == w2_global.data_ptr()
+    q = quantize_nvfp4(torch.randn(48, 64))
+    row_global = q.global_scale * torch.linspace(0.5, 2, 48)
+    nvfp4_gemm_triton(torch.randn(2, 64, dtype=torch.float16), q.qdata, q.scale, row_global)
+    assert launches["gemm"].args[0][3].data_ptr() == row_global.data_ptr()
+    nvfp4_gemm_triton(torch.randn(2, 64, dtype=torch.float16), q.qdata, q.scale, q.global_scale)
+    assert launches["gemm"].args[1][3].shape == (48,)  # a 0-d global still becomes one per row

@@ -81,7 +81,6 @@ def _serve(model: Path, log: Path, *extra: str) -> Iterator[str]:
         str(port),
         "--mem-fraction-static",
         "0.3",
-        "--disable-cuda-graph",
         "--dtype",
         "bfloat16",
         *extra,
@@ -115,8 +114,13 @@ def _serve(model: Path, log: Path, *extra: str) -> Iterator[str]:
             server.wait()
 
 
-@pytest.fixture(scope="module")
-def diffusion_server(checkpoints, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+# SGLang captures decode in CUDA graphs by default, which is what users run: every server test runs with
+# graphs on, and once more eager (`--disable-cuda-graph`) as the extra case.
+GRAPH_MODES = {"cuda-graphs": (), "eager": ("--disable-cuda-graph",)}
+
+
+@pytest.fixture(scope="module", params=list(GRAPH_MODES))
+def diffusion_server(checkpoints, tmp_path_factory: pytest.TempPathFactory, request) -> Iterator[str]:
     root = tmp_path_factory.mktemp("dg_server")
     config = root / "dllm.yaml"
     # JSON is YAML: SGLang's defaults, written out so the test documents the keys.
@@ -132,12 +136,14 @@ def diffusion_server(checkpoints, tmp_path_factory: pytest.TempPathFactory) -> I
         "Gemma4Renoise",
         "--dllm-algorithm-config",
         str(config),
+        *GRAPH_MODES[request.param],
     )
 
 
-@pytest.fixture(scope="module")
-def moe_server(checkpoints, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    yield from _serve(checkpoints["qwen3_moe"], tmp_path_factory.mktemp("moe_server") / "server.log")
+@pytest.fixture(scope="module", params=list(GRAPH_MODES))
+def moe_server(checkpoints, tmp_path_factory: pytest.TempPathFactory, request) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("moe_server") / "server.log"
+    yield from _serve(checkpoints["qwen3_moe"], log, *GRAPH_MODES[request.param])
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,8 @@ __all__ = [
     "assert_loaded",
     "backend_for",
     "check_nvfp4_partition",
+    "flashinfer_input_scale_inverse",
+    "flashinfer_nvfp4_weights",
     "fp8_linear_forward",
     "nvfp4_linear_forward",
     "nvfp4_moe_forward",
@@ -186,6 +188,7 @@ def nvfp4_linear_forward(
     backend: Backend,
     input_global: torch.Tensor | None = None,
     weight_scale_swizzled: torch.Tensor | None = None,
+    input_global_inv: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y = x @ dequant(W).T (+ bias) for an NVFP4 linear layer with per-row global multipliers.
 
@@ -196,7 +199,9 @@ def nvfp4_linear_forward(
             FP4 tensor cores with the static `input_global` multiplier (GPU only); "emulated" runs the
             same W4A4 math in torch (`nvfp4_ext.kernels.fp4_emulation`).
         input_global: float32 multiplier of the activations (W4A4 only).
-        weight_scale_swizzled: `swizzle_block_scales(weight_scale)`, precomputed at load (FlashInfer only).
+        weight_scale_swizzled: FlashInfer only, from `flashinfer_nvfp4_weights` at load; `weight` is then
+            the padded weight it returned.
+        input_global_inv: FlashInfer only, 1 / input_global as float32 [1], computed at load.
     Returns:
         [..., N] in x.dtype.
     """
@@ -208,10 +213,13 @@ def nvfp4_linear_forward(
             raise ConfigError("the emulated W4A4 backend needs the layer's input_scale (a W4A4 checkpoint)")
         out = nvfp4_w4a4_gemm_emulated(flat, weight, weight_scale, global_per_row, bias, input_global)
     elif backend == "flashinfer":
-        if weight_scale_swizzled is None:
-            weight_scale_swizzled = swizzle_block_scales(weight_scale)
+        if input_global is None or input_global_inv is None or weight_scale_swizzled is None:
+            raise ConfigError(
+                "FlashInfer W4A4 needs the layer's input_scale and the weights prepared at load "
+                "(flashinfer_nvfp4_weights); this layer has not been prepared"
+            )
         out = _flashinfer_nvfp4_linear(
-            flat, weight, weight_scale_swizzled, global_per_row, bias, input_global
+            flat, weight, weight_scale_swizzled, global_per_row, bias, input_global, input_global_inv
         )
     else:
         from nvfp4_ext.kernels import nvfp4_gemm
@@ -237,32 +245,76 @@ def swizzle_block_scales(scale: torch.Tensor) -> torch.Tensor:
     return tiles.contiguous().reshape(mp, kp).view(scale.dtype)
 
 
+# CUTLASS FP4 GEMMs (FlashInfer's "cutlass" backend) need N and K to be multiples of 32; vLLM pads the same
+# way. DiffusionGemma's expert width 2112 at TP=4 is 528 = 16 * 33, for example.
+FLASHINFER_FP4_ALIGNMENT = 32
+
+
+def flashinfer_nvfp4_weights(
+    weight: torch.Tensor, weight_scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weights of a FlashInfer W4A4 layer, prepared once at load.
+
+    Args:
+        weight: uint8 [N, K/2] packed E2M1; weight_scale: e4m3 [N, K/16].
+    Returns:
+        (weight zero-padded to [ceil(N/32)*32, ceil(K/32)*16] (the input itself when aligned), its block
+        scales swizzled). The swizzle pads rows to 128 and scale columns to 4 (K to 64) with zeros, which
+        covers the weight's padding: padded K columns are zero codes with zero scales, padded N rows give
+        output columns that `_flashinfer_nvfp4_linear` slices off.
+    """
+    n, half_k = weight.shape
+    rows = ceil_div(n, FLASHINFER_FP4_ALIGNMENT) * FLASHINFER_FP4_ALIGNMENT
+    half_cols = ceil_div(2 * half_k, FLASHINFER_FP4_ALIGNMENT) * FLASHINFER_FP4_ALIGNMENT // 2
+    if (rows, half_cols) != (n, half_k):
+        weight = torch.nn.functional.pad(weight, (0, half_cols - half_k, 0, rows - n)).contiguous()
+    return weight, swizzle_block_scales(weight_scale)
+
+
+def flashinfer_input_scale_inverse(input_global: torch.Tensor) -> torch.Tensor:
+    """1 / input multiplier as float32 [1]: FlashInfer's `fp4_quantize` divides by the multiplier."""
+    return (1.0 / input_global.double()).float().reshape(1)
+
+
+_FP4_QUANTIZE_DTYPES = (torch.float16, torch.bfloat16)
+
+
 def _flashinfer_nvfp4_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     weight_scale_swizzled: torch.Tensor,
     global_per_row: torch.Tensor,
     bias: torch.Tensor | None,
-    input_global: torch.Tensor | None,
+    input_global: torch.Tensor,
+    input_global_inv: torch.Tensor,
 ) -> torch.Tensor:
     """W4A4 GEMM with FlashInfer on FP4 tensor cores (sm >= 100). The per-row weight global is applied to the
-    output columns, which is exact (it is constant along K). GPU-only; CPU tests cover its dispatch and the
-    scale swizzle."""
+    output columns, which is exact (it is constant along K). `weight` / `weight_scale_swizzled` come from
+    `flashinfer_nvfp4_weights` (padded to multiples of 32); the padding is sliced off the output.
+
+    `fp4_quantize` takes fp16/bf16 only: float32 activations are rounded to bf16 first (8 mantissa bits,
+    far finer than the E2M1 codes they are quantized to next); the output is returned in x's dtype.
+    """
     import flashinfer
 
-    if input_global is None:
-        raise ConfigError("FlashInfer W4A4 needs the layer's input_scale (static activation global scale)")
-    x_fp4, x_sf = flashinfer.fp4_quantize(x, (1.0 / input_global.float()).reshape(1))
+    if x.dtype not in _FP4_QUANTIZE_DTYPES + (torch.float32,):
+        raise ConfigError(f"FlashInfer W4A4 takes fp16, bf16 or float32 activations, got {x.dtype}")
+    n, k = global_per_row.shape[0], x.shape[-1]
+    x_in = x if x.dtype in _FP4_QUANTIZE_DTYPES else x.to(torch.bfloat16)
+    padded_k = weight.shape[1] * 2
+    if padded_k != k:
+        x_in = torch.nn.functional.pad(x_in, (0, padded_k - k))
+    x_fp4, x_sf = flashinfer.fp4_quantize(x_in, input_global_inv)
     out = flashinfer.mm_fp4(
         x_fp4,
         weight.t(),
         x_sf,
         weight_scale_swizzled.t(),
-        input_global.float().reshape(1),
+        input_global.reshape(1),
         torch.bfloat16,
         backend="cutlass",
     )
-    out = out.float() * global_per_row.float()
+    out = out[:, :n].float() * global_per_row
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype)

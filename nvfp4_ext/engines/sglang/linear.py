@@ -18,12 +18,14 @@ from sglang.srt.layers.parameter import (
 )
 from sglang.srt.layers.quantization.base_config import LinearMethodBase
 
+import nvfp4_ext.engines.custom_ops  # noqa: F401  (registers torch.ops.nvfp4_ext.nvfp4_linear)
 from nvfp4_ext.engines.common import (
     assert_loaded,
     backend_for,
     check_nvfp4_partition,
+    flashinfer_input_scale_inverse,
+    flashinfer_nvfp4_weights,
     fp8_linear_forward,
-    nvfp4_linear_forward,
     nvfp4_param_names,
     per_row_global,
     per_shard_global,
@@ -107,20 +109,33 @@ class Nvfp4ExtLinearMethod(LinearMethodBase):
         input_scale = getattr(layer, names["input"]).detach().float()
         # One activation scale for the fused GEMM: the largest shard's, as FlashInfer takes a scalar.
         layer.nvfp4_input_global = per_shard_global(input_scale.nan_to_num(1.0), self.convention).max()
+        # Everything the forward needs is decided and laid out once, here, not per call.
+        kind = "nvfp4_linear" if self.scheme == "nvfp4" else "nvfp4_w4a16_linear"
+        weight = getattr(layer, names["weight"])
+        layer.nvfp4_backend = backend_for(kind, weight.device)
+        layer.nvfp4_scale_swizzled = None
+        layer.nvfp4_input_global_inv = None
+        if layer.nvfp4_backend == "flashinfer":
+            padded, layer.nvfp4_scale_swizzled = flashinfer_nvfp4_weights(
+                weight.data, getattr(layer, names["scale"]).data
+            )
+            weight.data = padded  # replaces the checkpoint-shaped weight: no second copy in memory
+            layer.nvfp4_input_global_inv = flashinfer_input_scale_inverse(layer.nvfp4_input_global)
 
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        kind = "nvfp4_linear" if self.scheme == "nvfp4" else "nvfp4_w4a16_linear"
-        weight = getattr(layer, self.names["weight"])
-        return nvfp4_linear_forward(
+        # The opaque custom op: `--enable-torch-compile` must not trace the Triton launcher or FlashInfer.
+        return torch.ops.nvfp4_ext.nvfp4_linear(
             x,
-            weight,
+            getattr(layer, self.names["weight"]),
             getattr(layer, self.names["scale"]),
             layer.nvfp4_global_per_row,
             bias,
-            backend_for(kind, x.device),
-            input_global=layer.nvfp4_input_global,
+            layer.nvfp4_input_global,
+            layer.nvfp4_scale_swizzled,
+            layer.nvfp4_input_global_inv,
+            layer.nvfp4_backend,
         )
 
 
@@ -193,10 +208,9 @@ class Nvfp4ExtFp8LinearMethod(LinearMethodBase):
         elif self.scheme == "fp8_channel":
             scale = scale.reshape(-1)
         layer.fp8_weight_scale = scale.contiguous()
+        layer.fp8_backend = backend_for("fp8_linear", layer.weight.device)
 
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return fp8_linear_forward(
-            x, layer.weight, layer.fp8_weight_scale, bias, backend_for("fp8_linear", x.device)
-        )
+        return fp8_linear_forward(x, layer.weight, layer.fp8_weight_scale, bias, layer.fp8_backend)

@@ -127,9 +127,11 @@ class Nvfp4ExtMoEMethod(FusedMoEMethodBase):
         )
         # One multiplier per w13 row: gate rows take the gate shard's scale, up rows the up shard's (exact).
         layer.nvfp4_w13_global = w13_global.repeat_interleave(inter, dim=1).contiguous()
-        layer.nvfp4_w2_global = global_multiplier(
-            getattr(layer, f"w2_{names['global']}").detach().float(), self.convention
-        ).contiguous()
+        w2_stored = getattr(layer, f"w2_{names['global']}").detach().float()
+        w2_global = global_multiplier(w2_stored, self.convention)
+        hidden = getattr(layer, f"w2_{names['weight']}").shape[1]
+        # Per output row ([E, H]) now, so the kernel launcher passes it through instead of expanding per call.
+        layer.nvfp4_w2_global = w2_global.unsqueeze(1).expand(-1, hidden).contiguous()
         layer.nvfp4_w13_input_global = layer.nvfp4_w2_input_global = None
         if self.scheme == "nvfp4":  # W4A4: activation multipliers for the emulated backend, [E] each
             w13_input = getattr(layer, f"w13_{names['input']}").detach().float()
@@ -137,6 +139,10 @@ class Nvfp4ExtMoEMethod(FusedMoEMethodBase):
             layer.nvfp4_w2_input_global = global_multiplier(
                 getattr(layer, f"w2_{names['input']}").detach().float(), self.convention
             )
+        # Decided once; FlashInfer's FP4 MoE is not wired in, so a "flashinfer" choice runs (and is logged
+        # as) our Triton kernels.
+        kind = "nvfp4_moe" if self.scheme == "nvfp4" else "nvfp4_w4a16_moe"
+        layer.nvfp4_backend = backend_for(kind, w2_global.device, implemented=("torch", "triton", "emulated"))
 
     # ---------------------------------------------------------------------------------------- execution
     def create_moe_runner(self, layer: torch.nn.Module, moe_runner_config) -> None:
@@ -171,7 +177,6 @@ class Nvfp4ExtMoEMethod(FusedMoEMethodBase):
         dropped = topk_ids < 0
         topk_weights = topk_weights.masked_fill(dropped, 0.0)
         topk_ids = topk_ids.masked_fill(dropped, 0)
-        kind = "nvfp4_moe" if self.scheme == "nvfp4" else "nvfp4_w4a16_moe"
         names = self.names
         out = nvfp4_moe_forward(
             x,
@@ -184,7 +189,7 @@ class Nvfp4ExtMoEMethod(FusedMoEMethodBase):
             topk_weights.float(),
             topk_ids,
             self.activation,
-            backend_for(kind, x.device, implemented=("torch", "triton", "emulated")),
+            layer.nvfp4_backend,
             layer.nvfp4_w13_input_global,
             layer.nvfp4_w2_input_global,
         )

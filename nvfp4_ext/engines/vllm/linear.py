@@ -8,7 +8,7 @@ over shards without rescaling the block scales.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import torch
 from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
@@ -17,17 +17,17 @@ from vllm.model_executor.parameter import (
     ModelWeightParameter,
     PerTensorScaleParameter,
 )
-from vllm.utils.torch_utils import direct_register_custom_op
 
+import nvfp4_ext.engines.custom_ops  # noqa: F401  (registers torch.ops.nvfp4_ext.nvfp4_linear)
 from nvfp4_ext.engines.common import (
     assert_loaded,
     backend_for,
     check_nvfp4_partition,
+    flashinfer_input_scale_inverse,
+    flashinfer_nvfp4_weights,
     fp8_linear_forward,
-    nvfp4_linear_forward,
     nvfp4_param_names,
     per_row_global,
-    swizzle_block_scales,
     unloaded,
 )
 from nvfp4_ext.errors import CheckpointError, ConfigError
@@ -112,17 +112,25 @@ class Nvfp4ExtLinearMethod(LinearMethodBase):
             from nvfp4_ext.format import global_multiplier
 
             layer.nvfp4_input_global = global_multiplier(stored_input.float(), self.convention).max()
-        self.backend = backend_for(self.kind, getattr(layer, self.names["weight"]).device)
+        weight = getattr(layer, self.names["weight"])
+        self.backend = backend_for(self.kind, weight.device)
         layer.nvfp4_scale_swizzled = None
+        layer.nvfp4_input_global_inv = None
         if self.backend == "flashinfer":
-            layer.nvfp4_scale_swizzled = swizzle_block_scales(getattr(layer, self.names["scale"]).data)
+            # Once, here: padding to CUTLASS's multiples of 32 (replacing the checkpoint-shaped weight, so
+            # memory is not doubled), the scale swizzle and the reciprocal input scale.
+            padded, layer.nvfp4_scale_swizzled = flashinfer_nvfp4_weights(
+                weight.data, getattr(layer, self.names["scale"]).data
+            )
+            weight.data = padded
+            layer.nvfp4_input_global_inv = flashinfer_input_scale_inverse(layer.nvfp4_input_global)
 
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         # Through the opaque custom op: vLLM's fullgraph torch.compile must not trace into the kernel
         # launchers (config choice, Triton launch), it sees only the op's shape function.
-        return torch.ops.vllm.nvfp4_ext_linear(
+        return torch.ops.nvfp4_ext.nvfp4_linear(
             x,
             getattr(layer, self.names["weight"]),
             getattr(layer, self.names["scale"]),
@@ -130,40 +138,9 @@ class Nvfp4ExtLinearMethod(LinearMethodBase):
             bias,
             layer.nvfp4_input_global,
             layer.nvfp4_scale_swizzled,
+            layer.nvfp4_input_global_inv,
             self.backend,
         )
-
-
-def _nvfp4_linear_op(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    weight_scale: torch.Tensor,
-    global_per_row: torch.Tensor,
-    bias: Optional[torch.Tensor],  # noqa: UP045 (torch's schema inference reads these annotations)
-    input_global: Optional[torch.Tensor],  # noqa: UP045
-    weight_scale_swizzled: Optional[torch.Tensor],  # noqa: UP045
-    backend: str,
-) -> torch.Tensor:
-    return nvfp4_linear_forward(
-        x, weight, weight_scale, global_per_row, bias, backend, input_global, weight_scale_swizzled
-    )
-
-
-def _nvfp4_linear_fake(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    weight_scale: torch.Tensor,
-    global_per_row: torch.Tensor,
-    bias: Optional[torch.Tensor],  # noqa: UP045
-    input_global: Optional[torch.Tensor],  # noqa: UP045
-    weight_scale_swizzled: Optional[torch.Tensor],  # noqa: UP045
-    backend: str,
-) -> torch.Tensor:
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
-if not hasattr(torch.ops.vllm, "nvfp4_ext_linear"):
-    direct_register_custom_op("nvfp4_ext_linear", _nvfp4_linear_op, fake_impl=_nvfp4_linear_fake)
 
 
 @register_weight_loader_v2_supported_method
