@@ -257,11 +257,17 @@ def test_step_runs_under_fake_tensor_mode() -> None:
         assert fake_state["sc_embeds"].shape == (REQS, CL, HIDDEN)
 
 
-def test_step_compiles_with_fullgraph_and_matches_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_step_compiles_with_fullgraph_and_matches_eager() -> None:
     import torch._dynamo
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config, "fallback_random", True)  # eager's randint stream
+    # config.patch, not monkeypatch: monkeypatch's undo hides the entry ("fallback_random does not exist")
+    # and breaks every later torch.compile in the session (compressed-tensors' cast_to_fp4, vLLM).
+    with inductor_config.patch(fallback_random=True):  # eager's randint stream
+        _compiled_step_matches_eager()
+
+
+def _compiled_step_matches_eager() -> None:
     torch._dynamo.reset()
     inputs, eager = _problem(4)
     compiled_state = {k: v.clone() for k, v in eager.items()}
