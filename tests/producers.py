@@ -165,7 +165,7 @@ def _modelopt_dequantize_tensor(tensors: dict[str, torch.Tensor], module: str) -
     raise NotImplementedError(f"no ModelOpt dequantizer wired for {module} ({packed.dtype})")
 
 
-def _fuse_experts_like_source(tensors: dict[str, torch.Tensor], source_keys: set[str]) -> dict:
+def fuse_experts_like_source(tensors: dict[str, torch.Tensor], source_keys: set[str]) -> dict:
     """Per-expert `experts.E.{gate,up,down}_proj.weight` back into the source's fused 3-D
     `experts.gate_up_proj` [E, 2I, H] / `experts.down_proj` [E, H, I] when the source stored them fused
     (Gemma 4); per-expert sources (Qwen3-MoE) are loaded per expert by transformers itself."""
@@ -216,7 +216,7 @@ def modelopt_dequantize(export_dir: str | Path, source_dir: str | Path, out_dir:
     for path in sorted(source.glob("*.safetensors")):
         with safe_open(str(path), "pt") as f:
             source_keys |= set(f.keys())
-    weights = _fuse_experts_like_source(weights, source_keys)
+    weights = fuse_experts_like_source(weights, source_keys)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "model.safetensors"))
     config = json.loads((source / "config.json").read_text())
