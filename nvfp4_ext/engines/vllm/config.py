@@ -180,9 +180,10 @@ class Nvfp4ExtConfig(QuantizationConfig):
         parent, _, leaf = name.rpartition(".")
         shards = getattr(self, "packed_modules_mapping", {}).get(leaf)
         if shards and len(shards) > 1 and leaf not in FUSED_SHARDS and leaf != "experts":
-            # A fused layer the model declares (vLLM passes the model's packed_modules_mapping), e.g. Qwen3.5's
-            # GDN `in_proj_ba` = in_proj_b + in_proj_a, DeepSeek's `fused_qkv_a_proj`: the checkpoint names
-            # the shards, and they must agree (ModelOpt keeps in_proj_a/b BF16 while quantizing in_proj_qkv).
+            # A fused layer the model declares (vLLM passes the model's packed_modules_mapping), e.g.
+            # Qwen3.5's GDN `in_proj_ba` = in_proj_b + in_proj_a, DeepSeek's `fused_qkv_a_proj`: the
+            # checkpoint names the shards, and they must agree (ModelOpt keeps in_proj_a/b BF16 while
+            # quantizing in_proj_qkv).
             found = {s: self.quant.scheme_for(f"{parent}.{s}" if parent else s) for s in shards}
             if len(set(found.values())) > 1:
                 detail = ", ".join(f"{s}={v}" for s, v in found.items())
