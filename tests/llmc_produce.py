@@ -49,27 +49,19 @@ def write_reference(source: Path, out: Path, reference: Path) -> None:
     functions (`unpack_fp4_from_uint8` + `dequantize` with the checkpoint's QuantizationArgs, the steps of
     `NVFP4PackedCompressor.decompress`, run in float32 rather than its bf16 default so no rounding is added),
     the source's config and tokenizer."""
-    import shutil
-
     from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
     from compressed_tensors.quantization import QuantizationArgs
     from compressed_tensors.quantization.lifecycle.forward import dequantize
-    from safetensors import safe_open
-    from safetensors.torch import save_file
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from producers import TOKENIZER_FILES, fuse_experts_like_source
+    from producers import read_tensors, write_float32_reference
 
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
     groups = list(qcfg["config_groups"].values())
     if len(groups) != 1:
         raise SystemExit(f"expected one config group, got {len(groups)}")
     args = QuantizationArgs.model_validate(groups[0]["weights"])
-    tensors = {}
-    for path in sorted(out.glob("*.safetensors")):
-        with safe_open(str(path), "pt") as f:
-            for key in f.keys():  # noqa: SIM118
-                tensors[key] = f.get_tensor(key)
+    tensors = read_tensors(out)
     weights = {}
     for key, value in tensors.items():
         module, _, suffix = key.rpartition(".")
@@ -87,19 +79,7 @@ def write_reference(source: Path, out: Path, reference: Path) -> None:
             continue
         else:
             weights[key] = value.float()
-    source_keys = set()
-    for path in sorted(source.glob("*.safetensors")):
-        with safe_open(str(path), "pt") as f:
-            source_keys |= set(f.keys())
-    weights = fuse_experts_like_source(weights, source_keys)
-    reference.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(reference / "model.safetensors"))
-    config = json.loads((source / "config.json").read_text())
-    config["dtype"] = "float32"
-    (reference / "config.json").write_text(json.dumps(config, indent=2))
-    for name in (*TOKENIZER_FILES, "generation_config.json"):
-        if (source / name).exists():
-            shutil.copy(source / name, reference / name)
+    write_float32_reference(weights, source, reference)
 
 
 def main(source: str, out: str, reference: str, scheme: str) -> None:

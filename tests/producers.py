@@ -22,9 +22,14 @@ import torch
 
 __all__ = [
     "MODELOPT_RECIPES",
+    "fuse_experts_like_source",
     "modelopt_dequantize",
     "modelopt_export",
+    "modelopt_quant_config",
+    "producer_state",
     "producer_state_file",
+    "read_tensors",
+    "write_float32_reference",
 ]
 
 # Our short name -> the ModelOpt config it uses (attribute of `modelopt.torch.quantization`), or a recipe
@@ -201,15 +206,8 @@ def modelopt_dequantize(export_dir: str | Path, source_dir: str | Path, out_dir:
     `NVFP4QTensor.dequantize` / `FP8QTensor.dequantize`; scales (incl. KV `k_scale`/`v_scale`, which the
     engines apply only with an FP8 KV cache) dropped; the source's config (no quantization_config) and
     tokenizer. Returns `out_dir`."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    export_dir, source, out = Path(export_dir), Path(source_dir), Path(out_dir)
-    tensors: dict[str, torch.Tensor] = {}
-    for path in sorted(export_dir.glob("*.safetensors")):
-        with safe_open(str(path), "pt") as f:
-            for key in f.keys():  # noqa: SIM118
-                tensors[key] = f.get_tensor(key)
+    export_dir = Path(export_dir)
+    tensors = read_tensors(export_dir)
     weights: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
         module, _, suffix = key.rpartition(".")
@@ -219,11 +217,30 @@ def modelopt_dequantize(export_dir: str | Path, source_dir: str | Path, out_dir:
             weights[key] = _modelopt_dequantize_tensor(tensors, module)
         else:
             weights[key] = value.float()
-    source_keys: set[str] = set()
-    for path in sorted(source.glob("*.safetensors")):
+    return write_float32_reference(weights, source_dir, out_dir)
+
+
+def read_tensors(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory's safetensors files (tiny test checkpoints only)."""
+    from safetensors import safe_open
+
+    tensors: dict[str, torch.Tensor] = {}
+    for path in sorted(Path(checkpoint_dir).glob("*.safetensors")):
         with safe_open(str(path), "pt") as f:
-            source_keys |= set(f.keys())
-    weights = fuse_experts_like_source(weights, source_keys)
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                tensors[key] = f.get_tensor(key)
+    return tensors
+
+
+def write_float32_reference(
+    weights: dict[str, torch.Tensor], source_dir: str | Path, out_dir: str | Path
+) -> Path:
+    """Save producer-dequantized float32 weights as an unquantized HF checkpoint: experts fused back when the
+    source stored them fused, the source's config (without quantization_config) and tokenizer files."""
+    from safetensors.torch import save_file
+
+    source, out = Path(source_dir), Path(out_dir)
+    weights = fuse_experts_like_source(weights, set(read_tensors(source)))
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "model.safetensors"))
     config = json.loads((source / "config.json").read_text())
