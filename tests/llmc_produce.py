@@ -92,9 +92,11 @@ def main(source: str, out: str, reference: str, scheme: str) -> None:
 
     config = AutoConfig.from_pretrained(source)
     vocab = config.get_text_config().vocab_size
-    recipe = QuantizationModifier(
-        targets="Linear", scheme=scheme, ignore=["lm_head", "re:.*mlp.gate$", "re:.*router.*"]
-    )
+    # Gemma 4's per-layer-embedding projections stay BF16: llm-compressor 0.14 sometimes calibrates
+    # `per_layer_model_projection` to a ~0 weight global scale (3.5e-12, input global 1.8e31), which our
+    # validator then rejects ("global scale is zero") -- see docs/checkpoint.md.
+    ignore = ["lm_head", "re:.*mlp.gate$", "re:.*router.*", "re:.*per_layer.*"]
+    recipe = QuantizationModifier(targets="Linear", scheme=scheme, ignore=ignore)
     model = oneshot(
         model=source,
         recipe=recipe,

@@ -251,3 +251,19 @@ def write_float32_reference(
         if (source / name).exists():
             shutil.copy(source / name, out / name)
     return out
+
+
+def assert_inspect_matches(checkpoint_dir: str | Path, decisions: dict[str, str]) -> dict:
+    """`nvfp4-ext inspect`'s per-module schemes equal a producer's own decisions (module -> scheme); every
+    other module it lists is unquantized, and the per-scheme parameter totals add up. Returns the report."""
+    from nvfp4_ext.checkpoint.inspect import inspect_checkpoint
+
+    report = inspect_checkpoint(str(checkpoint_dir))
+    table = {row["name"]: row["scheme"] for row in report["modules"]}
+    assert set(decisions) <= set(table), sorted(set(decisions) - set(table))
+    assert {name: table[name] for name in decisions} == decisions
+    assert {scheme for name, scheme in table.items() if name not in decisions} == {"unquantized"}
+    for scheme in set(decisions.values()):
+        params = sum(row["params"] for row in report["modules"] if row["scheme"] == scheme)
+        assert report["summary"]["by_scheme"][scheme]["params"] == params
+    return report

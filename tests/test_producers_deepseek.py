@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from producers import modelopt_dequantize, modelopt_export, producer_state_file
+from producers import assert_inspect_matches, modelopt_dequantize, modelopt_export, producer_state_file
 from test_vllm_helpers import MAX_TOKENS, PROMPTS, engine_env, make_llm, tiny_checkpoint, vllm_greedy
 
 pytestmark = pytest.mark.vllm
@@ -92,8 +92,9 @@ def probes(deepseek) -> dict:
     return {"ours": _run(deepseek["export"], "nvfp4_ext"), "reference": _run(deepseek["reference"], None)}
 
 
-def test_modelopt_quantized_every_deepseek_linear_including_kv_b_proj(deepseek):
+def test_modelopt_quantized_every_deepseek_linear_including_kv_b_proj_and_inspect_agrees(deepseek):
     state = json.loads(producer_state_file(deepseek["export"]).read_text())
+    assert_inspect_matches(deepseek["export"], state)
     for layer in (0, 1):
         for proj in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"):
             assert state[f"model.layers.{layer}.self_attn.{proj}"] == "nvfp4"

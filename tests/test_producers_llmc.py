@@ -18,6 +18,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from producers import assert_inspect_matches
 from test_vllm_helpers import PROMPTS, engine_env, hf_greedy, make_llm, tiny_checkpoint, vllm_greedy
 
 pytestmark = pytest.mark.vllm
@@ -103,11 +104,5 @@ def test_vllm_serves_llmc_checkpoint_like_compressed_tensors_dequantized_model(c
 
 @pytest.mark.parametrize("case", CASES)
 def test_inspect_precision_table_matches_what_llmc_quantized(case, llmc_checkpoints):
-    from nvfp4_ext.checkpoint.inspect import inspect_checkpoint
-
     out, _, produced = llmc_checkpoints[case]
-    decisions = produced["decisions"]
-    table = {row["name"]: row["scheme"] for row in inspect_checkpoint(str(out))["modules"]}
-    assert set(decisions) <= set(table), sorted(set(decisions) - set(table))
-    assert {name: table[name] for name in decisions} == decisions
-    assert {scheme for name, scheme in table.items() if name not in decisions} == {"unquantized"}
+    assert_inspect_matches(out, produced["decisions"])

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from producers import modelopt_dequantize, modelopt_export, producer_state_file
+from producers import assert_inspect_matches, modelopt_dequantize, modelopt_export, producer_state_file
 from safetensors import safe_open
 from test_vllm_helpers import PROMPTS, engine_env, hf_greedy, make_llm, tiny_checkpoint, vllm_greedy
 
@@ -220,15 +220,5 @@ def test_inspect_precision_table_matches_what_modelopt_decided(case, producer_ro
     """`nvfp4-ext inspect`'s per-module scheme equals ModelOpt's own decision, read from its quantizers after
     `mtq.quantize` (not from the file): W4A4 vs W4A16 by whether the input quantizer is on, FP8, and every
     module ModelOpt left alone (routers, embeddings, LM head, per-recipe exclusions) reported unquantized."""
-    from nvfp4_ext.checkpoint.inspect import inspect_checkpoint
-
     export, _ = modelopt_checkpoint(producer_root, case)
-    state = json.loads(producer_state_file(export).read_text())
-    report = inspect_checkpoint(str(export))
-    table = {row["name"]: row["scheme"] for row in report["modules"]}
-    assert set(state) <= set(table), sorted(set(state) - set(table))
-    assert {name: table[name] for name in state} == state
-    assert {scheme for name, scheme in table.items() if name not in state} == {"unquantized"}
-    for scheme in set(state.values()):
-        params = sum(row["params"] for row in report["modules"] if row["scheme"] == scheme)
-        assert report["summary"]["by_scheme"][scheme]["params"] == params
+    assert_inspect_matches(export, json.loads(producer_state_file(export).read_text()))

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from producers import modelopt_dequantize, modelopt_export
+from producers import assert_inspect_matches, modelopt_dequantize, modelopt_export, producer_state_file
 from safetensors.torch import load_file, save_file
 from test_vllm_helpers import PROMPTS, hf_greedy, tiny_checkpoint
 
@@ -119,6 +119,7 @@ def test_vllm_serves_modelopt_qwen3_5_like_modelopt_dequantized_model(qwen3_5, t
     quant = json.loads((qwen3_5["export"] / "hf_quant_config.json").read_text())["quantization"]
     assert quant["quant_algo"] == "W4A16_NVFP4"
     assert "model.layers.0.linear_attn.in_proj_a" in quant["exclude_modules"]  # fused with a quantized one
+    assert_inspect_matches(qwen3_5["export"], json.loads(producer_state_file(qwen3_5["export"]).read_text()))
     mtp_missing = with_bf16_mtp_head(
         qwen3_5["export"], qwen3_5["source"], qwen3_5["root"] / "mtp-not-excluded", excluded=False
     )
