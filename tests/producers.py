@@ -22,7 +22,9 @@ import torch
 
 __all__ = [
     "MODELOPT_RECIPES",
+    "assert_inspect_matches",
     "fuse_experts_like_source",
+    "modelopt_case",
     "modelopt_dequantize",
     "modelopt_export",
     "modelopt_quant_config",
@@ -267,3 +269,18 @@ def assert_inspect_matches(checkpoint_dir: str | Path, decisions: dict[str, str]
         params = sum(row["params"] for row in report["modules"] if row["scheme"] == scheme)
         assert report["summary"]["by_scheme"][scheme]["params"] == params
     return report
+
+
+def modelopt_case(
+    source_dir: str | Path, out_root: str | Path, recipe: str, *, kv_fp8: bool = False, name: str = ""
+) -> dict[str, Path]:
+    """A ModelOpt export of `source_dir` and its ModelOpt-dequantized float32 reference under `out_root`
+    (`modelopt-NAME` and `modelopt-NAME-dequantized`, NAME defaulting to the recipe), each built once."""
+    source, root = Path(source_dir), Path(out_root)
+    export = root / f"modelopt-{name or recipe}"
+    reference = root / f"modelopt-{name or recipe}-dequantized"
+    if not export.is_dir():
+        modelopt_export(source, export, recipe, kv_fp8=kv_fp8)
+    if not reference.is_dir():
+        modelopt_dequantize(export, source, reference)
+    return {"root": root, "source": source, "export": export, "reference": reference}

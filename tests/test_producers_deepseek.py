@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from producers import assert_inspect_matches, modelopt_dequantize, modelopt_export, producer_state_file
+from producers import assert_inspect_matches, modelopt_case, producer_state_file
 from test_vllm_helpers import MAX_TOKENS, PROMPTS, engine_env, make_llm, tiny_checkpoint, vllm_greedy
 
 pytestmark = pytest.mark.vllm
@@ -29,10 +29,7 @@ pytestmark = pytest.mark.vllm
 @pytest.fixture(scope="module")
 def deepseek(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("deepseek")
-    source = tiny_checkpoint(root, "deepseek-v3", "source")
-    export = modelopt_export(source, root / "modelopt-nvfp4", "nvfp4")
-    reference = modelopt_dequantize(export, source, root / "modelopt-nvfp4-dequantized")
-    return {"source": source, "export": export, "reference": reference}
+    return modelopt_case(tiny_checkpoint(root, "deepseek-v3", "source"), root, "nvfp4")
 
 
 def _first(output):

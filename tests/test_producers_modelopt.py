@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from producers import assert_inspect_matches, modelopt_dequantize, modelopt_export, producer_state_file
+from producers import assert_inspect_matches, modelopt_case, producer_state_file
 from safetensors import safe_open
 from test_vllm_helpers import PROMPTS, engine_env, hf_greedy, make_llm, tiny_checkpoint, vllm_greedy
 
@@ -71,13 +71,8 @@ def modelopt_checkpoint(root: Path, case: tuple) -> tuple[Path, Path]:
     """(ModelOpt export, ModelOpt-dequantized float32 reference) of a case, built once per session."""
     family, recipe, kv = case
     source = tiny_checkpoint(root, family, "source")
-    export = root / family / f"modelopt-{_case_id(case)}"
-    reference = root / family / f"modelopt-{_case_id(case)}-dequantized"
-    if not export.is_dir():
-        modelopt_export(source, export, recipe, kv_fp8=kv)
-    if not reference.is_dir():
-        modelopt_dequantize(export, source, reference)
-    return export, reference
+    built = modelopt_case(source, root / family, recipe, kv_fp8=kv, name=_case_id(case))
+    return built["export"], built["reference"]
 
 
 def _file_tensors(export: Path, suffix: str) -> dict[str, float]:

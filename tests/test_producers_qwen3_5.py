@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from producers import assert_inspect_matches, modelopt_dequantize, modelopt_export, producer_state_file
+from producers import assert_inspect_matches, modelopt_case, producer_state_file
 from safetensors.torch import load_file, save_file
 from test_vllm_helpers import PROMPTS, hf_greedy, tiny_checkpoint
 
@@ -77,10 +77,7 @@ def _run_engine_jobs(tmp_path: Path, jobs: list[dict]) -> list[dict]:
 @pytest.fixture(scope="module")
 def qwen3_5(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("qwen3_5")
-    source = tiny_checkpoint(root, "qwen3.5", "source")
-    export = modelopt_export(source, root / "modelopt-w4a16", "w4a16")
-    reference = modelopt_dequantize(export, source, root / "modelopt-w4a16-dequantized")
-    return {"root": root, "source": source, "export": export, "reference": reference}
+    return modelopt_case(tiny_checkpoint(root, "qwen3.5", "source"), root, "w4a16")
 
 
 def with_bf16_mtp_head(export: Path, source: Path, out: Path, *, excluded: bool) -> Path:
