@@ -21,6 +21,7 @@ __all__ = [
     "TINY_BUILDERS",
     "build_tiny_deepseek_v3",
     "build_tiny_diffusion_gemma",
+    "build_tiny_gemma4_dense",
     "build_tiny_gemma4_moe",
     "build_tiny_qwen3_5",
     "build_tiny_qwen3_dense",
@@ -90,6 +91,37 @@ def build_tiny_gemma4_moe(
         top_k_experts=2,
         moe_intermediate_size=32,
         # The per-layer-input embedding defaults to a 262144-row table (268 MB); size it to the vocabulary.
+        vocab_size_per_layer_input=vocab_size,
+        tie_word_embeddings=False,
+        final_logit_softcapping=30.0,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    config.architectures = ["Gemma4ForCausalLM"]
+    torch.manual_seed(seed)
+    return _save(Gemma4ForCausalLM(config).eval(), out_dir, dtype, vocab_size)
+
+
+def build_tiny_gemma4_dense(
+    out_dir: str | os.PathLike, *, seed: int = 0, dtype: torch.dtype = torch.bfloat16, vocab_size: int = 512
+) -> Path:
+    """Dense Gemma 4 text (`Gemma4ForCausalLM` without the MoE block): Gemma-4-31B's architecture, sliding +
+    full attention, gelu_tanh MLP, per-layer-input projections; untied like `build_tiny_gemma4_moe`."""
+    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+
+    config = Gemma4TextConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        layer_types=["sliding_attention", "full_attention"],
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        sliding_window=16,
+        max_position_embeddings=512,
+        enable_moe_block=False,
         vocab_size_per_layer_input=vocab_size,
         tie_word_embeddings=False,
         final_logit_softcapping=30.0,
@@ -359,6 +391,7 @@ def build_tiny_diffusion_gemma(
 
 TINY_BUILDERS = {
     "gemma4-moe": build_tiny_gemma4_moe,
+    "gemma4-dense": build_tiny_gemma4_dense,
     "qwen3-moe": build_tiny_qwen3_moe,
     "qwen3-dense": build_tiny_qwen3_dense,
     "deepseek-v3": build_tiny_deepseek_v3,

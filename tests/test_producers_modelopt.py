@@ -11,8 +11,9 @@ makes vLLM pick an FP8 KV cache, which has no transformers counterpart: greedy i
 declaration removed, and the export as written is served with the FP8 KV cache (CPU with AVX-512/AMX) with the
 k/v scales checked.
 
-The default run covers one case per recipe across the three families; `NVFP4_EXT_SLOW=1` (or `-m slow`) adds
-the rest of the family x recipe matrix.
+The default run covers Gemma 4 MoE and dense and Qwen3-MoE with W4A4 + FP8 KV scales, W4A16, experts-only and
+NVFP4+FP8 mixed; `NVFP4_EXT_SLOW=1` (or `-m slow`) adds the rest of the family x recipe matrix (incl. dense
+Qwen3).
 """
 
 from __future__ import annotations
@@ -34,10 +35,13 @@ pytestmark = pytest.mark.vllm
 DEFAULT_CASES = [
     ("gemma4-moe", "nvfp4", True),
     ("qwen3-moe", "mixed", False),
-    ("qwen3-dense", "w4a16", False),
+    ("gemma4-dense", "w4a16", False),
     ("gemma4-moe", "experts-only", False),
 ]
 SLOW_CASES = [
+    ("gemma4-dense", "nvfp4", True),
+    ("gemma4-dense", "mixed", False),
+    ("qwen3-dense", "w4a16", False),
     ("qwen3-moe", "mixed", True),
     ("qwen3-dense", "mlp-only", True),
     ("gemma4-moe", "w4a16", False),
