@@ -67,18 +67,20 @@ def _save(model: torch.nn.Module, out_dir: str | os.PathLike, dtype: torch.dtype
     return out
 
 
-def build_tiny_gemma4_moe(
-    out_dir: str | os.PathLike, *, seed: int = 0, dtype: torch.dtype = torch.bfloat16, vocab_size: int = 512
+def _build_tiny_gemma4(
+    out_dir: str | os.PathLike, *, moe: bool, seed: int, dtype: torch.dtype, vocab_size: int
 ) -> Path:
-    """Gemma 4 text MoE (`Gemma4ForCausalLM`): DiffusionGemma's backbone with gelu_tanh experts stored as
-    fused 3-D `experts.gate_up_proj` / `experts.down_proj`, sliding + full attention, untied embeddings (a
-    tied tiny Gemma 4 degenerates into repeating its last input token)."""
     from transformers import Gemma4ForCausalLM, Gemma4TextConfig
 
+    block = (
+        {"enable_moe_block": True, "num_experts": 8, "top_k_experts": 2, "moe_intermediate_size": 32}
+        if moe
+        else {"enable_moe_block": False}
+    )
     config = Gemma4TextConfig(
         vocab_size=vocab_size,
         hidden_size=64,
-        intermediate_size=64,
+        intermediate_size=64 if moe else 128,
         num_hidden_layers=2,
         layer_types=["sliding_attention", "full_attention"],
         num_attention_heads=2,
@@ -86,10 +88,7 @@ def build_tiny_gemma4_moe(
         head_dim=32,
         sliding_window=16,
         max_position_embeddings=512,
-        enable_moe_block=True,
-        num_experts=8,
-        top_k_experts=2,
-        moe_intermediate_size=32,
+        **block,
         # The per-layer-input embedding defaults to a 262144-row table (268 MB); size it to the vocabulary.
         vocab_size_per_layer_input=vocab_size,
         tie_word_embeddings=False,
@@ -103,35 +102,21 @@ def build_tiny_gemma4_moe(
     return _save(Gemma4ForCausalLM(config).eval(), out_dir, dtype, vocab_size)
 
 
+def build_tiny_gemma4_moe(
+    out_dir: str | os.PathLike, *, seed: int = 0, dtype: torch.dtype = torch.bfloat16, vocab_size: int = 512
+) -> Path:
+    """Gemma 4 text MoE (`Gemma4ForCausalLM`): DiffusionGemma's backbone with gelu_tanh experts stored as
+    fused 3-D `experts.gate_up_proj` / `experts.down_proj`, sliding + full attention, untied embeddings (a
+    tied tiny Gemma 4 degenerates into repeating its last input token)."""
+    return _build_tiny_gemma4(out_dir, moe=True, seed=seed, dtype=dtype, vocab_size=vocab_size)
+
+
 def build_tiny_gemma4_dense(
     out_dir: str | os.PathLike, *, seed: int = 0, dtype: torch.dtype = torch.bfloat16, vocab_size: int = 512
 ) -> Path:
     """Dense Gemma 4 text (`Gemma4ForCausalLM` without the MoE block): Gemma-4-31B's architecture, sliding +
     full attention, gelu_tanh MLP, per-layer-input projections; untied like `build_tiny_gemma4_moe`."""
-    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
-
-    config = Gemma4TextConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        layer_types=["sliding_attention", "full_attention"],
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        sliding_window=16,
-        max_position_embeddings=512,
-        enable_moe_block=False,
-        vocab_size_per_layer_input=vocab_size,
-        tie_word_embeddings=False,
-        final_logit_softcapping=30.0,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=2,
-    )
-    config.architectures = ["Gemma4ForCausalLM"]
-    torch.manual_seed(seed)
-    return _save(Gemma4ForCausalLM(config).eval(), out_dir, dtype, vocab_size)
+    return _build_tiny_gemma4(out_dir, moe=False, seed=seed, dtype=dtype, vocab_size=vocab_size)
 
 
 def build_tiny_qwen3_moe(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -24,6 +25,7 @@ __all__ = [
     "MODELOPT_RECIPES",
     "assert_inspect_matches",
     "fuse_experts_like_source",
+    "in_ci",
     "modelopt_case",
     "modelopt_dequantize",
     "modelopt_export",
@@ -45,6 +47,12 @@ MODELOPT_RECIPES: dict[str, str] = {
     "fp8": "FP8_DEFAULT_CFG",
     "mixed": "NVFP4_MLP_ONLY_CFG + FP8_DEFAULT_CFG entries for *self_attn*",
 }
+
+
+def in_ci() -> bool:
+    """CI=true (as tests/conftest.py reads it): a missing producer is then a failure, not a skip."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
 
 TOKENIZER_FILES = (
     "tokenizer.json",

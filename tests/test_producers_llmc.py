@@ -18,7 +18,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from producers import assert_inspect_matches
+from producers import assert_inspect_matches, in_ci
 from test_vllm_helpers import PROMPTS, engine_env, hf_greedy, make_llm, tiny_checkpoint, vllm_greedy
 
 pytestmark = pytest.mark.vllm
@@ -45,7 +45,7 @@ def llmc_checkpoints(tmp_path_factory, request) -> dict:
     llm-compressor reported)."""
     if not LLMC_PYTHON.exists():
         message = f"llm-compressor venv missing ({LLMC_PYTHON}); run scripts/install.sh"
-        if os.environ.get("CI") == "true":
+        if in_ci():
             pytest.fail(message)
         pytest.skip(message)
     root = tmp_path_factory.mktemp("llmc_producer")

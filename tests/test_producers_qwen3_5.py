@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from producers import assert_inspect_matches, modelopt_case, producer_state_file
+from producers import assert_inspect_matches, in_ci, modelopt_case, producer_state_file
 from safetensors.torch import load_file, save_file
 from test_vllm_helpers import PROMPTS, hf_greedy, tiny_checkpoint
 
@@ -58,7 +58,7 @@ def _run_engine_jobs(tmp_path: Path, jobs: list[dict]) -> list[dict]:
     extras = Path(sys.prefix) / "sglang-extras"
     if not (extras / "torchvision").is_dir():
         message = f"the side-folder torchvision is missing ({extras}); run scripts/install.sh"
-        if os.environ.get("CI") == "true":
+        if in_ci():
             pytest.fail(message)
         pytest.skip(message)
     script = tmp_path / "engine.py"
