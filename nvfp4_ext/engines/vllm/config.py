@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 
-from nvfp4_ext.checkpoint.config import QuantConfig, parse_quant_config
+from nvfp4_ext.checkpoint.config import FUSED_SHARDS, QuantConfig, parse_quant_config
 from nvfp4_ext.errors import CheckpointError, ConfigError
 
 from .validate import checkpoint_modules, validate_checkpoint
@@ -177,6 +177,21 @@ class Nvfp4ExtConfig(QuantizationConfig):
     def scheme(self, prefix: str) -> str:
         """The scheme of a vLLM layer (linear or routed experts) from the checkpoint config."""
         name = self.hf_name(prefix)
+        parent, _, leaf = name.rpartition(".")
+        shards = getattr(self, "packed_modules_mapping", {}).get(leaf)
+        if shards and len(shards) > 1 and leaf not in FUSED_SHARDS and leaf != "experts":
+            # A fused layer the model declares (vLLM passes the model's packed_modules_mapping), e.g.
+            # Qwen3.5's GDN `in_proj_ba` = in_proj_b + in_proj_a, DeepSeek's `fused_qkv_a_proj`: the
+            # checkpoint names the shards, and they must agree (ModelOpt keeps in_proj_a/b BF16 while
+            # quantizing in_proj_qkv).
+            found = {s: self.quant.scheme_for(f"{parent}.{s}" if parent else s) for s in shards}
+            if len(set(found.values())) > 1:
+                detail = ", ".join(f"{s}={v}" for s, v in found.items())
+                raise ConfigError(
+                    f"layer {prefix}: vLLM fuses {', '.join(shards)} into one layer, but the checkpoint "
+                    f"quantizes them differently ({detail})"
+                )
+            return next(iter(found.values()))
         if name.endswith(".experts") and self.quant.scheme_for(name) == "unquantized":
             # Per-expert listings (MIXED_PRECISION / compressed-tensors targets) name the expert projections.
             for child in (f"{name}.0.gate_proj", f"{name}.0.down_proj", f"{name}.gate_up_proj"):

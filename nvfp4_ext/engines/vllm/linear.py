@@ -106,7 +106,12 @@ class Nvfp4ExtLinearMethod(LinearMethodBase):
         stored = getattr(layer, self.names["global"]).data
         layer.nvfp4_global_per_row = per_row_global(stored, layer.nvfp4_shard_sizes, self.convention)
         layer.nvfp4_input_global = None
-        if self.scheme == "nvfp4":
+        if self.scheme == "nvfp4" and self.prefix.endswith("kv_b_proj"):
+            # MLA (DeepSeek V3, Kimi K2) absorbs kv_b_proj: vLLM dequantizes it by applying the layer to an
+            # identity matrix, which a W4A4 path would quantize to FP4 with the calibrated input scale
+            # (1.0 clipped or rounded). Computing it weight-only gives the exact dequantized weight.
+            self.kind = "nvfp4_w4a16_linear"
+        elif self.scheme == "nvfp4":
             # One activation scale for the fused input: the largest shard's keeps every shard in range.
             stored_input = getattr(layer, self.names["input"]).data
             from nvfp4_ext.format import global_multiplier
