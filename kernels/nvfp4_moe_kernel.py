@@ -67,7 +67,7 @@ class MoeConfig:
 
 # Decode: few tokens per expert, so small M-blocks and narrow gate/up tiles (8 experts x 704/32 tiles = 176
 # programs at M=1). Prefill: many tokens per expert, so bigger M-blocks amortize each weight tile.
-_DECODE = MoeConfig(16, gate_up=TileConfig(32, 128, 4, 4), down=TileConfig(64, 128, 4, 4))
+_DECODE = MoeConfig(16, gate_up=TileConfig(64, 64, 4, 4), down=TileConfig(64, 128, 4, 4))
 _MID = MoeConfig(32, gate_up=TileConfig(64, 64, 4, 3), down=TileConfig(64, 128, 4, 3))
 _PREFILL = MoeConfig(64, gate_up=TileConfig(64, 64, 4, 3), down=TileConfig(128, 64, 8, 3))
 
