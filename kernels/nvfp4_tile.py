@@ -2,9 +2,9 @@
 
 Reference for the decode: `nvfp4_ext.format.dequantize_nvfp4`. The kernels compute `W @ x^T` (weights as
 the MMA's A operand: a 16-row decode tile still fills Hopper's 64-row wgmma, whose A operand then comes
-straight from the decode registers). The tile loader returns W split into even-K and odd-K halves, because packed byte j of a row holds K-elements 2j (low nibble) and
-2j+1 (high nibble): pairing them with the even and odd activation columns avoids interleaving nibbles in
-registers. Every operand value is e2m1 * e4m3 block scale, which has at most 6 significant bits and lies in
+straight from the decode registers). The tile loader returns W split into even-K and odd-K halves,
+because packed byte j of a row holds K-elements 2j (low nibble) and 2j+1 (high nibble): pairing them
+with the even and odd activation columns avoids interleaving nibbles in registers. Every operand value is e2m1 * e4m3 block scale, which has at most 6 significant bits and lies in
 [2**-10, 2688], so it is exact in fp16 and bf16; global scales are applied to the fp32 accumulator.
 """
 

@@ -25,20 +25,26 @@ shape on H200 at M=1 (185 us, vLLM PR #44818), which the model can only bound fr
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 __all__ = [
     "GPUS",
     "MARLIN_INT4_BYTES_PER_WEIGHT",
     "MARLIN_SASS_PER_WEIGHT",
+    "NVFP4_BYTES_PER_WEIGHT",
+    "PredictedRow",
     "Gpu",
     "KernelResources",
     "Prediction",
     "bf16_gemm_time_us",
     "bf16_moe_time_us",
     "distinct_experts",
+    "format_predictions",
     "nvfp4_gemm_time_us",
     "nvfp4_moe_time_us",
+    "predict_diffusiongemma",
+    "resources_from_label",
 ]
 
 DRAM_EFFICIENCY = 0.85
@@ -221,8 +227,6 @@ class PredictedRow:
 
 def resources_from_label(config: str, sass_per_weight: float, ctas_per_sm: int) -> KernelResources:
     """KernelResources of a report row (config label "BMxBNxBK wW sS ...")."""
-    import re
-
     found = re.match(r"(\d+)x(\d+)x(\d+) w(\d+) s(\d+)", config)
     if not found:
         raise ValueError(f"expected a config label like '16x64x128 w4 s4', got {config!r}")
@@ -253,23 +257,27 @@ def predict_diffusiongemma(
                 res = resources[("nvfp4_gemm", f"{name} N={n} K={k} M={m}", gpu.capability)]
                 split = select_gemm_config(m, n, k).split_k
                 ours = nvfp4_gemm_time_us(gpu, m, n, k, res, split_k=split)
-                rows.append(PredictedRow(key, name, m, ours.time_us, ours.bound, bf16_gemm_time_us(gpu, m, n, k).time_us))
+                bf16 = bf16_gemm_time_us(gpu, m, n, k).time_us
+                rows.append(PredictedRow(key, name, m, ours.time_us, ours.bound, bf16))
         for m in batch_sizes:
             gate_up = resources[("nvfp4_moe_gate_up", f"{moe_name} M={m}", gpu.capability)]
             down = resources[("nvfp4_moe_down", f"{moe_name} M={m}", gpu.capability)]
             args = (gpu, m, moe["num_experts"], moe["hidden"], moe["intermediate"], moe["top_k"])
             ours = nvfp4_moe_time_us(*args, gate_up, down)
-            rows.append(PredictedRow(key, "moe (both GEMMs)", m, ours.time_us, ours.bound, bf16_moe_time_us(*args).time_us))
+            bf16 = bf16_moe_time_us(*args).time_us
+            rows.append(PredictedRow(key, "moe (both GEMMs)", m, ours.time_us, ours.bound, bf16))
     return rows
 
 
 def format_predictions(rows: list[PredictedRow]) -> str:
+    """A markdown table of the predictions, one row per (GPU, layer, M)."""
     lines = [
         "| GPU | layer | M | NVFP4 (us) | bound | BF16 (us) | BF16 / NVFP4 |",
         "|---|---|---:|---:|---|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r.gpu} | {r.layer} | {r.m} | {r.nvfp4_us:.1f} | {r.bound} | {r.bf16_us:.1f} | {r.speedup:.2f}x |"
+            f"| {r.gpu} | {r.layer} | {r.m} | {r.nvfp4_us:.1f} | {r.bound} | {r.bf16_us:.1f} "
+            f"| {r.speedup:.2f}x |"
         )
     return "\n".join(lines)

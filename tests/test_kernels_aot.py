@@ -40,7 +40,9 @@ def _check(results: list[report.CompileResult]) -> None:
         assert r.ctas_per_sm >= 1, f"{r.kernel} [{r.config}] cannot be resident on {r.arch}: {r}"
         # The K loop was found in the SASS: decoding a weight costs instructions, and so does the dot.
         assert r.loop_sass_per_weight is not None and r.loop_sass_per_weight > 1, r
-    spilled = [f"{r.kernel} [{r.config}] {r.arch}: {r.spill_stores}/{r.spill_loads} B" for r in results if r.spills]
+    spilled = [
+        f"{r.kernel} [{r.config}] {r.arch}: {r.spill_stores}/{r.spill_loads} B" for r in results if r.spills
+    ]
     assert not spilled, "register spills: " + "; ".join(spilled)
 
 

@@ -215,7 +215,9 @@ def test_marlin_decode_ptx_reproduces_e2m1_times_scale_for_every_byte_and_scale(
     byte_grid, scale_grid = byte_grid.reshape(-1), scale_grid.reshape(-1)
     # Four different bytes and four different scales per register, so pairing or operand-order mistakes show.
     word_bytes = [(byte_grid * mult + add) % 256 for mult, add in ((1, 0), (37, 11), (101, 200), (223, 77))]
-    word_scales = [scales[(scale_grid * mult + add) % len(scales)] for mult, add in ((1, 0), (7, 3), (13, 100), (29, 41))]
+    word_scales = [
+        scales[(scale_grid * mult + add) % len(scales)] for mult, add in ((1, 0), (7, 3), (13, 100), (29, 41))
+    ]
     word = word_bytes[0] | (word_bytes[1] << 8) | (word_bytes[2] << 16) | (word_bytes[3] << 24)
     scale_bits = []
     for scale in word_scales:

@@ -17,7 +17,8 @@ GEMMA4_MOE = {"experts": 128, "hidden": 2816, "inter": 704, "top_k": 8}
 
 def _moe(gpu: str, tokens: int) -> float:
     m = GEMMA4_MOE
-    return roofline.bf16_moe_time_us(roofline.GPUS[gpu], tokens, m["experts"], m["hidden"], m["inter"], m["top_k"]).time_us
+    device = roofline.GPUS[gpu]
+    return roofline.bf16_moe_time_us(device, tokens, m["experts"], m["hidden"], m["inter"], m["top_k"]).time_us
 
 
 @pytest.mark.parametrize("gpu", ["H100", "H200"])
