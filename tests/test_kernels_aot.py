@@ -55,18 +55,24 @@ def test_decode_variants_compile_for_every_target_without_spills(results):
 
 def test_marlin_decode_cuts_the_sm90_decode_loop(results):
     """The K loops of the sm_90a decode tiles with the default PTX decode (measured, docs/kernels.md): the
-    GEMM's 16x64 split-K tile 5.4 and LM-head tile 4.5, MoE gate/up 5.3, down 6.1 instructions per weight
-    (the portable decode: 10-12). Bounds leave ~10 % for compiler drift, not more."""
-    limits = {"nvfp4_gemm": 6.0, "nvfp4_moe_gate_up": 5.9, "nvfp4_moe_down": 6.7}
-    for r in results:
-        if r.arch == "sm_90a" and r.kernel in limits:
-            assert r.loop_sass_per_weight <= limits[r.kernel], r
+    GEMM's 16x64x64 split-K tile 6.2 and LM-head tile 4.5, MoE gate/up 5.3, down 6.1 instructions per
+    weight (main's portable decode: 11.3-12.0). Bounds leave ~10 % for compiler drift, not more."""
+    limits = {
+        ("nvfp4_gemm", "16x64x64 w4 s4 split-K"): 6.8,
+        ("nvfp4_gemm", "16x128x128 w4 s4"): 5.0,
+        ("nvfp4_moe_gate_up", "16x64x64 w4 s4"): 5.9,
+        ("nvfp4_moe_down", "16x64x128 w4 s4"): 6.7,
+    }
+    checked = [r for r in results if r.arch == "sm_90a" and (r.kernel, r.config) in limits]
+    assert len(checked) == len(limits)
+    for r in checked:
+        assert r.loop_sass_per_weight <= limits[(r.kernel, r.config)], r
 
 
 @pytest.mark.slow
 def test_every_shipped_variant_compiles_for_every_target(request):
     if "slow" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("the full sweep takes ~15 min: run with -m slow, or `nvfp4-ext kernels-report`")
+        pytest.skip("the full sweep takes ~8 min: run with -m slow, or `nvfp4-ext kernels-report`")
     results = report.compile_all(CAPABILITIES)
     assert len(results) == len(report.shipped_variants()) * len(CAPABILITIES)
     _check(results)
