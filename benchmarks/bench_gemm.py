@@ -7,7 +7,7 @@ Providers (each checked against `nvfp4_gemm_ref` before it is timed):
   * bf16 (fp16)    torch matmul on the dequantized weight at 16 bits: the baseline of every speedup;
   * dequant+bf16   dequantize the NVFP4 weight to BF16 on every call, then matmul (the naive path);
   * nvfp4-triton   our kernel (`nvfp4_ext.kernels.nvfp4_gemm`, backend "triton");
-  * nvfp4-triton-ptx  the same with the opt-in PTX weight decode (NVFP4_EXT_FAST_DECODE=1, bf16 only);
+  * nvfp4-triton-portable  the same with the portable weight decode (NVFP4_EXT_MARLIN_DECODE=0);
   * marlin         vLLM's Marlin NVFP4 W4A16 kernel, when vLLM (CUDA build) is importable.
 Timing: `triton.testing.do_bench` median and p20/p80 (L2 flushed between runs). Output: a table on stdout,
 `benchmarks/results/<gpu>/gemm-<date>.json` (env block + rows) and a PNG of speedup vs M.
@@ -91,7 +91,7 @@ def bench_shape(
         "nvfp4-triton": lambda x: nvfp4_gemm(x, q.qdata, q.scale, q.global_scale, backend="triton"),
     }
     if device == "cuda" and dtype == torch.bfloat16:
-        providers["nvfp4-triton-ptx"] = bench.with_fast_decode(providers["nvfp4-triton"])
+        providers["nvfp4-triton-portable"] = bench.with_portable_decode(providers["nvfp4-triton"])
     if callable(marlin):
         providers["marlin"] = marlin
     rows = []

@@ -7,7 +7,7 @@ Providers (each checked against `nvfp4_moe_ref` before it is timed):
   * bf16-triton     vLLM's BF16 Triton `fused_experts` on the dequantized weights: the baseline;
   * dequant-first   dequantize all experts to BF16 on every call, then vLLM's `fused_experts`;
   * nvfp4-triton    our fused kernels (`nvfp4_ext.kernels.nvfp4_moe`, backend "triton");
-  * nvfp4-triton-ptx  the same with the opt-in PTX weight decode (NVFP4_EXT_FAST_DECODE=1, bf16 only);
+  * nvfp4-triton-portable  the same with the portable weight decode (NVFP4_EXT_MARLIN_DECODE=0);
   * torch-ref       `nvfp4_moe_ref` (capture-safe: one expert per (token, slot) pair while T*k <= E, else
                     every expert over all tokens, dequantized one at a time).
 The vLLM providers need vLLM's CUDA build; without it the table says so. Timing: `triton.testing.do_bench`
@@ -94,7 +94,7 @@ def bench_moe(args: argparse.Namespace, device: str = "cuda") -> list[bench.Benc
         x, *weights, tw, ids, args.activation, backend="triton"
     )
     if device == "cuda" and dtype == torch.bfloat16:
-        providers["nvfp4-triton-ptx"] = bench.with_fast_decode(providers["nvfp4-triton"])
+        providers["nvfp4-triton-portable"] = bench.with_portable_decode(providers["nvfp4-triton"])
     providers["torch-ref"] = lambda x, tw, ids: nvfp4_moe_ref(x, *weights, tw, ids, args.activation)
 
     name = f"E={experts} H={hidden} I={inter} top{top_k}"

@@ -25,7 +25,7 @@ __all__ = [
     "relative_error",
     "set_interpreter_for_cpu",
     "time_us",
-    "with_fast_decode",
+    "with_portable_decode",
     "write_results",
 ]
 
@@ -153,19 +153,19 @@ def plot_speedups(rows: list[BenchRow], title: str, path: Path) -> Path | None:
     return path
 
 
-def with_fast_decode(fn: Callable) -> Callable:
-    """`fn` run with NVFP4_EXT_FAST_DECODE=1 (the opt-in PTX weight decode), restoring the variable after."""
+def with_portable_decode(fn: Callable) -> Callable:
+    """`fn` run with NVFP4_EXT_MARLIN_DECODE=0 (the portable weight decode), restoring the variable after."""
 
     def run(*args):
-        previous = os.environ.get("NVFP4_EXT_FAST_DECODE")
-        os.environ["NVFP4_EXT_FAST_DECODE"] = "1"
+        previous = os.environ.get("NVFP4_EXT_MARLIN_DECODE")
+        os.environ["NVFP4_EXT_MARLIN_DECODE"] = "0"
         try:
             return fn(*args)
         finally:
             if previous is None:
-                del os.environ["NVFP4_EXT_FAST_DECODE"]
+                del os.environ["NVFP4_EXT_MARLIN_DECODE"]
             else:
-                os.environ["NVFP4_EXT_FAST_DECODE"] = previous
+                os.environ["NVFP4_EXT_MARLIN_DECODE"] = previous
 
     return run
 

@@ -24,8 +24,8 @@ import triton.language as tl
 
 from nvfp4_ext.format import NVFP4_BLOCK_SIZE
 
-from .nvfp4_tile import fast_decode_global, load_activation_pair, load_nvfp4_tile_pair, row_offsets
-from .ops import fast_decode_requested
+from .nvfp4_tile import load_activation_pair_t, load_nvfp4_tile_pair, marlin_global, row_offsets
+from .ops import marlin_decode_selected
 from .shapes import DIFFUSIONGEMMA_GEMM_SHAPES
 
 __all__ = [
@@ -61,13 +61,15 @@ class GemmConfig:
 
 
 # Shapes of work: decode tiles (split-K fills the GPU unless N alone does), a mid-batch tile and a prefill
-# tile. Each is spill-free on sm_80/sm_90/sm_100 (tests/test_kernels_aot.py); `nvfp4-ext kernels-report`
-# prints the table.
-_DECODE = GemmConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4)
+# tile. Each is spill-free with both decodes on sm_80/89/90a/100a/120a (tests/test_kernels_aot.py,
+# `nvfp4-ext kernels-report`). BLOCK_K 64 in the decode and mid tiles: with 128 (sm_90a: 5.4 / 6.6 SASS per
+# weight instead of 6.2 / 7.4) the portable decode spills on sm_89 / sm_120a, where ptxas keeps these
+# 4-warp kernels at 128 (decode) or runs out of 255 (mid) registers.
+_DECODE = GemmConfig(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=4)
 # When N alone fills the GPU (LM head) no split is needed and a wider tile decodes with fewer instructions
-# per weight (sm_90: 11.3 vs 12.0; with the PTX decode 6.5 vs 7.8, and no spill).
+# per weight (sm_90a, Marlin-class decode: 4.5, no spill).
 _DECODE_WIDE = GemmConfig(block_m=16, block_n=128, block_k=128, num_warps=4, num_stages=4)
-_MID = GemmConfig(block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=3)
+_MID = GemmConfig(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=4)
 _PREFILL = GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
 _TARGET_PROGRAMS = 264  # two waves on a 132-SM H100; also > 1 wave on A100 (108 SMs)
 
@@ -115,7 +117,7 @@ def _nvfp4_gemm_kernel(
     stride_xm, stride_wn, stride_sn, stride_om, stride_on,
     # Meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, FAST_DECODE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, MARLIN_DECODE: tl.constexpr,
 ):
     tl.static_assert(BLOCK_K % 32 == 0, "BLOCK_K must hold whole pairs of 16-element scale blocks")
     HALF_K: tl.constexpr = BLOCK_K // 2
@@ -130,24 +132,25 @@ def _nvfp4_gemm_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
     # Activation rows stay int32 (M * K < 2**31 below ~760k tokens at K=2816): int64 here costs 24 registers
-    # and spills on sm_80 (fast-decode mid tile). The output offsets (M * N, 2**31 at an LM head's 8192
+    # and spills on sm_80 (PTX-decode mid tile). The output offsets (M * N, 2**31 at an LM head's 8192
     # tokens) are int64.
     x_rows = x_ptr + offs_m[:, None] * stride_xm
 
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
-    accumulator = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # W @ x^T: weights on the MMA's M side
     for k0 in range(k_start, k_end, BLOCK_K):
-        x_even, x_odd = load_activation_pair(x_rows, mask_m[:, None], k0, k_end, HALF_K, DOT_DTYPE)
+        x_even, x_odd = load_activation_pair_t(x_rows, mask_m[:, None], k0, k_end, HALF_K, DOT_DTYPE)
         w_even, w_odd = load_nvfp4_tile_pair(
             w_ptr, scale_ptr, offs_n, mask_n, k0, k_end, stride_wn, stride_sn, BLOCK_N, HALF_K, DOT_DTYPE,
-            FAST_DECODE,
+            MARLIN_DECODE,
         )
-        accumulator = tl.dot(x_even, w_even, accumulator, input_precision="ieee")
-        accumulator = tl.dot(x_odd, w_odd, accumulator, input_precision="ieee")
+        acc_t = tl.dot(w_even, x_even, acc_t, input_precision="ieee")
+        acc_t = tl.dot(w_odd, x_odd, acc_t, input_precision="ieee")
+    accumulator = tl.trans(acc_t)
 
     # Epilogue: per-row global multiplier, then bias and the output dtype (or an fp32 split-K partial).
-    row_global = fast_decode_global(tl.load(global_ptr + offs_n, mask=mask_n, other=0.0), FAST_DECODE)
+    row_global = marlin_global(tl.load(global_ptr + offs_n, mask=mask_n, other=0.0), MARLIN_DECODE)
     accumulator = accumulator * row_global[None, :]
     out_offsets = row_offsets(offs_m, stride_om)[:, None] + offs_n[None, :] * stride_on
     mask_out = mask_m[:, None] & mask_n[None, :]
@@ -219,7 +222,7 @@ def nvfp4_gemm_triton(
     """
     m, n, k = _check_inputs(x, weight, weight_scale, global_scale, bias)
     config = config or select_gemm_config(m, n, k)
-    fast = fast_decode_requested(x)
+    marlin = marlin_decode_selected(x)
     # A float32 [N] global (what the engine adapters precompute at load) is passed as is: no per-call copy.
     row_global = global_scale.to(torch.float32).reshape(-1).expand(n).contiguous()
     k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), config.block_k) * config.block_k
@@ -235,7 +238,7 @@ def nvfp4_gemm_triton(
         m, n, k, k_per_split,
         x.stride(0), weight.stride(0), weight_scale.stride(0), target.stride(0), target.stride(1),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        DOT_DTYPE=_DOT_DTYPES[x.dtype], HAS_BIAS=bias is not None, SPLIT_K=split_k, FAST_DECODE=fast,
+        DOT_DTYPE=_DOT_DTYPES[x.dtype], HAS_BIAS=bias is not None, SPLIT_K=split_k, MARLIN_DECODE=marlin,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if split_k == 1:

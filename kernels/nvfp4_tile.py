@@ -1,9 +1,10 @@
 """Triton device functions shared by the NVFP4 kernels: E2M1/E4M3 decoding and loading a dequantized tile.
 
-Reference for the decode: `nvfp4_ext.format.dequantize_nvfp4`. The tile loader returns W^T for `tl.dot`
-split into even-K and odd-K halves, because packed byte j of a row holds K-elements 2j (low nibble) and
-2j+1 (high nibble): pairing them with the even and odd activation columns avoids interleaving nibbles in
-registers. Every operand value is e2m1 * e4m3 block scale, which has at most 6 significant bits and lies in
+Reference for the decode: `nvfp4_ext.format.dequantize_nvfp4`. The kernels compute `W @ x^T` (weights as
+the MMA's A operand: a 16-row decode tile still fills Hopper's 64-row wgmma, whose A operand then comes
+straight from the decode registers). The tile loader returns W split into even-K and odd-K halves,
+because packed byte j of a row holds K-elements 2j (low nibble) and 2j+1 (high nibble): pairing them
+with the even and odd activation columns avoids interleaving nibbles in registers. Every operand value is e2m1 * e4m3 block scale, which has at most 6 significant bits and lies in
 [2**-10, 2688], so it is exact in fp16 and bf16; global scales are applied to the fp32 accumulator.
 """
 
@@ -16,8 +17,12 @@ __all__ = [
     "E2M1_FP16_SCALE",
     "e2m1_pair_to_float",
     "e4m3_to_float",
-    "load_activation_pair",
+    "E2M1_BF16X2_ASM",
+    "MARLIN_GLOBAL_FACTOR",
+    "MARLIN_SCALE_FACTOR",
+    "load_activation_pair_t",
     "load_nvfp4_tile_pair",
+    "marlin_global",
     "row_offsets",
 ]
 
@@ -61,109 +66,118 @@ def row_offsets(rows, stride):
     return rows.to(tl.int64) * stride
 
 
+# Marlin-class decode: PTX over one 32-bit register of four packed bytes (eight E2M1 codes), bf16 operands.
+# `prmt` pairs bytes 0-1 / 2-3 into the 16-bit halves of a register; per half, (c & 0xF) * 0x1040 & 0x81C0
+# moves an E2M1 code's sign to bit 15 and its exponent/mantissa to bits 6-8 (bf16 bits of value * 2**-126,
+# 0.5 a bf16 subnormal); one `fma.rn.bf16x2` by the block scale * 2**117 (`cvt` packs two per register)
+# yields e2m1 * scale * 2**-9 for two weights at once, exactly (<= 6 significant bits). Callers fold 2**9
+# into the global scale (MARLIN_GLOBAL_FACTOR). Inputs: $4 = 4 bytes, $5..$8 = fp32 scales of bytes 0..3.
+# Outputs: $0/$1 = low-nibble values of bytes 0-1/2-3, $2/$3 = high-nibble values (elementwise, as
+# `inline_asm_elementwise` requires). tests/test_kernels_launchers.py executes this very string bit by bit.
+E2M1_BF16X2_ASM = """
+{
+.reg .b32 pair01, pair23, bits, scale01, scale23, negzero;
+mov.b32 negzero, 0x80008000;
+cvt.rn.bf16x2.f32 scale01, $6, $5;
+cvt.rn.bf16x2.f32 scale23, $8, $7;
+prmt.b32 pair01, $4, 0, 0x4140;
+prmt.b32 pair23, $4, 0, 0x4342;
+and.b32 bits, pair01, 0x000F000F;
+mul.lo.u32 bits, bits, 0x1040;
+and.b32 bits, bits, 0x81C081C0;
+fma.rn.bf16x2 $0, bits, scale01, negzero;
+and.b32 bits, pair23, 0x000F000F;
+mul.lo.u32 bits, bits, 0x1040;
+and.b32 bits, bits, 0x81C081C0;
+fma.rn.bf16x2 $1, bits, scale23, negzero;
+and.b32 bits, pair01, 0x00F000F0;
+mul.lo.u32 bits, bits, 0x104;
+and.b32 bits, bits, 0x81C081C0;
+fma.rn.bf16x2 $2, bits, scale01, negzero;
+and.b32 bits, pair23, 0x00F000F0;
+mul.lo.u32 bits, bits, 0x104;
+and.b32 bits, bits, 0x81C081C0;
+fma.rn.bf16x2 $3, bits, scale23, negzero;
+}
+"""
+_E2M1_BF16X2_ASM = tl.constexpr(E2M1_BF16X2_ASM)
+MARLIN_SCALE_FACTOR = 2.0**117  # block scales enter the PTX as e4m3 * 2**117 (exact in bf16)
+MARLIN_GLOBAL_FACTOR = 512.0  # 2**9: the PTX's values are e2m1 * scale * 2**-9
+_MARLIN_SCALE_FROM_FP16 = tl.constexpr(256.0 * MARLIN_SCALE_FACTOR)  # e4m3_to_float's 2**8, folded in
+_MARLIN_GLOBAL_FACTOR = tl.constexpr(MARLIN_GLOBAL_FACTOR)
+
+
 @triton.jit
-def fast_decode_global(row_global, FAST_DECODE: tl.constexpr):
-    """The global scale a tile decoded by `load_nvfp4_tile_pair(FAST_DECODE=...)` needs: the PTX decode
+def marlin_global(row_global, MARLIN_DECODE: tl.constexpr):
+    """The global scale a tile decoded by `load_nvfp4_tile_pair(MARLIN_DECODE=...)` needs: the PTX decode
     leaves values 2**-9 too small, made up here once per output column instead of a scaled copy per call."""
-    if FAST_DECODE:
-        row_global = row_global * _FAST_DECODE_GLOBAL_FACTOR
+    if MARLIN_DECODE:
+        row_global = row_global * _MARLIN_GLOBAL_FACTOR
     return row_global
 
 
 @triton.jit
-def load_activation_pair(row_ptrs, mask_rows, k0, k_end, HALF_K: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """Activation columns k0 + 2j and k0 + 2j + 1 (j < HALF_K) of the rows at `row_ptrs` [BLOCK_M, 1].
+def _e4m3_fp16_bits_to_float(raw):
+    """e4m3 bytes -> float32 value * 2**-8 (fp16 bit placement as in `e4m3_to_float`, one multiply saved)."""
+    raw = raw.to(tl.int32)
+    bits = ((raw & 0x7F) << 7) | ((raw & 0x80) << 8)
+    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
 
-    Values are upcast to fp32 right after the load (the interpreter computes bf16 wrongly), then cast to
-    the tensor-core operand dtype. k_end is even, so a column pair is either fully in range or fully out.
-    Tall tiles (prefill) load one contiguous, coalesced [BLOCK_M, 2*HALF_K] block and split it in
-    registers; short tiles (decode) load the two column sets directly, which needs ~15% fewer registers
-    (ptxas, sm_90) and costs nothing there because x is a few KiB next to megabytes of weights.
+
+@triton.jit
+def load_activation_pair_t(row_ptrs, mask_rows, k0, k_end, HALF_K: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """Activation columns k0 + 2j and k0 + 2j + 1 (j < HALF_K) of the rows at `row_ptrs` [BLOCK_M, 1], as
+    the transposed pair (even, odd) [HALF_K, BLOCK_M]: the B operand of `W @ x^T`.
+
+    One contiguous, vectorized [BLOCK_M, 2*HALF_K] load split in registers (strided even/odd loads cost ~60
+    scalar-load instructions per K step in the decode tile). Values are upcast to fp32 right after the load
+    (the interpreter computes bf16 wrongly). k_end is even, so a column pair is fully in range or out.
     """
     BLOCK_M: tl.constexpr = row_ptrs.shape[0]
-    if BLOCK_M >= 128:
-        cols = k0 + tl.arange(0, 2 * HALF_K)
-        x = tl.load(row_ptrs + cols[None, :], mask=mask_rows & (cols[None, :] < k_end), other=0.0)
-        x = x.to(tl.float32).to(DOT_DTYPE)
-        x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, HALF_K, 2)))
-    else:
-        cols_even = k0 + 2 * tl.arange(0, HALF_K)
-        mask = mask_rows & (cols_even[None, :] < k_end)
-        ptrs = row_ptrs + cols_even[None, :]
-        x_even = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32).to(DOT_DTYPE)
-        x_odd = tl.load(ptrs + 1, mask=mask, other=0.0).to(tl.float32).to(DOT_DTYPE)
-    return x_even, x_odd
-
-
-# PTX for four packed bytes at once (bf16 operands only): per pair of bytes, the E2M1 code c goes to bf16
-# bits as (c * 0x1040) & 0x81C0 (sign to bit 15, exponent/mantissa to bits 6-8: value * 2**-126), then one
-# fma.bf16x2 by the block scale * 2**117 leaves e2m1 * scale * 2**-9, exact; callers fold 2**9 into the
-# global scale (FAST_DECODE_GLOBAL_FACTOR). Inputs: $4 = 4 bytes, $5/$6 = bf16 scale pairs of bytes 0-1/2-3.
-# Outputs: $0/$1 = low-nibble values of bytes 0-1/2-3, $2/$3 = high-nibble values.
-_E2M1_BF16X2_ASM = tl.constexpr("""
-{
-.reg .b32 zero, negzero, pair01, pair23, bits;
-mov.b32 zero, 0;
-mov.b32 negzero, 0x80008000;
-prmt.b32 pair01, $4, zero, 0x4140;
-prmt.b32 pair23, $4, zero, 0x4342;
-and.b32 bits, pair01, 0x000F000F;
-mul.lo.u32 bits, bits, 0x1040;
-and.b32 bits, bits, 0x81C081C0;
-fma.rn.bf16x2 $0, bits, $5, negzero;
-and.b32 bits, pair23, 0x000F000F;
-mul.lo.u32 bits, bits, 0x1040;
-and.b32 bits, bits, 0x81C081C0;
-fma.rn.bf16x2 $1, bits, $6, negzero;
-and.b32 bits, pair01, 0x00F000F0;
-mul.lo.u32 bits, bits, 0x104;
-and.b32 bits, bits, 0x81C081C0;
-fma.rn.bf16x2 $2, bits, $5, negzero;
-and.b32 bits, pair23, 0x00F000F0;
-mul.lo.u32 bits, bits, 0x104;
-and.b32 bits, bits, 0x81C081C0;
-fma.rn.bf16x2 $3, bits, $6, negzero;
-}
-""")
-FAST_DECODE_GLOBAL_FACTOR = 512.0  # 2**9, see _E2M1_BF16X2_ASM
-_FAST_DECODE_GLOBAL_FACTOR = tl.constexpr(FAST_DECODE_GLOBAL_FACTOR)
-_FAST_SCALE_FACTOR = tl.constexpr(2.0**117)
+    cols = k0 + tl.arange(0, 2 * HALF_K)
+    x = tl.load(row_ptrs + cols[None, :], mask=mask_rows & (cols[None, :] < k_end), other=0.0)
+    x = x.to(tl.float32).to(DOT_DTYPE)
+    x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, HALF_K, 2)))
+    return tl.trans(x_even), tl.trans(x_odd)
 
 
 @triton.jit
 def load_nvfp4_tile_pair(
     w_ptr, scale_ptr, offs_n, mask_n, k0, k_end, stride_wn, stride_sn,
-    BLOCK_N: tl.constexpr, HALF_K: tl.constexpr, DOT_DTYPE: tl.constexpr, FAST_DECODE: tl.constexpr = False,
+    BLOCK_N: tl.constexpr, HALF_K: tl.constexpr, DOT_DTYPE: tl.constexpr, MARLIN_DECODE: tl.constexpr = False,
 ):
-    """Dequantized W^T for K-columns [k0, k0 + 2*HALF_K) of rows `offs_n`: (even-K, odd-K) [HALF_K, BLOCK_N].
+    """Dequantized W for K-columns [k0, k0 + 2*HALF_K) of rows `offs_n`: (even-K, odd-K) [BLOCK_N, HALF_K],
+    the A operand of `W @ x^T` (weights on the MMA's M side, so a 16-row decode tile still fills it).
 
-    `w_ptr` / `scale_ptr` point at one weight matrix (uint8 [N, K/2] and e4m3-as-uint8 [N, K/16]); the
-    packed bytes are loaded contiguous along K so they vectorize. Values carry the block scale but not the
-    global scale. FAST_DECODE (bf16 operands on a GPU; the interpreter cannot run PTX) decodes with packed
-    bf16x2 PTX and returns values 2**-9 too small, which the caller's global scale makes up.
+    `w_ptr` / `scale_ptr` point at one weight matrix (uint8 [N, K/2] and e4m3-as-uint8 [N, K/16]); k0 is a
+    multiple of 2*HALF_K (split-K boundaries are), so the packed bytes and scales load as wide vectors.
+    Values carry the block scale but not the global scale. MARLIN_DECODE (bf16 operands on a GPU; the
+    interpreter cannot run PTX) decodes with `E2M1_BF16X2_ASM` and returns values 2**-9 too small, which the
+    caller's global scale makes up; otherwise the portable decode returns exact values.
     """
     SCALES_K: tl.constexpr = HALF_K // 8
+    k0 = tl.multiple_of(k0, 2 * HALF_K)
     bytes_k = k0 // 2 + tl.arange(0, HALF_K)
-    mask_w = (bytes_k[:, None] < k_end // 2) & mask_n[None, :]
-    packed = tl.load(w_ptr + offs_n[None, :] * stride_wn + bytes_k[:, None], mask=mask_w, other=0)
+    mask_w = mask_n[:, None] & (bytes_k[None, :] < k_end // 2)
+    packed = tl.load(w_ptr + offs_n[:, None] * stride_wn + bytes_k[None, :], mask=mask_w, other=0)
     blocks_k = k0 // 16 + tl.arange(0, SCALES_K)
-    mask_s = (blocks_k[:, None] < k_end // 16) & mask_n[None, :]
-    raw_scale = tl.load(scale_ptr + offs_n[None, :] * stride_sn + blocks_k[:, None], mask=mask_s, other=0)
-    if FAST_DECODE:
+    mask_s = mask_n[:, None] & (blocks_k[None, :] < k_end // 16)
+    raw_scale = tl.load(scale_ptr + offs_n[:, None] * stride_sn + blocks_k[None, :], mask=mask_s, other=0)
+    if MARLIN_DECODE:
         tl.static_assert(tl.bfloat16 == DOT_DTYPE, "the PTX decode produces bf16 operands")
-        scale = (e4m3_to_float(raw_scale) * _FAST_SCALE_FACTOR).to(tl.bfloat16)
-        scale = tl.reshape(tl.broadcast_to(tl.reshape(scale, (SCALES_K, 1, BLOCK_N)), (SCALES_K, 8, BLOCK_N)),
-                           (HALF_K, BLOCK_N))
+        scale = _e4m3_fp16_bits_to_float(raw_scale) * _MARLIN_SCALE_FROM_FP16
+        scale = tl.reshape(tl.broadcast_to(tl.reshape(scale, (BLOCK_N, SCALES_K, 1)), (BLOCK_N, SCALES_K, 8)),
+                           (BLOCK_N, HALF_K))
         w_low, w_high = tl.inline_asm_elementwise(
-            _E2M1_BF16X2_ASM, "=r,=r,=r,=r,r,r,r", [packed, scale],
+            _E2M1_BF16X2_ASM, "=r,=r,=r,=r,r,r,r,r,r", [packed, scale],
             dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4,
         )
     else:
         # Eight packed bytes share one scale block; the scale also carries the decode's 2**14.
-        block_scale = tl.reshape(e4m3_to_float(raw_scale) * _E2M1_FP16_SCALE, (SCALES_K, 1, BLOCK_N))
+        block_scale = tl.reshape(e4m3_to_float(raw_scale) * _E2M1_FP16_SCALE, (BLOCK_N, SCALES_K, 1))
         w_low, w_high = e2m1_pair_to_float(packed.to(tl.int32))
-        w_low = tl.reshape(w_low, (SCALES_K, 8, BLOCK_N)) * block_scale
-        w_high = tl.reshape(w_high, (SCALES_K, 8, BLOCK_N)) * block_scale
-        w_low = tl.reshape(w_low, (HALF_K, BLOCK_N)).to(DOT_DTYPE)
-        w_high = tl.reshape(w_high, (HALF_K, BLOCK_N)).to(DOT_DTYPE)
+        w_low = tl.reshape(tl.reshape(w_low, (BLOCK_N, SCALES_K, 8)) * block_scale, (BLOCK_N, HALF_K))
+        w_high = tl.reshape(tl.reshape(w_high, (BLOCK_N, SCALES_K, 8)) * block_scale, (BLOCK_N, HALF_K))
+        w_low = w_low.to(DOT_DTYPE)
+        w_high = w_high.to(DOT_DTYPE)
     return w_low, w_high

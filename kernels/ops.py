@@ -23,7 +23,7 @@ from .reference import Activation, fp8_gemm_ref, nvfp4_gemm_ref, nvfp4_moe_ref
 __all__ = [
     "BackendChoice",
     "Fp8BackendChoice",
-    "fast_decode_requested",
+    "marlin_decode_selected",
     "fp8_gemm",
     "fp8_path",
     "host_may_read_values",
@@ -44,15 +44,15 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def fast_decode_requested(x: torch.Tensor) -> bool:
-    """Whether the NVFP4 kernels decode weights with packed bf16x2 PTX (`NVFP4_EXT_FAST_DECODE=1`).
+def marlin_decode_selected(x: torch.Tensor) -> bool:
+    """Whether the NVFP4 kernels decode weights with the Marlin-class PTX (`nvfp4_tile.E2M1_BF16X2_ASM`).
 
-    Opt-in until validated on a GPU (`pytest -m gpu tests/test_kernels_gpu.py`): about 7.6 instead of 12
-    SASS instructions per weight in the sm_90 decode tile. Needs bf16 activations on CUDA; the interpreter
-    cannot run PTX. Read at call time.
+    The default for bf16 activations on CUDA (~4 instead of ~12 SASS instructions per weight in the sm_90
+    decode tiles). The portable decode runs instead for fp16/fp32 activations, under the interpreter
+    (which cannot run PTX) and when `NVFP4_EXT_MARLIN_DECODE=0`. Read at call time.
     """
-    wanted = os.environ.get("NVFP4_EXT_FAST_DECODE", "0") not in ("", "0")
-    return wanted and x.is_cuda and x.dtype == torch.bfloat16 and not interpreter_enabled()
+    disabled = os.environ.get("NVFP4_EXT_MARLIN_DECODE", "1") in ("", "0")
+    return not disabled and x.is_cuda and x.dtype == torch.bfloat16 and not interpreter_enabled()
 
 
 def host_may_read_values(t: torch.Tensor) -> bool:

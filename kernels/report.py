@@ -18,7 +18,7 @@ import subprocess
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 # the `nvfp4-ext kernels-report` flags live in a module without torch (instant --help); re-exported here
 from nvfp4_ext.kernels_report_cli import add_arguments
@@ -27,25 +27,38 @@ from .sass import loop_instruction_mix
 from .variants import KernelVariant, shipped_variants
 
 __all__ = [
+    "ALL_CAPABILITIES",
     "ARCHES",
+    "Arch",
     "CompileResult",
     "KernelVariant",
     "compile_variant",
+    "is_decode_variant",
     "occupancy",
     "run",
     "shipped_variants",
 ]
 
-# capability -> (ptxas arch, shared memory per SM usable by CTAs in bytes). All three: 64K registers and
-# 64 resident warps per SM, at most 32 CTAs per SM, 1 KiB of shared memory reserved per CTA.
-ARCHES: dict[int, tuple[str, int]] = {
-    80: ("sm_80", 164 * 1024),
-    90: ("sm_90a", 228 * 1024),
-    100: ("sm_100a", 228 * 1024),
+@dataclass(frozen=True)
+class Arch:
+    """Per-SM limits of one target (CUDA occupancy calculator data; all have 64K 32-bit registers)."""
+
+    ptxas: str
+    smem_bytes: int  # shared memory per SM usable by CTAs
+    max_warps: int
+    max_ctas: int
+
+
+# sm_80 A100, sm_89 Ada (L40S, RTX 6000 Ada), sm_90a H100/H200, sm_100a B200, sm_120 RTX 5090 / RTX PRO 6000.
+ARCHES: dict[int, Arch] = {
+    80: Arch("sm_80", 164 * 1024, 64, 32),
+    89: Arch("sm_89", 100 * 1024, 48, 24),
+    90: Arch("sm_90a", 228 * 1024, 64, 32),
+    100: Arch("sm_100a", 228 * 1024, 64, 32),
+    120: Arch("sm_120a", 100 * 1024, 48, 32),
 }
+ALL_CAPABILITIES = tuple(ARCHES)
 _REGISTERS_PER_SM = 65536
-_WARPS_PER_SM = 64
-_CTAS_PER_SM = 32
 _SMEM_RESERVED_PER_CTA = 1024
 
 
@@ -72,16 +85,17 @@ class CompileResult:
 
 
 def occupancy(registers: int, smem_bytes: int, num_warps: int, capability: int) -> tuple[int, float]:
-    """(resident CTAs per SM, fraction of the 64 warp slots used) for one kernel configuration."""
+    """(resident CTAs per SM, fraction of the SM's warp slots used) for one kernel configuration."""
+    arch = ARCHES[capability]
     regs_per_warp = -(-max(registers, 1) * 32 // 256) * 256  # allocated per warp in units of 256
     warps_by_registers = _REGISTERS_PER_SM // regs_per_warp
     ctas = min(
         warps_by_registers // num_warps,
-        _WARPS_PER_SM // num_warps,
-        ARCHES[capability][1] // (smem_bytes + _SMEM_RESERVED_PER_CTA),
-        _CTAS_PER_SM,
+        arch.max_warps // num_warps,
+        arch.smem_bytes // (smem_bytes + _SMEM_RESERVED_PER_CTA),
+        arch.max_ctas,
     )
-    return ctas, ctas * num_warps / _WARPS_PER_SM
+    return ctas, ctas * num_warps / arch.max_warps
 
 
 # ----------------------------------------------------------------------------------------------- compile
@@ -108,7 +122,7 @@ def compile_variant(variant: KernelVariant, capability: int, workdir: Path) -> C
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    arch, _ = ARCHES[capability]
+    arch = ARCHES[capability].ptxas
     source = ASTSource(
         fn=variant.fn,
         signature=variant.signature,
@@ -167,14 +181,12 @@ def compile_variant(variant: KernelVariant, capability: int, workdir: Path) -> C
 
 
 def compile_all(
-    capabilities: tuple[int, ...] = (80, 90, 100),
+    capabilities: tuple[int, ...] = ALL_CAPABILITIES,
     kernel_filter: str = "",
-    fast_decode_capabilities: tuple[int, ...] | None = None,
+    select: Callable[[KernelVariant], bool] | None = None,
 ) -> list[CompileResult]:
-    """Compile every shipped variant for each capability; Triton's cache goes to a temporary directory.
-
-    `fast_decode_capabilities` limits the opt-in fast-decode variants to those targets (default: all).
-    """
+    """Compile every shipped variant (those `select` accepts) for each capability, one ptxas at a time;
+    Triton's cache goes to a temporary directory."""
     results = []
     with tempfile.TemporaryDirectory(prefix="nvfp4_ext_aot_") as tmp:
         previous = os.environ.get("TRITON_CACHE_DIR")
@@ -183,10 +195,9 @@ def compile_all(
             for variant in shipped_variants():
                 if kernel_filter and kernel_filter not in variant.kernel:
                     continue
-                targets = capabilities
-                if "fast-decode" in variant.config and fast_decode_capabilities is not None:
-                    targets = tuple(c for c in capabilities if c in fast_decode_capabilities)
-                for capability in targets:
+                if select is not None and not select(variant):
+                    continue
+                for capability in capabilities:
                     results.append(compile_variant(variant, capability, Path(tmp)))
         finally:
             if previous is None:
@@ -194,6 +205,11 @@ def compile_all(
             else:
                 os.environ["TRITON_CACHE_DIR"] = previous
     return results
+
+
+def is_decode_variant(variant: KernelVariant) -> bool:
+    """Whether the variant serves decode batches (a shipped row with M <= 16 launches it)."""
+    return any(int(use.rsplit("M=", 1)[1]) <= 16 for use in variant.used_by)
 
 
 def format_table(results: list[CompileResult]) -> str:
@@ -215,6 +231,25 @@ def format_table(results: list[CompileResult]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- CLI
+def predict(results: list[CompileResult], batch_sizes: tuple[int, ...] = (1, 16, 256)) -> str:
+    """The `--predict` table from compiled default-decode (Marlin) results of the GPUs' targets."""
+    from . import roofline
+
+    capability_of = {arch.ptxas: cap for cap, arch in ARCHES.items()}
+    resources = {}
+    for r in results:
+        if "portable" in r.config or r.loop_sass_per_weight is None:
+            continue
+        res = roofline.resources_from_label(r.config, r.loop_sass_per_weight, r.ctas_per_sm)
+        for use in r.used_by:
+            resources[(r.kernel, use, capability_of[r.arch])] = res
+    return roofline.format_predictions(roofline.predict_diffusiongemma(resources, batch_sizes=batch_sizes))
+
+
+def _predict_selection(variant: KernelVariant) -> bool:
+    return variant.kernel != "fp8_gemm" and "portable" not in variant.config
+
+
 def run(args: argparse.Namespace) -> int:
     """Print the resource table; exit status 1 if any configuration spills registers."""
     from nvfp4_ext.errors import ConfigError
@@ -225,9 +260,15 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("kernels-report compiles real GPU code: unset TRITON_INTERPRET")
     results = compile_all(tuple(args.arch), args.kernel)
     print(format_table(results))
+    if args.predict:
+        from .roofline import GPUS
+
+        needed = tuple(sorted({gpu.capability for gpu in GPUS.values()}))
+        covered = not args.kernel and set(needed) <= set(args.arch)
+        print("\n" + predict(results if covered else compile_all(needed, select=_predict_selection)))
     if args.used_by:
         for r in results:
-            if r.arch == ARCHES[args.arch[0]][0]:
+            if r.arch == ARCHES[args.arch[0]].ptxas:
                 print(f"\n{r.kernel} [{r.config}]: " + ", ".join(r.used_by))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -59,18 +59,19 @@ def _grouped(rows, make) -> list[KernelVariant]:
 
 
 def shipped_variants() -> list[KernelVariant]:
-    """Every distinct specialization the shipped config tables launch (bf16 activations, no bias), with
-    the opt-in PTX decode (`NVFP4_EXT_FAST_DECODE=1`) of the NVFP4 kernels as "fast-decode" variants."""
+    """Every distinct specialization the shipped config tables launch (bf16 activations, no bias): the
+    NVFP4 kernels with the default Marlin-class PTX decode, and again with the portable decode (what fp16
+    activations and `NVFP4_EXT_MARLIN_DECODE=0` run) as "portable" variants."""
     import triton.language as tl
 
     from .fp8_gemm_kernel import _fp8_gemm_kernel, shipped_fp8_configs
     from .nvfp4_gemm_kernel import _nvfp4_gemm_kernel, shipped_configs
     from .nvfp4_moe_kernel import _moe_down_kernel, _moe_gate_up_kernel, shipped_moe_configs
 
-    def gemm(config, fast=False):
+    def gemm(config, portable=False):
         split = config.split_k > 1
         label = f"{config.block_m}x{config.block_n}x{config.block_k} w{config.num_warps} s{config.num_stages}"
-        label += (" split-K" if split else "") + (" fast-decode" if fast else "")
+        label += (" split-K" if split else "") + (" portable" if portable else "")
         constexprs = {
             "stride_on": 1,
             "BLOCK_M": config.block_m,
@@ -79,7 +80,7 @@ def shipped_variants() -> list[KernelVariant]:
             "DOT_DTYPE": tl.bfloat16,
             "HAS_BIAS": False,
             "SPLIT_K": 2 if split else 1,
-            "FAST_DECODE": fast,
+            "MARLIN_DECODE": not portable,
         }
         signature = {**_gemm_signature(split), **{k: "constexpr" for k in constexprs}}
         return label, KernelVariant(
@@ -104,7 +105,7 @@ def shipped_variants() -> list[KernelVariant]:
             "SCALE_BLOCK": "constexpr",
         }
         signature = {k: signature[k] for k in _fp8_gemm_kernel.arg_names}
-        constexprs = {k: v for k, v in variant.constexprs.items() if k != "FAST_DECODE"}
+        constexprs = {k: v for k, v in variant.constexprs.items() if k != "MARLIN_DECODE"}
         constexprs = {**constexprs, "BLOCK_SCALES": block_scales, "SCALE_BLOCK": 128}
         return label, KernelVariant(
             "fp8_gemm",
@@ -119,7 +120,7 @@ def shipped_variants() -> list[KernelVariant]:
 
     def moe_stage(fn, stage, block_m, tile, extra):
         label = f"{block_m}x{tile.block_n}x{tile.block_k} w{tile.num_warps} s{tile.num_stages}"
-        label += " fast-decode" if extra.get("FAST_DECODE") else ""
+        label += "" if extra["MARLIN_DECODE"] else " portable"
         pointers = [a for a in fn.arg_names if a.endswith("_ptr")]
         types = {
             "x_ptr": "*bf16",
@@ -154,10 +155,10 @@ def shipped_variants() -> list[KernelVariant]:
 
     moe_rows = shipped_moe_configs()
     nvfp4 = []
-    for fast in (False, True):
-        suffix = {"FAST_DECODE": fast}
+    for portable in (False, True):
+        suffix = {"MARLIN_DECODE": not portable}
         nvfp4 += [
-            *_grouped(shipped_configs(), lambda c, fast=fast: gemm(c, fast)),
+            *_grouped(shipped_configs(), lambda c, portable=portable: gemm(c, portable)),
             *_grouped(
                 moe_rows,
                 lambda c, s=suffix: moe_stage(

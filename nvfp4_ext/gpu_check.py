@@ -4,7 +4,8 @@ Parts (each runs in its own subprocess with a time limit, so a crash, a hang or 
 does not stop the others; each reports pass / fail / skip, its time and, if it could not run, why):
 
   kernels               every shipped Triton config (NVFP4 GEMM, fused MoE, FP8 GEMM) vs its reference, bf16
-  kernels-fast-decode   the same with the PTX weight decode (NVFP4_EXT_FAST_DECODE=1)
+  kernels-fast-decode   the same with the Marlin-class PTX weight decode (the default for bf16;
+                        `kernels` forces the portable one with NVFP4_EXT_MARLIN_DECODE=0)
   cuda-graphs           CUDA-graph capture + replay of every engine-facing op, replay == eager on new inputs
   flashinfer-w4a4       FlashInfer's fp4_quantize + mm_fp4 linear vs the emulated W4A4 backend (sm >= 100)
   bench-gemm            NVFP4 GEMM vs cuBLAS BF16 (and vLLM's Marlin FP4 when CUDA vLLM is installed),
@@ -122,7 +123,7 @@ def _check_kernels(dry_run: bool) -> dict[str, Any]:
     from nvfp4_ext.kernels.shapes import DIFFUSIONGEMMA_MOE_SHAPE
 
     device, dtype = _device_and_dtype(dry_run)
-    if dry_run and os.environ.get("NVFP4_EXT_FAST_DECODE", "0") not in ("", "0"):
+    if dry_run and os.environ.get("NVFP4_EXT_MARLIN_DECODE", "1") not in ("", "0"):
         raise Skip(
             "the PTX fast decode needs a GPU (the interpreter cannot run PTX); the dry run of "
             "`kernels` ran the same configs with the Triton decode"
@@ -460,17 +461,17 @@ def _pytest_part(files: list[str], marker: str) -> Callable[[bool], dict[str, An
 PARTS: tuple[Part, ...] = (
     Part(
         "kernels",
-        "kernels vs references, every shipped config (bf16)",
+        "kernels vs references, every shipped config (bf16, portable decode)",
         150,
         _check_kernels,
-        {"NVFP4_EXT_FAST_DECODE": "0"},
+        {"NVFP4_EXT_MARLIN_DECODE": "0"},
     ),
     Part(
         "kernels-fast-decode",
-        "the same with the PTX fast decode",
+        "the same with the Marlin-class PTX decode (the default)",
         120,
         _check_kernels,
-        {"NVFP4_EXT_FAST_DECODE": "1"},
+        {"NVFP4_EXT_MARLIN_DECODE": "1"},
     ),
     Part("cuda-graphs", "CUDA-graph capture + replay of the engine-facing ops", 60, _check_cuda_graphs),
     Part(

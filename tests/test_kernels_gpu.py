@@ -20,9 +20,9 @@ def _close(actual, expected):
     assert rel < 4e-3, rel  # bf16 output: 2**-8 relative per element at most
 
 
-@pytest.fixture(params=["0", "1"], ids=["triton-decode", "ptx-fast-decode"])
+@pytest.fixture(params=["0", "1"], ids=["portable-decode", "marlin-ptx-decode"])
 def fast_decode(request, monkeypatch):
-    monkeypatch.setenv("NVFP4_EXT_FAST_DECODE", request.param)
+    monkeypatch.setenv("NVFP4_EXT_MARLIN_DECODE", request.param)
     return request.param
 
 

@@ -129,48 +129,111 @@ def test_config_selection_buckets():
     assert select_moe_config(2048, 128, 8).block_m == 64
 
 
-def _prmt(a: torch.Tensor, selector: int) -> torch.Tensor:
-    """PTX prmt.b32 d, a, 0, selector (default mode): result byte k is byte (selector >> 4k) & 7 of {0, a}."""
-    source = [(a >> (8 * i)) & 0xFF for i in range(4)] + [torch.zeros_like(a)] * 4
-    return sum(source[(selector >> (4 * k)) & 7] << (8 * k) for k in range(4))
+def _bf16_to_float(half: torch.Tensor) -> torch.Tensor:
+    """16-bit patterns (int64, 0..0xFFFF) -> their bf16 values as float64 (subnormals included)."""
+    return ((half + 0x8000) % 0x10000 - 0x8000).to(torch.int16).view(torch.bfloat16).double()
 
 
-def _bf16_halves(word: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two bf16 values of a b32 register (low half first), as float32."""
-    halves = [(word & 0xFFFF), (word >> 16) & 0xFFFF]
-    return tuple(
-        ((h + 0x8000) % 0x10000 - 0x8000).to(torch.int16).view(torch.bfloat16).float() for h in halves
-    )
+def _float_to_bf16_bits(value: torch.Tensor) -> torch.Tensor:
+    """Round to bf16 (round-to-nearest-even, as `.rn`) and return the 16-bit pattern as int64."""
+    return value.float().to(torch.bfloat16).view(torch.int16).long() & 0xFFFF
 
 
-def test_ptx_fast_decode_bit_math_reproduces_e2m1_times_scale():
-    """A bit-level model of `_E2M1_BF16X2_ASM` (prmt, and, mul.lo, and, bf16 fma) over every byte pair and
-    e4m3 scale. It checks the constants and the exactness argument; whether the GPU executes the PTX as
-    modelled is for `tests/test_kernels_gpu.py` on a GPU."""
-    from nvfp4_ext.kernels.nvfp4_tile import FAST_DECODE_GLOBAL_FACTOR
+class _PtxMachine:
+    """Executes the straight-line b32 PTX of `E2M1_BF16X2_ASM` on int64 tensors (one lane per element).
 
-    from nvfp4_ext.format import E2M1_VALUES
+    Only the opcodes the shipped string uses are known; anything else fails the test, so an edit to the PTX
+    cannot silently escape this model. Semantics from the PTX ISA: `prmt.b32` default mode (selector nibble
+    k picks byte n & 7 of {b, a} for result byte k; n & 8 replicates that byte's sign bit), `mul.lo.u32`,
+    `and.b32`, `mov.b32`, `cvt.rn.bf16x2.f32 d, a, b` (a -> upper half), `fma.rn.bf16x2` (per half, one
+    rounding of the exact a * b + c).
+    """
 
-    byte0 = torch.arange(256, dtype=torch.int64)
-    byte1 = (byte0 * 37 + 11) % 256  # a second byte pattern in the other half of the pair
-    word = byte0 | (byte1 << 8) | ((255 - byte0) << 16) | (byte1 << 24)
-    pair01, pair23 = _prmt(word, 0x4140), _prmt(word, 0x4342)
-    assert torch.equal(pair01, byte0 | (byte1 << 16)) and torch.equal(pair23, (255 - byte0) | (byte1 << 16))
-    scales = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
-    scales = scales[torch.isfinite(scales)]
-    scale_bf16 = (scales * 2.0**117).to(torch.bfloat16).float()
-    assert torch.equal(scale_bf16, scales * 2.0**117)  # e4m3 * 2**117 is exact and finite in bf16
-    for pair, (first, second) in ((pair01, (byte0, byte1)), (pair23, (255 - byte0, byte1))):
-        for mask, multiplier, shift in ((0x000F000F, 0x1040, 0), (0x00F000F0, 0x104, 4)):
-            bits = ((pair & mask) * multiplier) & 0x81C081C0
-            for value, byte in zip(_bf16_halves(bits), (first, second), strict=True):
-                expected = E2M1_VALUES[(byte >> shift) & 0xF]
-                assert torch.equal(value * 2.0**126, expected)
-                # fma.rn.bf16x2 by scale * 2**117: <= 6 significant bits, so the rounding is exact.
-                product = (value[:, None] * scale_bf16[None, :]).to(torch.bfloat16).float()
-                torch.testing.assert_close(
-                    product * FAST_DECODE_GLOBAL_FACTOR, expected[:, None] * scales[None, :], rtol=0, atol=0
-                )
+    def __init__(self, operands: dict[str, torch.Tensor]) -> None:
+        self.registers = dict(operands)
+
+    def value(self, token: str) -> torch.Tensor:
+        token = token.strip()
+        if token in self.registers:
+            return self.registers[token]
+        return torch.tensor(int(token, 0), dtype=torch.int64)
+
+    def run(self, asm: str) -> None:
+        import re
+
+        for line in asm.splitlines():
+            line = line.strip().rstrip(";")
+            if not line or line in "{}" or line.startswith(".reg"):
+                continue
+            opcode, rest = line.split(None, 1)
+            args = [a.strip() for a in rest.split(",")]
+            dest, sources = args[0], [self.value(a) for a in args[1:]]
+            if opcode in ("mov.b32",):
+                result = sources[0] & 0xFFFFFFFF
+            elif opcode == "and.b32":
+                result = sources[0] & sources[1]
+            elif opcode == "mul.lo.u32":
+                result = (sources[0] * sources[1]) & 0xFFFFFFFF
+            elif opcode == "prmt.b32":
+                a, b, selector = sources
+                a, b, selector = torch.broadcast_tensors(a, b, selector)
+                pool = torch.stack([(r >> (8 * i)) & 0xFF for r in (a, b) for i in range(4)])
+                result = torch.zeros_like(a)
+                for k in range(4):
+                    nibble = (selector >> (4 * k)) & 0xF
+                    picked = pool.gather(0, (nibble & 7)[None]).squeeze(0)
+                    picked = torch.where((nibble & 8) != 0, torch.where(picked >= 0x80, 0xFF, 0), picked)
+                    result = result | (picked << (8 * k))
+            elif opcode == "cvt.rn.bf16x2.f32":
+                high, low = (_float_to_bf16_bits(s.to(torch.int32).view(torch.float32)) for s in sources)
+                result = (high << 16) | low
+            elif opcode == "fma.rn.bf16x2":
+                halves = []
+                for shift in (0, 16):
+                    a, b, c = (_bf16_to_float((s >> shift) & 0xFFFF) for s in sources)
+                    halves.append(_float_to_bf16_bits(a * b + c) << shift)  # fp64: a * b + c is exact
+                result = halves[0] | halves[1]
+            else:
+                raise AssertionError(f"the PTX model does not know {opcode!r}: extend it with the new code")
+            assert re.fullmatch(r"\$?\w+", dest), dest
+            self.registers[dest] = result
+
+
+def test_marlin_decode_ptx_reproduces_e2m1_times_scale_for_every_byte_and_scale():
+    """Runs the shipped `E2M1_BF16X2_ASM` text (its constants, selectors and operand order, not a copy)
+    through a PTX model over every packed byte in every position of the register and every finite e4m3
+    block scale, different per byte; compares with ModelOpt's E2M1 table and torch's e4m3 decoding. Whether
+    the GPU executes PTX as the ISA says is for `pytest -m gpu tests/test_kernels_gpu.py`."""
+    from modelopt.torch.quantization.qtensor.nvfp4_tensor import e2m1_values
+
+    from nvfp4_ext.kernels.nvfp4_tile import E2M1_BF16X2_ASM, MARLIN_GLOBAL_FACTOR, MARLIN_SCALE_FACTOR
+
+    codes = torch.arange(256, dtype=torch.int64)
+    scales = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).double()
+    scales = scales[torch.isfinite(scales)]  # 254 values: signs, subnormals, 448
+    byte_grid, scale_grid = torch.meshgrid(codes, torch.arange(len(scales)), indexing="ij")
+    byte_grid, scale_grid = byte_grid.reshape(-1), scale_grid.reshape(-1)
+    # Four different bytes and four different scales per register, so pairing or operand-order mistakes show.
+    word_bytes = [(byte_grid * mult + add) % 256 for mult, add in ((1, 0), (37, 11), (101, 200), (223, 77))]
+    word_scales = [
+        scales[(scale_grid * mult + add) % len(scales)] for mult, add in ((1, 0), (7, 3), (13, 100), (29, 41))
+    ]
+    word = word_bytes[0] | (word_bytes[1] << 8) | (word_bytes[2] << 16) | (word_bytes[3] << 24)
+    scale_bits = []
+    for scale in word_scales:
+        as_fp32 = (scale * MARLIN_SCALE_FACTOR).float()
+        assert torch.equal(as_fp32.double(), scale * MARLIN_SCALE_FACTOR)  # what the kernel passes, exactly
+        scale_bits.append(as_fp32.view(torch.int32).long() & 0xFFFFFFFF)
+    machine = _PtxMachine({"$4": word, **{f"${5 + j}": scale_bits[j] for j in range(4)}})
+    machine.run(E2M1_BF16X2_ASM)
+    table = e2m1_values.double()
+    # Outputs: $0/$1 = low nibbles of bytes 0-1 / 2-3, $2/$3 = high nibbles (elementwise pack=4 contract).
+    for register, shift, first_byte in (("$0", 0, 0), ("$1", 0, 2), ("$2", 4, 0), ("$3", 4, 2)):
+        for half in (0, 1):
+            byte_index = first_byte + half
+            got = _bf16_to_float((machine.registers[register] >> (16 * half)) & 0xFFFF) * MARLIN_GLOBAL_FACTOR
+            expected = table[(word_bytes[byte_index] >> shift) & 0xF] * word_scales[byte_index]
+            assert torch.equal(got, expected), (register, half)
 
 
 class _RecordedLaunch:
