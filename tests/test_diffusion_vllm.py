@@ -261,3 +261,9 @@ def test_register_installs_the_policy_admission_hook(monkeypatch: pytest.MonkeyP
     plugin.register()
     hook = input_processor.validate_diffusion_sampling_params
     assert hook is not unwrapped and getattr(hook, "_nvfp4_ext_policy_validation", False)
+
+
+def test_one_step_seeded_canvas_extra_args_pass_our_admission_check() -> None:
+    """The extra_args of tests/test_diffusion_vllm_gpu.py's one-step comparison are not refused by us."""
+    for policy in ({}, {"diffusion_policy": "fixed_k", "diffusion_policy_k": 4}):
+        validate_policy_request({**policy, "diffusion_seed_canvas": list(range(16)), "diffusion_max_steps": 1})
