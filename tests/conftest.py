@@ -64,7 +64,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if "slow" in item.keywords and not run_slow:
             item.add_marker(skip_slow)
         cpu_dry_run = dry_run_on_cpu and "cpu_dry_run" in item.keywords
-        if ("gpu" in item.keywords or "sm100" in item.keywords) and not torch.cuda.is_available() and not cpu_dry_run:
+        if (
+            ("gpu" in item.keywords or "sm100" in item.keywords)
+            and not torch.cuda.is_available()
+            and not cpu_dry_run
+        ):
             item.add_marker(skip_gpu)
         if "vllm" in item.keywords and not _has("vllm"):
             item.add_marker(skip_vllm)

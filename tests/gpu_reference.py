@@ -124,7 +124,9 @@ def assert_greedy_matches(served: list[int], reference: ReferenceTokens) -> None
         )
 
 
-def assert_served_greedy(model_dir: Path, prompt_ids: list[list[int]], served: list[list[int]], max_tokens: int) -> None:
+def assert_served_greedy(
+    model_dir: Path, prompt_ids: list[list[int]], served: list[list[int]], max_tokens: int
+) -> None:
     """The GPU tests' check: `max_tokens` tokens per prompt, each one the float32 reference's greedy choice
     up to bf16 rounding (`assert_greedy_matches` on `greedy_deficits`)."""
     assert all(len(tokens) == max_tokens for tokens in served), served

@@ -134,13 +134,25 @@ def test_one_request_per_policy(server, xargs: dict) -> None:
 
 DG_PROMPTS = [[2, 10, 11, 12, 13], [2, 20, 21], [2, 5, 6, 7, 8, 9]]
 VOCAB, CANVAS = 4096, 16  # build_tiny_diffusion_gemma's defaults
+ONE_STEP_POLICIES = {"default": {}, "fixed_k": {"diffusion_policy": "fixed_k", "diffusion_policy_k": 4}}
 
 
-@pytest.mark.parametrize("xargs", [{}, {"diffusion_policy": "fixed_k", "diffusion_policy_k": 4}], ids=["default", "fixed_k"])
+def one_step_xargs(policy_xargs: dict, canvas: list[int]) -> dict:
+    """vllm_xargs of a one-step request: start from `canvas`, stop after one denoise step (checked against
+    vLLM's own request validation on CPU in tests/test_diffusion_vllm.py)."""
+    return {**policy_xargs, "diffusion_seed_canvas": canvas, "diffusion_max_steps": 1}
+
+
+@pytest.mark.parametrize("xargs", list(ONE_STEP_POLICIES.values()), ids=list(ONE_STEP_POLICIES))
 def test_one_denoise_step_from_a_given_canvas_equals_transformers(server, xargs: dict) -> None:
     """The first step's argmax canvas is committed when the step cap is 1: deterministic given the model.
     Default policy: vLLM's built-in statistics from the logits; fixed_k: ours from the hidden states."""
-    from gpu_reference import assert_canvas_agrees, load_diffusion_reference, reference_canvas, sglang_initial_canvas
+    from gpu_reference import (
+        assert_canvas_agrees,
+        load_diffusion_reference,
+        reference_canvas,
+        sglang_initial_canvas,
+    )
 
     from nvfp4_ext.quantize import dequantize_checkpoint
 
@@ -156,7 +168,7 @@ def test_one_denoise_step_from_a_given_canvas_equals_transformers(server, xargs:
                 "max_tokens": CANVAS,
                 "ignore_eos": True,
                 "return_token_ids": True,
-                "vllm_xargs": {**xargs, "diffusion_seed_canvas": canvas, "diffusion_max_steps": 1},
+                "vllm_xargs": one_step_xargs(xargs, canvas),
             },
         )
         assert status == 200, body

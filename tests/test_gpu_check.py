@@ -94,7 +94,8 @@ def test_a_hanging_part_times_out_and_the_next_part_still_runs(tmp_path):
         results, tmp_path, {"device": "CPU", "dry_run": True, "seconds": 1.5, "git_sha": None}
     )
     assert (
-        "| kernels | TIMEOUT |" in paths["md"].read_text() and "| bench-moe | PASS |" in paths["md"].read_text()
+        "| kernels | TIMEOUT |" in paths["md"].read_text()
+        and "| bench-moe | PASS |" in paths["md"].read_text()
     )
 
 

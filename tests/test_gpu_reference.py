@@ -12,6 +12,7 @@ from gpu_reference import (
     BF16_EPS,
     ULPS,
     ReferenceTokens,
+    _HeadInput,
     assert_canvas_agrees,
     assert_greedy_matches,
     assert_served_greedy,
@@ -60,7 +61,9 @@ def _perturbed(source: Path, out: Path, loader) -> Path:
     return out
 
 
-def _greedy(model_dir: Path, prompt_ids: list[list[int]], max_tokens: int, dtype: torch.dtype) -> list[list[int]]:
+def _greedy(
+    model_dir: Path, prompt_ids: list[list[int]], max_tokens: int, dtype: torch.dtype
+) -> list[list[int]]:
     """What an engine serving `model_dir` in `dtype` answers (transformers' greedy generate, EOS ignored)."""
     from transformers import AutoModelForCausalLM
 
@@ -131,7 +134,9 @@ def test_one_denoise_step_bf16_agrees_and_a_wrong_model_does_not(diffusion_check
     with pytest.raises(AssertionError, match="informative canvas positions"):
         assert_canvas_agrees(wrong, references, canvases, vocab)
     with pytest.raises(AssertionError):
-        assert_canvas_agrees([[vocab] * 16] * len(DG_PROMPTS), references, canvases, vocab)  # out of the vocabulary
+        assert_canvas_agrees(
+            [[vocab] * 16] * len(DG_PROMPTS), references, canvases, vocab
+        )  # out of the vocabulary
 
 
 def test_ulps_covers_bf16_rounding_where_no_router_flips(tmp_path_factory) -> None:
@@ -141,15 +146,19 @@ def test_ulps_covers_bf16_rounding_where_no_router_flips(tmp_path_factory) -> No
 
     root = tmp_path_factory.getbasetemp() / "gpu_reference"
     dequantized = tiny_checkpoint(root, "qwen3-moe", "dequantized")
-    ids = [AutoTokenizer.from_pretrained(tiny_checkpoint(root, "qwen3-moe", "modelopt"))(p).input_ids for p in PROMPTS]
+    ids = [
+        AutoTokenizer.from_pretrained(tiny_checkpoint(root, "qwen3-moe", "modelopt"))(p).input_ids
+        for p in PROMPTS
+    ]
     runs = {}
     for dtype in (torch.float32, torch.bfloat16):
         model = AutoModelForCausalLM.from_pretrained(dequantized, dtype=dtype).eval()
-        captured = {}
-        model.get_output_embeddings().register_forward_hook(lambda m, i, o: captured.update(h=i[0]))
+        head = _HeadInput(model)
         with torch.no_grad():
-            runs[dtype] = [(model(torch.tensor([p])).logits[0].double(), captured["h"][0]) for p in ids]
-        head = model.get_output_embeddings().weight
+            runs[dtype] = [(model(torch.tensor([p])).logits[0].double(), head.hidden[0]) for p in ids]
+        head.handle.remove()
+        if dtype == torch.float32:
+            head_weight = head.head.weight.detach()
     for (exact, hidden), (rounded, _) in zip(runs[torch.float32], runs[torch.bfloat16], strict=True):
-        terms = hidden.double().abs() @ head.double().abs().T
+        terms = hidden.double().abs() @ head_weight.double().abs().T
         assert ((rounded - exact).abs() <= ULPS * BF16_EPS * terms).all()

@@ -149,7 +149,9 @@ ONE_STEP_SEED, DG_VOCAB, DG_CANVAS = 1234, 4096, 16  # build_tiny_diffusion_gemm
 
 
 @pytest.fixture(scope="module", params=list(GRAPH_MODES))
-def one_step_diffusion_server(checkpoints, tmp_path_factory: pytest.TempPathFactory, request) -> Iterator[str]:
+def one_step_diffusion_server(
+    checkpoints, tmp_path_factory: pytest.TempPathFactory, request
+) -> Iterator[str]:
     """One denoise step per canvas, first canvas from a fixed seed: the output is deterministic."""
     root = tmp_path_factory.mktemp("dg_one_step_server")
     config = root / "dllm.yaml"
@@ -185,7 +187,11 @@ def test_diffusion_gemma_generates_per_policy(diffusion_server: str, custom_para
         f"{diffusion_server}/generate",
         {
             "input_ids": PROMPT_IDS,
-            "sampling_params": {"max_new_tokens": 16, "ignore_eos": True, "custom_params": custom_params or None},
+            "sampling_params": {
+                "max_new_tokens": 16,
+                "ignore_eos": True,
+                "custom_params": custom_params or None,
+            },
         },
     )
     assert status == 200, body
@@ -198,8 +204,15 @@ def test_diffusion_gemma_generates_per_policy(diffusion_server: str, custom_para
     [{}, {"diffusion_policy": "fixed_k", "diffusion_policy_k": 4}],
     ids=["entropy_bound", "fixed_k"],
 )
-def test_one_denoise_step_equals_transformers(one_step_diffusion_server: str, checkpoints, custom_params) -> None:
-    from gpu_reference import assert_canvas_agrees, load_diffusion_reference, reference_canvas, sglang_initial_canvas
+def test_one_denoise_step_equals_transformers(
+    one_step_diffusion_server: str, checkpoints, custom_params
+) -> None:
+    from gpu_reference import (
+        assert_canvas_agrees,
+        load_diffusion_reference,
+        reference_canvas,
+        sglang_initial_canvas,
+    )
 
     prompts = [PROMPT_IDS, [2, 20, 21], [2, 5, 6, 7, 8, 9]]
     served = []
