@@ -124,16 +124,9 @@ def _serve(model: Path, log: Path, *extra: str) -> Iterator[str]:
 GRAPH_MODES = {"cuda-graphs": (), "eager": ("--disable-cuda-graph",)}
 
 
-@pytest.fixture(scope="module", params=list(GRAPH_MODES))
-def diffusion_server(checkpoints, tmp_path_factory: pytest.TempPathFactory, request) -> Iterator[str]:
-    root = tmp_path_factory.mktemp("dg_server")
+def _serve_diffusion(checkpoints, root: Path, algorithm_config: dict, graph_mode: str) -> Iterator[str]:
     config = root / "dllm.yaml"
-    # JSON is YAML: SGLang's defaults, written out so the test documents the keys.
-    config.write_text(
-        json.dumps(
-            {"max_denoising_steps": 16, "sampler_config": {"policy": "entropy_bound", "entropy_bound": 0.1}}
-        )
-    )
+    config.write_text(json.dumps(algorithm_config))  # JSON is YAML
     yield from _serve(
         checkpoints["diffusion_gemma"],
         root / "server.log",
@@ -141,8 +134,18 @@ def diffusion_server(checkpoints, tmp_path_factory: pytest.TempPathFactory, requ
         "Gemma4Renoise",
         "--dllm-algorithm-config",
         str(config),
-        *GRAPH_MODES[request.param],
+        *GRAPH_MODES[graph_mode],
     )
+
+
+@pytest.fixture(scope="module", params=list(GRAPH_MODES))
+def diffusion_server(checkpoints, tmp_path_factory: pytest.TempPathFactory, request) -> Iterator[str]:
+    # SGLang's defaults, written out so the test documents the keys.
+    defaults = {
+        "max_denoising_steps": 16,
+        "sampler_config": {"policy": "entropy_bound", "entropy_bound": 0.1},
+    }
+    yield from _serve_diffusion(checkpoints, tmp_path_factory.mktemp("dg_server"), defaults, request.param)
 
 
 ONE_STEP_SEED, DG_VOCAB, DG_CANVAS = 1234, 4096, 16  # build_tiny_diffusion_gemma's vocab and canvas
@@ -154,17 +157,8 @@ def one_step_diffusion_server(
 ) -> Iterator[str]:
     """One denoise step per canvas, first canvas from a fixed seed: the output is deterministic."""
     root = tmp_path_factory.mktemp("dg_one_step_server")
-    config = root / "dllm.yaml"
-    config.write_text(json.dumps({"max_denoising_steps": 1, "seed": ONE_STEP_SEED}))
-    yield from _serve(
-        checkpoints["diffusion_gemma"],
-        root / "server.log",
-        "--dllm-algorithm",
-        "Gemma4Renoise",
-        "--dllm-algorithm-config",
-        str(config),
-        *GRAPH_MODES[request.param],
-    )
+    one_step = {"max_denoising_steps": 1, "seed": ONE_STEP_SEED}
+    yield from _serve_diffusion(checkpoints, root, one_step, request.param)
 
 
 @pytest.fixture(scope="module", params=list(GRAPH_MODES))
