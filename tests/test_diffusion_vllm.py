@@ -261,3 +261,23 @@ def test_register_installs_the_policy_admission_hook(monkeypatch: pytest.MonkeyP
     plugin.register()
     hook = input_processor.validate_diffusion_sampling_params
     assert hook is not unwrapped and getattr(hook, "_nvfp4_ext_policy_validation", False)
+
+
+def test_one_step_seeded_canvas_extra_args_are_valid_requests() -> None:
+    """The extra_args of tests/test_diffusion_vllm_gpu.py's one-step comparison pass vLLM's own diffusion
+    request validation and ours, and vLLM refuses a canvas of the wrong length (so the test's canvas length
+    is the served one)."""
+    pytest.importorskip("vllm")
+    from test_diffusion_vllm_gpu import CANVAS, ONE_STEP_POLICIES, VOCAB, one_step_xargs
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+    from vllm.utils.diffusion import validate_diffusion_sampling_params
+
+    canvas = list(range(100, 100 + CANVAS))
+    for policy in ONE_STEP_POLICIES.values():
+        params = SamplingParams(max_tokens=CANVAS, ignore_eos=True, extra_args=one_step_xargs(policy, canvas))
+        validate_diffusion_sampling_params(params, canvas_length=CANVAS, vocab_size=VOCAB)
+        validate_policy_request(params.extra_args)
+    short = SamplingParams(max_tokens=CANVAS, extra_args=one_step_xargs({}, canvas[:-1]))
+    with pytest.raises(VLLMValidationError, match="diffusion_seed_canvas"):
+        validate_diffusion_sampling_params(short, canvas_length=CANVAS, vocab_size=VOCAB)

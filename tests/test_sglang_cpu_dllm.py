@@ -246,3 +246,21 @@ def test_quantization_veto_lifted_only_for_nvfp4_ext(
         with pytest.raises(ValueError, match="nvfp4_ext"):
             Gemma4Renoise.configure_server_args(object())
         assert seen == []
+
+
+def test_one_step_seeded_config_commits_the_argmax_of_the_seeded_first_canvas() -> None:
+    """What tests/test_sglang_gpu_e2e.py's one-step server relies on: with `seed` set, every request's first
+    canvas is `gpu_reference.sglang_initial_canvas(seed, ...)`, and with `max_denoising_steps: 1` the
+    committed canvas is the argmax of that one step's logits (whatever the policy)."""
+    from gpu_reference import sglang_initial_canvas
+
+    for policy in ({}, {"policy": "fixed_k", "k": 2}):
+        algo = _algorithm(max_denoising_steps=1, sampler_config=policy)
+        batch = _batch()
+        states = algo.init_step_state(batch)
+        for state in states:
+            assert state["current"].tolist() == sglang_initial_canvas(1234, VOCAB, BLOCK, "cpu")
+        logits = _logits(seed=3)
+        assert algo.step(batch, logits.clone(), states) == [True] * BATCH
+        argmax = logits.view(BATCH, BLOCK, VOCAB).argmax(-1)
+        assert torch.equal(torch.stack([s["current"] for s in states]), argmax)

@@ -1,6 +1,9 @@
 """End to end on a GPU: `sglang.launch_server --quantization nvfp4_ext` serves a tiny NVFP4 DiffusionGemma
-(one request per denoise policy, plus a rejected one) and a tiny NVFP4 Qwen3-MoE, whose greedy tokens must
-equal transformers' on the dequantized checkpoint (up to a near tie of the reference, `gpu_reference.py`).
+(one request per denoise policy, plus a rejected one; and, with `max_denoising_steps: 1` and a fixed `seed`,
+the committed argmax canvas of one step from SGLang's seeded first canvas compared with transformers on the
+dequantized weights) and a tiny NVFP4 Qwen3-MoE, whose greedy tokens must equal transformers' on the
+dequantized checkpoint (teacher-forced, up to bf16 near ties; `gpu_reference.py`, checked on CPU by
+tests/test_gpu_reference.py).
 
 Needs a CUDA GPU (sm80+) with SGLang installed with its GPU dependencies (`pip install nvfp4-ext[sglang]`).
 Each server is a subprocess; it is stopped (SIGTERM, then SIGKILL) even when a test fails.
@@ -56,8 +59,10 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from nvfp4_ext.quantize import dequantize_checkpoint
 
     moe_nvfp4 = quantize_tiny_checkpoint(moe, root / "moe_nvfp4")
+    dg_nvfp4 = quantize_tiny_checkpoint(dg, root / "dg_nvfp4")
     return {
-        "diffusion_gemma": quantize_tiny_checkpoint(dg, root / "dg_nvfp4"),
+        "diffusion_gemma": dg_nvfp4,
+        "diffusion_gemma_dequantized": dequantize_checkpoint(dg_nvfp4, root / "dg_dequantized"),
         "qwen3_moe": moe_nvfp4,
         "qwen3_moe_dequantized": dequantize_checkpoint(moe_nvfp4, root / "moe_dequantized"),
     }
@@ -119,16 +124,9 @@ def _serve(model: Path, log: Path, *extra: str) -> Iterator[str]:
 GRAPH_MODES = {"cuda-graphs": (), "eager": ("--disable-cuda-graph",)}
 
 
-@pytest.fixture(scope="module", params=list(GRAPH_MODES))
-def diffusion_server(checkpoints, tmp_path_factory: pytest.TempPathFactory, request) -> Iterator[str]:
-    root = tmp_path_factory.mktemp("dg_server")
+def _serve_diffusion(checkpoints, root: Path, algorithm_config: dict, graph_mode: str) -> Iterator[str]:
     config = root / "dllm.yaml"
-    # JSON is YAML: SGLang's defaults, written out so the test documents the keys.
-    config.write_text(
-        json.dumps(
-            {"max_denoising_steps": 16, "sampler_config": {"policy": "entropy_bound", "entropy_bound": 0.1}}
-        )
-    )
+    config.write_text(json.dumps(algorithm_config))  # JSON is YAML
     yield from _serve(
         checkpoints["diffusion_gemma"],
         root / "server.log",
@@ -136,8 +134,31 @@ def diffusion_server(checkpoints, tmp_path_factory: pytest.TempPathFactory, requ
         "Gemma4Renoise",
         "--dllm-algorithm-config",
         str(config),
-        *GRAPH_MODES[request.param],
+        *GRAPH_MODES[graph_mode],
     )
+
+
+@pytest.fixture(scope="module", params=list(GRAPH_MODES))
+def diffusion_server(checkpoints, tmp_path_factory: pytest.TempPathFactory, request) -> Iterator[str]:
+    # SGLang's defaults, written out so the test documents the keys.
+    defaults = {
+        "max_denoising_steps": 16,
+        "sampler_config": {"policy": "entropy_bound", "entropy_bound": 0.1},
+    }
+    yield from _serve_diffusion(checkpoints, tmp_path_factory.mktemp("dg_server"), defaults, request.param)
+
+
+ONE_STEP_SEED, DG_VOCAB, DG_CANVAS = 1234, 4096, 16  # build_tiny_diffusion_gemma's vocab and canvas
+
+
+@pytest.fixture(scope="module", params=list(GRAPH_MODES))
+def one_step_diffusion_server(
+    checkpoints, tmp_path_factory: pytest.TempPathFactory, request
+) -> Iterator[str]:
+    """One denoise step per canvas, first canvas from a fixed seed: the output is deterministic."""
+    root = tmp_path_factory.mktemp("dg_one_step_server")
+    one_step = {"max_denoising_steps": 1, "seed": ONE_STEP_SEED}
+    yield from _serve_diffusion(checkpoints, root, one_step, request.param)
 
 
 @pytest.fixture(scope="module", params=list(GRAPH_MODES))
@@ -160,13 +181,54 @@ def test_diffusion_gemma_generates_per_policy(diffusion_server: str, custom_para
         f"{diffusion_server}/generate",
         {
             "input_ids": PROMPT_IDS,
-            "sampling_params": {"max_new_tokens": 16, "custom_params": custom_params or None},
+            "sampling_params": {
+                "max_new_tokens": 16,
+                "ignore_eos": True,
+                "custom_params": custom_params or None,
+            },
         },
     )
     assert status == 200, body
     ids = body["output_ids"]
-    assert 0 < len(ids) <= 16
-    assert all(0 <= i < 4096 for i in ids)
+    assert len(ids) == 16 and all(0 <= i < DG_VOCAB for i in ids), ids  # a full canvas, in the vocabulary
+
+
+@pytest.mark.parametrize(
+    "custom_params",
+    [{}, {"diffusion_policy": "fixed_k", "diffusion_policy_k": 4}],
+    ids=["entropy_bound", "fixed_k"],
+)
+def test_one_denoise_step_equals_transformers(
+    one_step_diffusion_server: str, checkpoints, custom_params
+) -> None:
+    from gpu_reference import (
+        assert_canvas_agrees,
+        load_diffusion_reference,
+        reference_canvas,
+        sglang_initial_canvas,
+    )
+
+    prompts = [PROMPT_IDS, [2, 20, 21], [2, 5, 6, 7, 8, 9]]
+    served = []
+    for prompt in prompts:
+        status, body = _post(
+            f"{one_step_diffusion_server}/generate",
+            {
+                "input_ids": prompt,
+                "sampling_params": {
+                    "max_new_tokens": DG_CANVAS,
+                    "ignore_eos": True,
+                    "custom_params": custom_params or None,
+                },
+            },
+        )
+        assert status == 200, body
+        served.append(body["output_ids"])
+    # The engine draws the first canvas on its device from the configured seed; so does the reference.
+    canvas = sglang_initial_canvas(ONE_STEP_SEED, DG_VOCAB, DG_CANVAS, "cuda")
+    reference = load_diffusion_reference(checkpoints["diffusion_gemma_dequantized"])
+    references = [reference_canvas(reference, prompt, canvas) for prompt in prompts]
+    assert_canvas_agrees(served, references, [canvas] * len(prompts), DG_VOCAB)
 
 
 def test_diffusion_gemma_rejects_bad_policy(diffusion_server: str) -> None:
@@ -185,7 +247,7 @@ def test_diffusion_gemma_rejects_bad_policy(diffusion_server: str) -> None:
 
 
 def test_nvfp4_moe_greedy_equals_transformers_on_dequantized_weights(moe_server: str, checkpoints) -> None:
-    from gpu_reference import assert_greedy_matches, reference_greedy
+    from gpu_reference import assert_served_greedy
 
     status, body = _post(
         f"{moe_server}/generate",
@@ -195,6 +257,4 @@ def test_nvfp4_moe_greedy_equals_transformers_on_dequantized_weights(moe_server:
         },
     )
     assert status == 200, body
-    assert len(body["output_ids"]) == 8
-    reference = reference_greedy(checkpoints["qwen3_moe_dequantized"], [PROMPT_IDS], max_tokens=8)[0]
-    assert_greedy_matches(body["output_ids"], reference)
+    assert_served_greedy(checkpoints["qwen3_moe_dequantized"], [PROMPT_IDS], [body["output_ids"]], 8)
