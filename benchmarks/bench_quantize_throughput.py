@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -147,17 +148,26 @@ def main() -> None:
     parser.add_argument("--scales", default="rtn", choices=("rtn", "four-over-six", "mse"))
     parser.add_argument("--workdir", type=Path, help="where to build (default: a temporary directory)")
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument(
+        "--src", type=Path, help="reuse a checkpoint an earlier run built and kept (--keep) instead of building one"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="nvfp4_bench_", dir=args.workdir))
     try:
         start = time.perf_counter()
-        total, largest = build(work / "src", args.size_gb, args.shard_gb)
+        if args.src is not None:
+            (work / "src").symlink_to(args.src.absolute())
+            sizes = [p.stat().st_size for p in args.src.glob("*.safetensors")]
+            total, largest = sum(sizes), max(sizes)
+        else:
+            total, largest = build(work / "src", args.size_gb, args.shard_gb)
         print(
-            f"built {total / 1e9:.2f} GB in {time.perf_counter() - start:.1f} s "
+            f"{'reused' if args.src else 'built'} {total / 1e9:.2f} GB in {time.perf_counter() - start:.1f} s "
             f"(largest shard {largest / 1e9:.2f} GB)"
         )
+        load_before = os.getloadavg()
         child = subprocess.run(
             [sys.executable, "-c", _CHILD, str(work / "src"), str(work / "dst"), args.scales],
             check=True,
@@ -194,12 +204,14 @@ def main() -> None:
             "the largest input shard "
             "(goal <= 2x)"
         )
+        load_ours = os.getloadavg()
         modelopt = subprocess.run(
             [sys.executable, "-c", _MODELOPT_CHILD, str(work / "src"), str(work / "dst")],
             check=True,
             capture_output=True,
             text=True,
         )
+        load_modelopt = os.getloadavg()
         baseline = json.loads(modelopt.stdout.strip().splitlines()[-1])
         modelopt_mb_s = baseline["bytes"] / 1e6 / baseline["seconds"]
         modelopt_mb_cpu_s = baseline["bytes"] / 1e6 / baseline["cpu_seconds"]
@@ -212,6 +224,9 @@ def main() -> None:
                 "modelopt_tensors_byte_identical": baseline["compared"],
                 "ratio_to_modelopt": result["mb_per_s"] / modelopt_mb_s,
                 "cpu_ratio_to_modelopt": result["mb_per_cpu_second"] / modelopt_mb_cpu_s,
+                "load_average_1min": {
+                    "start": load_before[0], "after_ours": load_ours[0], "after_modelopt": load_modelopt[0]
+                },
             }
         )
         print(
@@ -224,6 +239,10 @@ def main() -> None:
             f"per CPU-second (robust to a loaded machine): ours {result['mb_per_cpu_second']:.0f} MB (whole "
             f"process, incl. imports and I/O), ModelOpt {modelopt_mb_cpu_s:.0f} MB (quantize calls only) = "
             f"{result['cpu_ratio_to_modelopt']:.2f}x"
+        )
+        print(
+            f"1-min load average (this machine is shared): {load_before[0]:.2f} at start, {load_ours[0]:.2f} "
+            f"after ours, {load_modelopt[0]:.2f} after ModelOpt"
         )
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
