@@ -371,7 +371,7 @@ def _write_shards(shards: list[list[TensorTask]], out: Path, run: _Run, progress
                 outputs = _process(task, w, run)
                 del w
                 if pending is not None:
-                    pending.result()  # the previous tensor's outputs are written: bounded memory, errors surface
+                    pending.result()  # previous outputs written: bounded memory, write errors surface here
                 last_of_shard = position + 1 == len(ordered) or ordered[position + 1][0] != index
                 pending = writer_thread.submit(_write_outputs, writers[index], outputs, last_of_shard)
                 bar.update(task.source.nbytes)

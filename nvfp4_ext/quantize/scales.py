@@ -36,10 +36,18 @@ from nvfp4_ext.format import (
 )
 from nvfp4_ext.quantize.options import SCALE_METHODS, ScaleMethod
 
-__all__ = ["SCALE_METHODS", "NonFiniteWeightError", "ScaleMethod", "ScaleStats", "e2m1_codes", "e2m1_round", "quantize_weight"]
+__all__ = [
+    "SCALE_METHODS",
+    "NonFiniteWeightError",
+    "ScaleMethod",
+    "ScaleStats",
+    "e2m1_codes",
+    "e2m1_round",
+    "quantize_weight",
+]
 
 # Elements per row chunk: keeps the float32 temporaries (~ a dozen of them) about cache-sized.
-_CHUNK_ELEMENTS = 1 << 18
+_CHUNK_ELEMENTS = 1 << 17
 # mse: e4m3 code offsets tried around the RTN scale's code (8 codes per octave; +5 ~ the 6/4 scale).
 _MSE_CODE_OFFSETS = (-3, -2, -1, 1, 2, 3, 4, 5, 6)
 _E4M3_MAX_CODE = 126  # 0x7E = 448; 0x7F is NaN in float8_e4m3fn
@@ -159,17 +167,8 @@ def _search_scales(
 
 
 def _rtn_block_scales(chunk: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
-    """`format.nvfp4_block_scales` of float32 rows [R, K]: the same float32 operations, so the same bytes,
-    with each 16-wide block maximum as a tree of elementwise maxima (torch's 16-wide inner reduction is
-    ~2x slower on CPU)."""
-    level = chunk.abs().reshape(-1, NVFP4_BLOCK_SIZE)
-    while level.shape[1] > 1:
-        half = level.shape[1] // 2
-        level = torch.maximum(level[:, :half], level[:, half:])
-    block_amax = level.reshape(chunk.shape[0], -1)
-    scale = block_amax / (F4_E2M1_MAX * global_scale.float())
-    scale = torch.where(block_amax == 0, torch.ones_like(scale), scale)
-    return scale.clamp(min=2.0**-9, max=F8E4M3_MAX).to(torch.float8_e4m3fn)
+    """`format.nvfp4_block_scales` of rows [R, K]: the same float32 operations, so the same bytes."""
+    return _scales_from_amax(_block_amax(chunk), global_scale)
 
 
 def _quantize_rows(
@@ -232,23 +231,16 @@ def _pack_into(codes: torch.Tensor, out: torch.Tensor) -> None:
     out.numpy().reshape(-1)[...] = packed  # the uint16 -> uint8 assignment keeps the low byte
 
 
-def _rtn_rows(
-    rows: torch.Tensor,
-    block_amax: torch.Tensor,
-    global_scale: torch.Tensor,
-    qdata: torch.Tensor,
-    scale: torch.Tensor,
-) -> tuple[float, float]:
-    """RTN-quantize rows [R, K] into `qdata` [R, K/2] and `scale` [R, K/16]; returns (sse, signal).
+def _rtn_rows(rows: torch.Tensor, denom: torch.Tensor, qdata: torch.Tensor) -> tuple[float, float]:
+    """RTN-quantize rows [R, K] with block divisors `denom` [R, K/16] (e4m3 scale * global) into `qdata`
+    [R, K/2]; returns (sse, signal).
 
     The same float32 division and rounding as `_quantize_blocks`, so the bytes are ModelOpt's; the
     squared error is summed with one dot product instead of per-block sums (rtn needs only the total).
     """
-    chosen = _scales_from_amax(block_amax, global_scale)
-    scale.copy_(chosen)
     values = rows.float()
     blocks = values.view(rows.shape[0], -1, NVFP4_BLOCK_SIZE)
-    denom = (chosen.float() * global_scale).unsqueeze(-1)
+    denom = denom.unsqueeze(-1)
     codes = e2m1_codes(blocks / denom)
     _pack_into(codes, qdata)
     error = torch.addcmul(blocks, _decode(codes), denom, value=-1.0).view(-1)
@@ -303,19 +295,21 @@ def quantize_weight(
     if global_scale == 0:  # all-zero weight: any scale encodes it; avoid ModelOpt's 0/0 NaN block scales
         global_scale = torch.tensor(1.0 / NVFP4_GLOBAL_DENOM)
     qdata = torch.empty(n, k // 2, dtype=torch.uint8)
-    scale = torch.empty(n, k // NVFP4_BLOCK_SIZE, dtype=torch.float8_e4m3fn)
-
     if method == "rtn":
+        scale = _scales_from_amax(block_amax, global_scale)
+        denom = scale.float() * global_scale
 
         def rtn(start: int) -> ScaleStats:
-            end = start + rows
-            sse, signal = _rtn_rows(w[start:end], block_amax[start:end], global_scale, qdata[start:end], scale[start:end])
-            return ScaleStats(sse, sse, signal, 0, (end - start if end <= n else n - start) * (k // NVFP4_BLOCK_SIZE))
+            end = min(start + rows, n)
+            sse, signal = _rtn_rows(w[start:end], denom[start:end], qdata[start:end])
+            return ScaleStats(sse, sse, signal, 0, (end - start) * (k // NVFP4_BLOCK_SIZE))
 
         for chunk_stats in run(rtn, starts):
             if stats is not None:
                 stats.add(chunk_stats)
         return NVFP4Weight(qdata=qdata, scale=scale, global_scale=global_scale)
+
+    scale = torch.empty(n, k // NVFP4_BLOCK_SIZE, dtype=torch.float8_e4m3fn)
 
     def work(start: int) -> tuple[torch.Tensor, torch.Tensor, ScaleStats]:
         return _quantize_rows(w[start : start + rows].float(), method, global_scale)
