@@ -220,8 +220,9 @@ def main() -> None:
         )
         load_ours = os.getloadavg()
         modelopt_threads = args.modelopt_threads or len(os.sched_getaffinity(0))
+        modelopt_args = [str(work / "src"), str(work / "dst"), str(modelopt_threads)]
         modelopt = subprocess.run(
-            [sys.executable, "-c", _MODELOPT_CHILD, str(work / "src"), str(work / "dst"), f"{modelopt_threads}"],
+            [sys.executable, "-c", _MODELOPT_CHILD, *modelopt_args],
             check=True,
             capture_output=True,
             text=True,
@@ -251,14 +252,14 @@ def main() -> None:
         print(
             f"ModelOpt NVFP4QTensor.quantize on the same {baseline['compared']} weights: "
             f"{baseline['seconds']:.1f} s of quantize calls, {modelopt_mb_s:.0f} MB/s with {modelopt_threads} "
-            f"intra-op thread(s); ours (quantize_checkpoint, I/O included) {result['mb_per_s']:.0f} MB/s = "
+            f"intra-op thread(s); ours (quantize_checkpoint, with I/O) {result['mb_per_s']:.0f} MB/s = "
             f"{result['ratio_to_modelopt']:.2f}x ModelOpt (goal >= 4x); with Python start and imports "
             f"{result['process_ratio_to_modelopt']:.2f}x; outputs byte-identical"
         )
         print(
             f"per CPU-second (robust to a loaded machine): ours {result['mb_per_cpu_second']:.0f} MB (whole "
-            f"process, incl. imports and I/O), ModelOpt {modelopt_mb_cpu_s:.0f} MB (quantize calls only) = "
-            f"{result['cpu_ratio_to_modelopt']:.2f}x"
+            f"process, incl. imports and I/O), ModelOpt {modelopt_mb_cpu_s:.0f} MB (quantize calls only) "
+            f"= {result['cpu_ratio_to_modelopt']:.2f}x"
         )
         print(
             f"1-min load average (this machine is shared): {load_before[0]:.2f} at start, {load_ours[0]:.2f} "
