@@ -29,7 +29,7 @@ from nvfp4_ext.quantize.io import (
     check_output_dir,
     copy_aux_files,
     list_source_tensors,
-    read_tensor,
+    map_tensor,
     write_index,
 )
 from nvfp4_ext.quantize.plan import TensorTask, plan_tasks
@@ -357,7 +357,7 @@ def _write_shards(shards: list[list[TensorTask]], out: Path, run: _Run, progress
     ):
         pending: Future[None] | None = None
         try:
-            upcoming = reader.submit(read_tensor, ordered[0][1].source) if ordered else None
+            upcoming = reader.submit(map_tensor, ordered[0][1].source) if ordered else None
             for position, (index, task) in enumerate(ordered):
                 if len(writers) <= index:
                     name = f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -367,7 +367,7 @@ def _write_shards(shards: list[list[TensorTask]], out: Path, run: _Run, progress
                 assert upcoming is not None
                 w = upcoming.result()
                 if position + 1 < len(ordered):
-                    upcoming = reader.submit(read_tensor, ordered[position + 1][1].source)
+                    upcoming = reader.submit(map_tensor, ordered[position + 1][1].source)
                 outputs = _process(task, w, run)
                 del w
                 if pending is not None:

@@ -52,6 +52,9 @@ _CHUNK_ELEMENTS = 1 << 17
 _MSE_CODE_OFFSETS = (-3, -2, -1, 1, 2, 3, 4, 5, 6)
 _E4M3_MAX_CODE = 126  # 0x7E = 448; 0x7F is NaN in float8_e4m3fn
 _E2M1_TABLE = E2M1_VALUES.numpy()
+# Byte -> its two decoded codes (low nibble first) as one 8-byte entry: a gather per byte, not per code.
+_E2M1_PAIR_TABLE = np.stack([_E2M1_TABLE[np.arange(256) & 15], _E2M1_TABLE[np.arange(256) >> 4]], -1)
+_E2M1_PAIR_TABLE = np.ascontiguousarray(_E2M1_PAIR_TABLE, dtype=np.float32).view(np.uint64).reshape(256)
 
 
 class NonFiniteWeightError(ValueError):
@@ -241,9 +244,9 @@ def _rtn_rows(rows: torch.Tensor, denom: torch.Tensor, qdata: torch.Tensor) -> t
     values = rows.float()
     blocks = values.view(rows.shape[0], -1, NVFP4_BLOCK_SIZE)
     denom = denom.unsqueeze(-1)
-    codes = e2m1_codes(blocks / denom)
-    _pack_into(codes, qdata)
-    error = torch.addcmul(blocks, _decode(codes), denom, value=-1.0).view(-1)
+    _pack_into(e2m1_codes(blocks / denom), qdata)
+    decoded = torch.from_numpy(np.take(_E2M1_PAIR_TABLE, qdata.numpy()).view(np.float32)).view(blocks.shape)
+    error = torch.addcmul(blocks, decoded, denom, value=-1.0).view(-1)
     flat = values.view(-1)
     return float(torch.dot(error, error)), float(torch.dot(flat, flat))
 
