@@ -241,7 +241,7 @@ def _rtn_rows(rows: torch.Tensor, denom: torch.Tensor, qdata: torch.Tensor) -> t
     The same float32 division and rounding as `_quantize_blocks`, so the bytes are ModelOpt's; the
     squared error is summed with one dot product instead of per-block sums (rtn needs only the total).
     """
-    values = rows.float()
+    values = rows.float().contiguous()
     blocks = values.view(rows.shape[0], -1, NVFP4_BLOCK_SIZE)
     denom = denom.unsqueeze(-1)
     _pack_into(e2m1_codes(blocks / denom), qdata)
