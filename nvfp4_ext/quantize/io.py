@@ -2,7 +2,8 @@
 
 The quantizer knows every output tensor's name, dtype and shape before it computes any of them (they follow
 from the input headers), so each output shard's header is written first and the tensor bytes are streamed
-after it one tensor at a time: peak memory is one tensor, never a shard or the model.
+after it one tensor at a time: peak memory is a few tensors (the quantizer overlaps reading the next and
+writing the previous with the current), never a shard or the model.
 """
 
 from __future__ import annotations
