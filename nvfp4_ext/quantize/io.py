@@ -115,8 +115,8 @@ def map_tensor(tensor: SourceTensor) -> torch.Tensor:
     Raises:
         CheckpointError: the file is shorter than its header says, or cannot be mapped.
     """
-    if tensor.nbytes == 0:
-        return torch.empty(tensor.shape, dtype=DTYPE_TO_TORCH[tensor.dtype])
+    if tensor.nbytes == 0 or not hasattr(mmap, "MAP_PRIVATE"):  # empty, or no POSIX mmap (Windows)
+        return read_tensor(tensor)
     start = tensor.offset - tensor.offset % mmap.ALLOCATIONGRANULARITY
     try:
         with tensor.file.open("rb") as f:
