@@ -6,10 +6,13 @@ linears, an embedding) of about --size-gb GB in --shard-gb shards under a tempor
 `quantize_checkpoint` in a child process and reports wall time, MB/s and the child's peak RSS against the
 goals (>= 4x ModelOpt; peak RSS <= 2x the largest input shard). A second child then quantizes every
 weight our run quantized (the same 2-D pieces: experts unfused) with ModelOpt, times only those calls
-(no I/O, so ModelOpt's figure is favourable to it), checks our output bytes are identical, and the ratio
-of the two MB/s is printed. Nothing is kept unless --keep.
+(no I/O, so ModelOpt's figure is favourable to it), checks our output bytes are identical, and prints
+the ratios: wall, wall of our whole process (Python start and imports included), and per CPU-second,
+with the load average beside them (the machine may be shared). Nothing is kept unless --keep; --src
+quantizes an existing checkpoint instead of building one.
 
-    python benchmarks/bench_quantize_throughput.py [--size-gb 3] [--shard-gb 1] [--scales rtn] [--json FILE]
+    python benchmarks/bench_quantize_throughput.py [--size-gb 3] [--shard-gb 1] [--scales rtn]
+        [--modelopt-threads N] [--src DIR] [--keep] [--json FILE]
 """
 
 from __future__ import annotations
