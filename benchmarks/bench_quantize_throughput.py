@@ -6,16 +6,20 @@ linears, an embedding) of about --size-gb GB in --shard-gb shards under a tempor
 `quantize_checkpoint` in a child process and reports wall time, MB/s and the child's peak RSS against the
 goals (>= 4x ModelOpt; peak RSS <= 2x the largest input shard). A second child then quantizes every
 weight our run quantized (the same 2-D pieces: experts unfused) with ModelOpt, times only those calls
-(no I/O, so ModelOpt's figure is favourable to it), checks our output bytes are identical, and the ratio
-of the two MB/s is printed. Nothing is kept unless --keep.
+(no I/O, so ModelOpt's figure is favourable to it), checks our output bytes are identical, and prints
+the ratios: wall, wall of our whole process (Python start and imports included), and per CPU-second,
+with the load average beside them (the machine may be shared). Nothing is kept unless --keep; --src
+quantizes an existing checkpoint instead of building one.
 
-    python benchmarks/bench_quantize_throughput.py [--size-gb 3] [--shard-gb 1] [--scales rtn] [--json FILE]
+    python benchmarks/bench_quantize_throughput.py [--size-gb 3] [--shard-gb 1] [--scales rtn]
+        [--modelopt-threads N] [--src DIR] [--keep] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -63,7 +67,7 @@ _MODELOPT_CHILD = textwrap.dedent(
         return handles[shard].get_tensor(name)
     tasks = plan_tasks(list_source_tensors(__import__("pathlib").Path(src)), recipe="w4a16", calibrated=False)
     seconds, cpu_seconds, nbytes, compared = 0.0, 0.0, 0, 0
-    torch.set_num_threads(len(__import__("os").sched_getaffinity(0)))
+    torch.set_num_threads(int(sys.argv[3]))
     for task in tasks:
         if task.action == "copy":
             continue
@@ -147,23 +151,43 @@ def main() -> None:
     parser.add_argument("--scales", default="rtn", choices=("rtn", "four-over-six", "mse"))
     parser.add_argument("--workdir", type=Path, help="where to build (default: a temporary directory)")
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument(
+        "--src",
+        type=Path,
+        help="quantize this checkpoint (e.g. one an earlier --keep run built) instead of building one",
+    )
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--modelopt-threads",
+        type=int,
+        default=0,
+        help="torch intra-op threads for ModelOpt (default: the usable CPUs; 1 is its best case on a loaded "
+        "machine, where its spinning threads collapse)",
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="nvfp4_bench_", dir=args.workdir))
     try:
         start = time.perf_counter()
-        total, largest = build(work / "src", args.size_gb, args.shard_gb)
+        if args.src is not None:
+            (work / "src").symlink_to(args.src.absolute())
+            sizes = [p.stat().st_size for p in args.src.glob("*.safetensors")]
+            total, largest = sum(sizes), max(sizes)
+        else:
+            total, largest = build(work / "src", args.size_gb, args.shard_gb)
         print(
-            f"built {total / 1e9:.2f} GB in {time.perf_counter() - start:.1f} s "
-            f"(largest shard {largest / 1e9:.2f} GB)"
+            f"{'reused' if args.src else 'built'} {total / 1e9:.2f} GB in "
+            f"{time.perf_counter() - start:.1f} s (largest shard {largest / 1e9:.2f} GB)"
         )
+        load_before = os.getloadavg()
+        process_start = time.perf_counter()
         child = subprocess.run(
             [sys.executable, "-c", _CHILD, str(work / "src"), str(work / "dst"), args.scales],
             check=True,
             capture_output=True,
             text=True,
         )
+        process_seconds = time.perf_counter() - process_start
         report = json.loads(child.stdout.strip().splitlines()[-1])
         seconds, peak_rss = report["seconds"], report["peak_rss_kb"] * 1024
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -176,6 +200,8 @@ def main() -> None:
             "scales": args.scales,
             "seconds": seconds,
             "mb_per_s": total / 1e6 / seconds,
+            "process_seconds": process_seconds,
+            "process_mb_per_s": total / 1e6 / process_seconds,
             "cpu_seconds": cpu_seconds,
             "mb_per_cpu_second": total / 1e6 / cpu_seconds,
             "peak_rss_bytes": peak_rss,
@@ -183,7 +209,8 @@ def main() -> None:
         }
         print(
             f"quantize ({args.scales}): {seconds:.1f} s, {result['mb_per_s']:.0f} MB/s of input, "
-            f"output {out_bytes / 1e9:.2f} GB"
+            f"output {out_bytes / 1e9:.2f} GB; the whole child process (Python start and imports included) "
+            f"{process_seconds:.1f} s = {result['process_mb_per_s']:.0f} MB/s"
         )
         print(
             f"CPU time {cpu_seconds:.1f} s (child, incl. imports): {result['mb_per_cpu_second']:.0f} MB per "
@@ -194,17 +221,22 @@ def main() -> None:
             "the largest input shard "
             "(goal <= 2x)"
         )
+        load_ours = os.getloadavg()
+        modelopt_threads = args.modelopt_threads or len(os.sched_getaffinity(0))
+        modelopt_args = [str(work / "src"), str(work / "dst"), str(modelopt_threads)]
         modelopt = subprocess.run(
-            [sys.executable, "-c", _MODELOPT_CHILD, str(work / "src"), str(work / "dst")],
+            [sys.executable, "-c", _MODELOPT_CHILD, *modelopt_args],
             check=True,
             capture_output=True,
             text=True,
         )
+        load_modelopt = os.getloadavg()
         baseline = json.loads(modelopt.stdout.strip().splitlines()[-1])
         modelopt_mb_s = baseline["bytes"] / 1e6 / baseline["seconds"]
         modelopt_mb_cpu_s = baseline["bytes"] / 1e6 / baseline["cpu_seconds"]
         result.update(
             {
+                "modelopt_threads": modelopt_threads,
                 "modelopt_quantize_seconds": baseline["seconds"],
                 "modelopt_quantize_cpu_seconds": baseline["cpu_seconds"],
                 "modelopt_mb_per_s": modelopt_mb_s,
@@ -212,18 +244,29 @@ def main() -> None:
                 "modelopt_tensors_byte_identical": baseline["compared"],
                 "ratio_to_modelopt": result["mb_per_s"] / modelopt_mb_s,
                 "cpu_ratio_to_modelopt": result["mb_per_cpu_second"] / modelopt_mb_cpu_s,
+                "process_ratio_to_modelopt": result["process_mb_per_s"] / modelopt_mb_s,
+                "load_average_1min": {
+                    "start": load_before[0],
+                    "after_ours": load_ours[0],
+                    "after_modelopt": load_modelopt[0],
+                },
             }
         )
         print(
             f"ModelOpt NVFP4QTensor.quantize on the same {baseline['compared']} weights: "
-            f"{baseline['seconds']:.1f} s of quantize calls, {modelopt_mb_s:.0f} MB/s; ours (whole process) "
-            f"{result['mb_per_s']:.0f} MB/s = {result['ratio_to_modelopt']:.2f}x ModelOpt (goal >= 4x); "
-            "outputs byte-identical"
+            f"{baseline['seconds']:.1f} s of quantize calls, {modelopt_mb_s:.0f} MB/s with {modelopt_threads} "
+            f"intra-op thread(s); ours (quantize_checkpoint, with I/O) {result['mb_per_s']:.0f} MB/s = "
+            f"{result['ratio_to_modelopt']:.2f}x ModelOpt (goal >= 4x); with Python start and imports "
+            f"{result['process_ratio_to_modelopt']:.2f}x; outputs byte-identical"
         )
         print(
             f"per CPU-second (robust to a loaded machine): ours {result['mb_per_cpu_second']:.0f} MB (whole "
-            f"process, incl. imports and I/O), ModelOpt {modelopt_mb_cpu_s:.0f} MB (quantize calls only) = "
-            f"{result['cpu_ratio_to_modelopt']:.2f}x"
+            f"process, incl. imports and I/O), ModelOpt {modelopt_mb_cpu_s:.0f} MB (quantize calls only) "
+            f"= {result['cpu_ratio_to_modelopt']:.2f}x"
+        )
+        print(
+            f"1-min load average (this machine is shared): {load_before[0]:.2f} at start, {load_ours[0]:.2f} "
+            f"after ours, {load_modelopt[0]:.2f} after ModelOpt"
         )
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -129,3 +129,54 @@ def test_better_scales_never_worse_on_real_minilm_weights():
             sse[method] = stats.sse
         assert sse["four-over-six"] <= sse["rtn"] and sse["mse"] <= sse["four-over-six"], name
         assert sse["mse"] < 0.85 * sse["rtn"], name
+
+
+def _edge_weight(dtype: torch.dtype) -> torch.Tensor:
+    """Rows whose block divisor is exactly 1 (global amax 2688 -> multiplier 1; block amax 6 -> scale 1), so
+    the scaled values are the values written: every E2M1 midpoint, its float neighbours in `dtype`, +-0,
+    subnormals, saturating values, and an all-zero block."""
+    up = torch.tensor(float("inf"), dtype=dtype)
+    down = torch.tensor(0.0, dtype=dtype)
+    values = []
+    for bound in (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0):
+        t = torch.tensor(bound, dtype=dtype)
+        values += [t, torch.nextafter(t, up), torch.nextafter(t, down)]
+    values = torch.stack(values)
+    tiny = torch.finfo(dtype).tiny
+    rows = [
+        torch.cat([values[:15], torch.tensor([6.0], dtype=dtype)]),
+        torch.cat([values[15:], torch.tensor([0.0, -0.0, 6.0, 0.5, 1, 1.5, 2, 3, 4, -6], dtype=dtype)]),
+        -torch.cat([values[:15], torch.tensor([6.0], dtype=dtype)]),
+        -torch.cat([values[15:], torch.tensor([0.0, -0.0, 6.0, 0.5, 1, 1.5, 2, 3, 4, -6], dtype=dtype)]),
+        torch.tensor([tiny, -tiny, tiny / 4, -tiny / 4, 1e-30, -1e-30, 5.9, 6.0]
+                     + [6.5, -7.0, 0.0, -0.0, 0.1, -0.1, 3.0, 2688.0], dtype=dtype),  # fmt: skip
+        torch.zeros(16, dtype=dtype),
+    ]
+    return torch.stack(rows).reshape(-1, 32)
+
+
+@pytest.mark.skipif(not HAS_MODELOPT, reason="nvidia-modelopt not installed")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", ["midpoints", "subnormal_weight", "sign_flips"])
+def test_rtn_edge_cases_byte_identical_to_modelopt(dtype, case):
+    """Exact E2M1 midpoints (ties to even), their neighbours, +-0, subnormals, saturation, zero blocks, and
+    weights so small that the block divisor scale * global is itself subnormal, against ModelOpt's bytes."""
+    from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
+
+    if case == "midpoints":
+        w = _edge_weight(dtype)
+    elif case == "subnormal_weight":
+        g = torch.Generator().manual_seed(5)
+        w = (torch.randn(8, 64, generator=g) * torch.finfo(dtype).tiny * 4).to(dtype)
+        w[0, :16] = 0
+        w[1, 16:32] = torch.finfo(dtype).tiny / 8
+    else:
+        g = torch.Generator().manual_seed(6)
+        w = (torch.randn(16, 48, generator=g) * 3).to(dtype)
+        w[::2] = -w[::2]
+    assert w.isfinite().all()
+    qtensor, scale, scale_2 = NVFP4QTensor.quantize(w, 16)
+    ours = quantize_weight(w, "rtn")
+    assert torch.equal(ours.qdata, qtensor._quantized_data)
+    assert torch.equal(ours.scale.view(torch.uint8), scale.view(torch.uint8))
+    assert torch.equal(ours.global_scale.float(), scale_2.float().reshape(()))

@@ -2,7 +2,8 @@
 
 The quantizer knows every output tensor's name, dtype and shape before it computes any of them (they follow
 from the input headers), so each output shard's header is written first and the tensor bytes are streamed
-after it one tensor at a time: peak memory is one tensor, never a shard or the model.
+after it one tensor at a time: peak memory is a few tensors (the quantizer overlaps reading the next and
+writing the previous with the current), never a shard or the model.
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import mmap
 import os
 import shutil
 import signal
 import struct
 import threading
 import uuid
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +37,7 @@ __all__ = [
     "check_output_dir",
     "copy_aux_files",
     "list_source_tensors",
+    "map_tensor",
     "read_safetensors_header",
     "read_tensor",
     "write_index",
@@ -100,6 +104,45 @@ def read_tensor(tensor: SourceTensor) -> torch.Tensor:
             f"truncated data: {got} of {tensor.nbytes} bytes", file=str(tensor.file), tensor=tensor.name
         )
     return buffer.view(DTYPE_TO_TORCH[tensor.dtype]).reshape(tensor.shape)
+
+
+def map_tensor(tensor: SourceTensor) -> torch.Tensor:
+    """Map one tensor's bytes read-only from the page cache (no copy), pre-faulted in the calling thread.
+
+    The mapping covers only this tensor and is released with the returned tensor, so, as with
+    `read_tensor`, only its own bytes count towards RSS. The tensor must not be written to.
+
+    Raises:
+        CheckpointError: the file is shorter than its header says, or cannot be mapped.
+    """
+    if tensor.nbytes == 0 or not hasattr(mmap, "MAP_PRIVATE"):  # empty, or no POSIX mmap (Windows)
+        return read_tensor(tensor)
+    start = tensor.offset - tensor.offset % mmap.ALLOCATIONGRANULARITY
+    try:
+        with tensor.file.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if tensor.offset + tensor.nbytes > size:
+                raise CheckpointError(
+                    f"truncated data: the tensor ends at byte {tensor.offset + tensor.nbytes}, the file has "
+                    f"{size}",
+                    file=str(tensor.file),
+                    tensor=tensor.name,
+                )
+            mapped = mmap.mmap(
+                f.fileno(),
+                tensor.offset + tensor.nbytes - start,
+                flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0),
+                prot=mmap.PROT_READ,
+                offset=start,
+            )
+    except OSError as exc:
+        raise CheckpointError(
+            f"cannot map tensor data: {exc}", file=str(tensor.file), tensor=tensor.name
+        ) from None
+    with warnings.catch_warnings():  # read-only buffer: torch warns that writes would be undefined
+        warnings.simplefilter("ignore", UserWarning)
+        flat = torch.frombuffer(mapped, dtype=torch.uint8, count=tensor.nbytes, offset=tensor.offset - start)
+    return flat.view(DTYPE_TO_TORCH[tensor.dtype]).reshape(tensor.shape)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,11 +29,11 @@ from nvfp4_ext.quantize.io import (
     check_output_dir,
     copy_aux_files,
     list_source_tensors,
-    read_tensor,
+    map_tensor,
     write_index,
 )
 from nvfp4_ext.quantize.plan import TensorTask, plan_tasks
-from nvfp4_ext.quantize.scales import SCALE_METHODS, ScaleStats, quantize_weight
+from nvfp4_ext.quantize.scales import SCALE_METHODS, NonFiniteWeightError, ScaleStats, quantize_weight
 
 __all__ = ["PROVENANCE_FILE", "QuantizeResult", "quantize_checkpoint"]
 
@@ -167,6 +167,19 @@ def _fp8_tensors(
     return [(f"{module}.weight", q), (f"{module}.weight_scale", scale)]
 
 
+def _fp8_with_stats(
+    module: str, w: torch.Tensor, task: TensorTask, amax: dict[str, float], stats: ScaleStats
+) -> list[tuple[str, torch.Tensor]]:
+    # NVFP4 finds NaN/Inf in its block maxima without an extra pass; FP8 checks here.
+    if not torch.isfinite(w.abs().amax()):
+        raise NonFiniteWeightError(f"{module} has NaN or Inf values")
+    fp8 = _fp8_tensors(module, w, task, amax)
+    w = w.float()
+    sse = float((dequantize_fp8(fp8[0][1], fp8[1][1]) - w).square().sum())
+    stats.add(ScaleStats(sse, sse, float(w.square().sum()), 0, 0))
+    return fp8
+
+
 def _process(task: TensorTask, w: torch.Tensor, run: _Run) -> list[tuple[str, torch.Tensor]]:
     if task.action == "copy":
         return [(task.source.name, w)]
@@ -184,20 +197,17 @@ def _process(task: TensorTask, w: torch.Tensor, run: _Run) -> list[tuple[str, to
             for i, proj in enumerate(split.projections)
         ]
     for module, piece in pieces:
-        if not torch.isfinite(piece.abs().amax()):
+        try:
+            if task.scheme.startswith("nvfp4"):
+                outputs += _nvfp4_tensors(module, piece, task, run, stats)
+            else:
+                outputs += _fp8_with_stats(module, piece, task, run.amax, stats)
+        except NonFiniteWeightError:
             raise CheckpointError(
                 f"weight has NaN or Inf values (module {module})",
                 file=task.source.file.name,
                 tensor=task.source.name,
-            )
-        if task.scheme.startswith("nvfp4"):
-            outputs += _nvfp4_tensors(module, piece, task, run, stats)
-        else:
-            fp8 = _fp8_tensors(module, piece, task, run.amax)
-            piece = piece.float()
-            sse = float((dequantize_fp8(fp8[0][1], fp8[1][1]) - piece).square().sum())
-            stats.add(ScaleStats(sse, sse, float(piece.square().sum()), 0, 0))
-            outputs += fp8
+            ) from None
     run.result.total.add(stats)
     run.result.layers.append(
         {
@@ -326,31 +336,62 @@ def quantize_checkpoint(
 
 
 def _write_shards(shards: list[list[TensorTask]], out: Path, run: _Run, progress: bool) -> None:
+    """Quantize every task into its planned shard, overlapping I/O with compute.
+
+    One thread reads the next input tensor while the current one is quantized, and one thread writes a
+    tensor's outputs while the next is quantized (in plan order: a single writer thread is a FIFO). At most
+    two input tensors and two tensors' outputs are alive, so peak memory stays a few tensors. Writes can
+    block on a busy disk for seconds; the quantizer does not wait for them until the end.
+    """
     from tqdm.auto import tqdm
 
     total_bytes = sum(task.source.nbytes for shard in shards for task in shard)
     count = sum(len(shard) for shard in shards)
     written: list[tuple[str, list[OutputTensor]]] = []
-    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="quantize", disable=not progress) as bar:
-        done = 0
-        for index, shard in enumerate(shards):
-            name = f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
-            plan = [o for task in shard for o in task.outputs]
-            writer = ShardWriter(out / name, plan)
-            try:
-                for task in shard:
-                    w = read_tensor(task.source)
-                    for out_name, tensor in _process(task, w, run):
-                        writer.write(out_name, tensor)
-                    done += 1
-                    bar.update(task.source.nbytes)
-                    bar.set_postfix_str(f"{done}/{count} tensors", refresh=False)
-            except BaseException:
+    ordered = [(index, task) for index, shard in enumerate(shards) for task in shard]
+    writers: list[ShardWriter] = []
+    with (
+        tqdm(total=total_bytes, unit="B", unit_scale=True, desc="quantize", disable=not progress) as bar,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvfp4-read") as reader,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvfp4-write") as writer_thread,
+    ):
+        pending: Future[None] | None = None
+        try:
+            upcoming = reader.submit(map_tensor, ordered[0][1].source) if ordered else None
+            for position, (index, task) in enumerate(ordered):
+                if len(writers) <= index:
+                    name = f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
+                    plan = [o for t in shards[index] for o in t.outputs]
+                    writers.append(ShardWriter(out / name, plan))
+                    written.append((name, plan))
+                assert upcoming is not None
+                w = upcoming.result()
+                if position + 1 < len(ordered):
+                    upcoming = reader.submit(map_tensor, ordered[position + 1][1].source)
+                outputs = _process(task, w, run)
+                del w
+                if pending is not None:
+                    pending.result()  # previous outputs written: bounded memory, write errors surface here
+                last_of_shard = position + 1 == len(ordered) or ordered[position + 1][0] != index
+                pending = writer_thread.submit(_write_outputs, writers[index], outputs, last_of_shard)
+                bar.update(task.source.nbytes)
+                bar.set_postfix_str(f"{position + 1}/{count} tensors", refresh=False)
+            if pending is not None:
+                pending.result()
+        except BaseException:
+            reader.shutdown(wait=True, cancel_futures=True)
+            writer_thread.shutdown(wait=True, cancel_futures=True)
+            for writer in writers:
                 writer.abort()
-                raise
-            writer.close()
-            written.append((name, plan))
+            raise
     write_index(out, written)
+
+
+def _write_outputs(writer: ShardWriter, outputs: list[tuple[str, torch.Tensor]], close: bool) -> None:
+    for out_name, tensor in outputs:
+        writer.write(out_name, tensor)
+    if close:
+        writer.close()
 
 
 def _write_configs(out: Path, config: dict, tasks: list[TensorTask], fmt: str) -> None:
