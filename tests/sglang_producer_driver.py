@@ -2,7 +2,7 @@
 of tests/test_producers_sglang.py; holds no tests).
 
 Usage: `python tests/sglang_producer_driver.py MANIFEST.json RESULTS.json`. The manifest lists cases ({"id",
-"path", "prompts": [[token ids]], "max_tokens", "server_args": {ServerArgs field: value}}); the results map
+"path", "prompts": [[token ids]], "max_tokens", "server_args": {ServerArgs field: value}}; quantization defaults to nvfp4_ext); the results map
 each id to {"tokens", "methods", "model_class"} or, when SGLang or nvfp4_ext refuses the checkpoint, to
 {"error": {"type", "message", "traceback"}} (the parent asserts the exact error).
 
@@ -50,19 +50,19 @@ def _publish(path: str, server_args: dict) -> None:
     if parallel_state.model_parallel_is_initialized():  # built for the previous case's context
         parallel_state.destroy_model_parallel()
     reset_context()
-    args = ServerArgs(model_path=path, device="cpu", quantization="nvfp4_ext", **server_args)
+    args = ServerArgs(model_path=path, device="cpu", **server_args)
     publish(args, role="test", ranks=SpawnRanks(world_rank=0))
     get_parallel().override_permanently(world_group=parallel_state._WORLD)
     parallel_state.initialize_model_parallel(backend="gloo")
 
 
-def _load(path: str):
+def _load(path: str, quantization: str | None):
     from sglang.srt.configs.device_config import DeviceConfig
     from sglang.srt.configs.load_config import LoadConfig
     from sglang.srt.configs.model_config import ModelConfig
     from sglang.srt.model_loader import get_model
 
-    model_config = ModelConfig(path, quantization="nvfp4_ext", dtype="float32")
+    model_config = ModelConfig(path, quantization=quantization, dtype="float32")
     model = get_model(model_config=model_config, load_config=LoadConfig(), device_config=DeviceConfig("cpu"))
     return model_config, model.eval()
 
@@ -138,8 +138,9 @@ class _Decoder:
 
 def run_case(case: dict) -> dict:
     try:
-        _publish(case["path"], {"attention_backend": "torch_native", **case.get("server_args", {})})
-        model_config, model = _load(case["path"])
+        server_args = {"attention_backend": "torch_native", "quantization": "nvfp4_ext", **case["server_args"]}
+        _publish(case["path"], server_args)
+        model_config, model = _load(case["path"], server_args["quantization"])
         methods = sorted(
             {type(m.quant_method).__name__ for m in model.modules() if getattr(m, "quant_method", None)}
         )

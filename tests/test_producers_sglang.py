@@ -16,8 +16,8 @@ Which SGLang classes run (docs/sglang.md, "Producer checkpoints"):
     `per_layer_config`, which SGLang's config parser refuses; and SGLang accepts no CPU attention backend for
     Gemma 4 (its check names them), so the class runs under a server config naming `triton` while the
     forward uses the torch-native backend.
-  * Refused, with the exact error asserted: Gemma 4 MoE (SGLang's class asks nvfp4_ext for erf-`gelu`
-    experts; Gemma 4's are gelu_tanh), DeepseekV3 (SGLang's CPU rotary embedding takes only `deepseek_yarn`
+  * Refused, with the exact error asserted: Gemma 4 MoE (SGLang's class asks nvfp4_ext for `gelu` experts;
+    Gemma 4's are gelu_tanh), DeepseekV3 (SGLang's CPU rotary embedding takes only `deepseek_yarn`
     scaling), Qwen3.5 (SGLang's Mamba-cache check, then its config class reading `full_attention_interval`).
 The default run covers W4A16, W4A4 and mixed once each plus llm-compressor NVFP4A16 and every refusal (one
 SGLang process); `-m slow` / NVFP4_EXT_SLOW=1 adds the rest of the matrix.
