@@ -2,8 +2,8 @@
 of tests/test_producers_sglang.py; holds no tests).
 
 Usage: `python tests/sglang_producer_driver.py MANIFEST.json RESULTS.json`. The manifest lists cases ({"id",
-"path", "prompts": [[token ids]], "max_tokens", "server_args": {ServerArgs field: value}}; quantization defaults to nvfp4_ext); the results map
-each id to {"tokens", "methods", "model_class"} or, when SGLang or nvfp4_ext refuses the checkpoint, to
+"path", "prompts": [[token ids]], "max_tokens", "server_args": {ServerArgs field: value}}, quantization
+nvfp4_ext unless `server_args` says otherwise); the results map each id to {"tokens", "methods", "model_class"} or, when SGLang or nvfp4_ext refuses the checkpoint, to
 {"error": {"type", "message", "traceback"}} (the parent asserts the exact error).
 
 Why a process of its own: `import sglang` patches transformers globally and, on CPU, needs torchvision from a
@@ -67,27 +67,50 @@ def _load(path: str, quantization: str | None):
     return model_config, model.eval()
 
 
+def _kv_pool(model_config, size: int):
+    """SGLang's KV pool for the model: one MHA pool, or, when sliding-window layers have their own head shape
+    (Gemma 4 as SGLang's config parser flattens it: `swa_head_dim`, `swa_num_key_value_heads`), its hybrid
+    `SWAKVPool` with the two shapes, KV slots shared one to one."""
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+    from sglang.srt.mem_cache.swa_memory_pool import SWAKVPool
+
+    text = model_config.hf_text_config
+    full = dict(head_num=model_config.get_num_kv_heads(1), head_dim=model_config.head_dim)
+    common = dict(page_size=1, device="cpu", enable_memory_saver=False)
+    swa_dim = getattr(text, "swa_head_dim", None)
+    if swa_dim is None or swa_dim == full["head_dim"]:
+        layers = model_config.num_hidden_layers
+        return MHATokenToKVPool(size=size, layer_num=layers, dtype=torch.float32, **full, **common)
+    types = list(text.layer_types)
+    swa = dict(head_num=text.swa_num_key_value_heads, head_dim=swa_dim)
+    pool = SWAKVPool(
+        size=size,
+        size_swa=size,
+        swa_attention_layer_ids=[i for i, t in enumerate(types) if t == "sliding_attention"],
+        full_attention_layer_ids=[i for i, t in enumerate(types) if t != "sliding_attention"],
+        full_kv_pool_kwargs={**full, **common},
+        swa_kv_pool_kwargs={**swa, **common},
+        dtype=torch.float32,
+        **full,
+        **common,
+    )
+    # What SGLang's allocator sets: full slot -> SWA slot (identity here), -1 -> -1 through a last entry.
+    pool.full_to_swa_index_mapping = torch.cat([torch.arange(size), torch.tensor([-1])])
+    return pool
+
+
 class _Decoder:
     """One request at a time through SGLang's KV pools and torch-native attention backend."""
 
     def __init__(self, model_config, model, context: int = 256):
         from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
-        from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+        from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 
         self.model = model
         self.req_pool = ReqToTokenPool(
             size=1, max_context_len=context, device="cpu", enable_memory_saver=False
         )
-        self.kv_pool = MHATokenToKVPool(
-            size=context + 1,
-            page_size=1,
-            dtype=torch.float32,
-            head_num=model_config.get_num_kv_heads(1),
-            head_dim=model_config.head_dim,
-            layer_num=model_config.num_hidden_layers,
-            device="cpu",
-            enable_memory_saver=False,
-        )
+        self.kv_pool = _kv_pool(model_config, context + 1)
         runner = SimpleNamespace(device="cpu", req_to_token_pool=self.req_pool, token_to_kv_pool=self.kv_pool)
         self.backend = TorchNativeAttnBackend(runner)
 
@@ -138,7 +161,8 @@ class _Decoder:
 
 def run_case(case: dict) -> dict:
     try:
-        server_args = {"attention_backend": "torch_native", "quantization": "nvfp4_ext", **case["server_args"]}
+        defaults = {"attention_backend": "torch_native", "quantization": "nvfp4_ext"}
+        server_args = {**defaults, **case["server_args"]}
         _publish(case["path"], server_args)
         model_config, model = _load(case["path"], server_args["quantization"])
         methods = sorted(

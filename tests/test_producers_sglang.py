@@ -11,11 +11,12 @@ references are computed here, in a process SGLang never patched.
 Which SGLang classes run (docs/sglang.md, "Producer checkpoints"):
   * Qwen3 (`Qwen3ForCausalLM`) and Qwen3-MoE (`Qwen3MoeForCausalLM`): ModelOpt W4A16, W4A4 (weight-only on
     CPU, so the reference is too), NVFP4+FP8 mixed, experts-only, MLP-only; llm-compressor NVFP4A16 / NVFP4.
-  * Gemma 4 dense (`Gemma4ForCausalLM`): runs when sliding and full attention share one head size. The
-    project's tiny Gemma 4 (like Gemma-4-31B: full-attention head 512) is written by transformers 5.19 with a
-    `per_layer_config`, which SGLang's config parser refuses; and SGLang accepts no CPU attention backend for
-    Gemma 4 (its check names them), so the class runs under a server config naming `triton` while the
-    forward uses the torch-native backend.
+  * Gemma 4 dense as Gemma-4-31B is published (`Gemma4ForConditionalGeneration`; full-attention head 512,
+    sliding 32, SGLang's hybrid SWA KV pool) and as a text-only `Gemma4ForCausalLM` with one head size. A
+    text-only Gemma 4 with two head sizes is written by transformers 5.19 with a `per_layer_config`, which
+    SGLang's config parser refuses. SGLang accepts no CPU attention backend for Gemma 4 (its check names
+    them), so Gemma 4 runs under a server config naming `triton` while the forward uses the torch-native
+    backend.
   * Refused, with the exact error asserted: Gemma 4 MoE (SGLang's class asks nvfp4_ext for `gelu` experts;
     Gemma 4's are gelu_tanh), DeepseekV3 (SGLang's CPU rotary embedding takes only `deepseek_yarn`
     scaling), Qwen3.5 (SGLang's Mamba-cache check, then its config class reading `full_attention_interval`).
@@ -41,12 +42,13 @@ pytestmark = pytest.mark.sglang
 REPO = Path(__file__).resolve().parents[1]
 LLMC_PYTHON = REPO / ".venv" / "llmc" / "bin" / "python"
 
-# (family, producer, recipe). "gemma4-dense-uniform" is the tiny Gemma 4 dense with one head size for both
-# attention kinds (see `uniform_head_gemma4`).
+# (family, producer, recipe). "gemma4-multimodal": the tiny dense Gemma 4 as Gemma-4-31B is published
+# (`multimodal_gemma4`); "gemma4-dense-uniform": a text-only Gemma 4 with one head size
+# (`uniform_head_gemma4`).
 DEFAULT_CASES = [
     ("qwen3-dense", "modelopt", "w4a16"),
     ("qwen3-moe", "modelopt", "nvfp4"),
-    ("gemma4-dense-uniform", "modelopt", "mixed"),
+    ("gemma4-multimodal", "modelopt", "mixed"),
     ("qwen3-moe", "llmc", "NVFP4A16"),
 ]
 SLOW_CASES = [
@@ -57,8 +59,11 @@ SLOW_CASES = [
     ("qwen3-moe", "modelopt", "mixed"),
     ("qwen3-moe", "modelopt", "experts-only"),
     ("qwen3-moe", "modelopt", "mlp-only"),
+    ("gemma4-multimodal", "modelopt", "w4a16"),
+    ("gemma4-multimodal", "modelopt", "nvfp4"),
     ("gemma4-dense-uniform", "modelopt", "w4a16"),
     ("gemma4-dense-uniform", "modelopt", "nvfp4"),
+    ("gemma4-dense-uniform", "modelopt", "mixed"),
     ("qwen3-dense", "llmc", "NVFP4"),
     ("qwen3-dense", "llmc", "NVFP4A16"),
     ("qwen3-moe", "llmc", "NVFP4"),
@@ -77,8 +82,8 @@ REFUSALS = {
             "sglang/srt/utils/hf_transformers/config.py",
         ),
     ),
-    "gemma4-dense-uniform-torch-native-attention": (
-        "gemma4-dense-uniform",
+    "gemma4-multimodal-torch-native-attention": (
+        "gemma4-multimodal",
         "mixed",
         {"attention_backend": "torch_native"},
         (
@@ -137,10 +142,22 @@ CASES = [pytest.param(c, id=_id(c)) for c in DEFAULT_CASES] + [
 ]
 
 
+def _gemma4_text_fields(root: Path, family: str) -> dict:
+    """The text config of the project's tiny Gemma 4 (`family` "gemma4-dense" / "gemma4-moe") as constructor
+    arguments, with the full-attention head size transformers 5.19 moved into `per_layer_config` taken back
+    out as `global_head_dim`."""
+    fields = json.loads((tiny_checkpoint(root, family, "source") / "config.json").read_text())
+    for key in ("architectures", "dtype", "model_type", "transformers_version"):
+        fields.pop(key, None)
+    per_layer = fields.pop("per_layer_config", None) or {}
+    fields["global_head_dim"] = next(iter(per_layer.values()), {}).get("head_dim", fields["head_dim"])
+    return fields
+
+
 def uniform_head_gemma4(root: Path, family: str) -> Path:
-    """The project's tiny Gemma 4 (`family` "gemma4-dense" / "gemma4-moe") with its full-attention layers
-    given the sliding layers' head size (`global_head_dim` = `head_dim`), so transformers writes no per-layer
-    override; weights drawn afresh by transformers from the same seed."""
+    """The project's tiny Gemma 4 text model with its full-attention layers given the sliding layers' head
+    size (`global_head_dim` = `head_dim`), so transformers writes no per-layer override, which SGLang's parser
+    refuses for a `gemma4_text` config; weights drawn afresh by transformers from the same seed."""
     from transformers import Gemma4ForCausalLM, Gemma4TextConfig
 
     from nvfp4_ext.tiny_models import write_tokenizer
@@ -148,10 +165,8 @@ def uniform_head_gemma4(root: Path, family: str) -> Path:
     out = root / f"{family}-uniform" / "source"
     if out.is_dir():
         return out
-    fields = json.loads((tiny_checkpoint(root, family, "source") / "config.json").read_text())
-    for key in ("architectures", "dtype", "model_type", "transformers_version", "per_layer_config"):
-        fields.pop(key, None)
-    config = Gemma4TextConfig(**fields, global_head_dim=fields["head_dim"])
+    fields = _gemma4_text_fields(root, family)
+    config = Gemma4TextConfig(**{**fields, "global_head_dim": fields["head_dim"]})
     config.architectures = ["Gemma4ForCausalLM"]
     torch.manual_seed(0)
     Gemma4ForCausalLM(config).eval().to(torch.bfloat16).save_pretrained(out)
@@ -160,7 +175,52 @@ def uniform_head_gemma4(root: Path, family: str) -> Path:
     return out
 
 
+def multimodal_gemma4(root: Path) -> Path:
+    """The project's tiny dense Gemma 4 text stack (full-attention head 512, sliding 32) inside
+    `Gemma4ForConditionalGeneration` with a one-layer vision tower: the form Gemma-4-31B is published in,
+    whose `gemma4` config SGLang's parser flattens into a full and a sliding head shape. Embeddings tied at
+    both config levels, as published (with the text config untied, SGLang leaves the `lm_head` that ModelOpt
+    drops as a tied alias unloaded, and only logs it)."""
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    from nvfp4_ext.tiny_models import write_tokenizer
+
+    out = root / "gemma4-multimodal" / "source"
+    if out.is_dir():
+        return out
+    text = {**_gemma4_text_fields(root, "gemma4-dense"), "tie_word_embeddings": True}
+    vision = dict(
+        model_type="gemma4_vision",
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=8,
+        patch_size=16,
+        pooling_kernel_size=3,
+        position_embedding_size=64,
+    )
+    vocab = text["vocab_size"]  # image / begin-image / end-image: the top three word ids
+    config = Gemma4Config(
+        text_config=text,
+        vision_config=vision,
+        audio_config=None,
+        image_token_id=vocab - 3,
+        boi_token_id=vocab - 2,
+        eoi_token_id=vocab - 1,
+        tie_word_embeddings=True,
+    )
+    config.architectures = ["Gemma4ForConditionalGeneration"]
+    torch.manual_seed(0)
+    Gemma4ForConditionalGeneration(config).eval().to(torch.bfloat16).save_pretrained(out)
+    write_tokenizer(out, vocab)
+    return out
+
+
 def _source(root: Path, family: str) -> Path:
+    if family == "gemma4-multimodal":
+        return multimodal_gemma4(root)
     if family.endswith("-uniform"):
         return uniform_head_gemma4(root, family.removesuffix("-uniform"))
     return tiny_checkpoint(root, family, "source")
@@ -264,7 +324,11 @@ def test_sglang_model_class_decodes_producer_checkpoint_like_producer_dequantize
     family, producer, recipe = case
     result = sglang_runs["results"][_id(case)]
     assert "error" not in result, result.get("error", {}).get("traceback")
-    expected_class = {"qwen3-dense": "Qwen3ForCausalLM", "qwen3-moe": "Qwen3MoeForCausalLM"}
+    expected_class = {
+        "qwen3-dense": "Qwen3ForCausalLM",
+        "qwen3-moe": "Qwen3MoeForCausalLM",
+        "gemma4-multimodal": "Gemma4ForConditionalGeneration",
+    }
     assert result["model_class"] == expected_class.get(family, "Gemma4ForCausalLM")
     # The quant methods SGLang built follow the producer's own per-module decisions.
     methods, decided = set(result["methods"]), sglang_runs["decisions"][_id(case)]
