@@ -3,8 +3,9 @@ of tests/test_producers_sglang.py; holds no tests).
 
 Usage: `python tests/sglang_producer_driver.py MANIFEST.json RESULTS.json`. The manifest lists cases ({"id",
 "path", "prompts": [[token ids]], "max_tokens", "server_args": {ServerArgs field: value}}, quantization
-nvfp4_ext unless `server_args` says otherwise); the results map each id to {"tokens", "methods", "model_class"} or, when SGLang or nvfp4_ext refuses the checkpoint, to
-{"error": {"type", "message", "traceback"}} (the parent asserts the exact error).
+nvfp4_ext unless `server_args` says otherwise); the results map each id to {"tokens", "methods",
+"model_class"} or, when SGLang or nvfp4_ext refuses the checkpoint, to {"error": {"type", "message",
+"traceback"}} (the parent asserts the exact error).
 
 Why a process of its own: `import sglang` patches transformers globally and, on CPU, needs torchvision from a
 side folder (`prepare_cpu_import`); the transformers references are computed in the parent, untouched.
