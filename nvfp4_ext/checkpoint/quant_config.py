@@ -148,13 +148,27 @@ class QuantConfig:
         return {}
 
     def _target_scheme(self, module: str) -> str:
+        match = self._target_match(module)
+        return match[1] if match else "unquantized"
+
+    def _target_match(self, module: str) -> tuple[str, str] | None:
+        """(target kind, scheme) of the compressed-tensors target that covers `module`, or None."""
         # compressed-tensors precedence: exact names, then regexes, then class names such as "Linear".
         for kind in ("name", "regex", "class"):
             for targets, scheme in self.target_schemes:
                 for target in targets:
                     if _target_kind(target) == kind and _target_matches(target, module):
-                        return scheme
-        return "unquantized"
+                        return kind, scheme
+        return None
+
+    def quantized_by_class_target_only(self, module: str) -> bool:
+        """Whether only a compressed-tensors class-name target (e.g. "Linear") makes `module` quantized: the
+        class cannot be checked from tensor names, so the stored tensors decide (a Conv1d such as Qwen3.5's
+        GDN `conv1d` is not an nn.Linear, and llm-compressor leaves it BF16)."""
+        if self.producer != "compressed-tensors" or self.excluded_by(module) is not None:
+            return False
+        match = self._target_match(module)
+        return match is not None and match[0] == "class"
 
     @property
     def is_nvfp4(self) -> bool:
