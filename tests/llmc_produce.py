@@ -4,9 +4,12 @@ itself.
 
     .venv/llmc/bin/python tests/llmc_produce.py SOURCE_DIR OUT_DIR REFERENCE_DIR SCHEME [...]
 
-SCHEME is an llm-compressor preset ("NVFP4" = W4A4, "NVFP4A16" = weight-only). The calibration set is a few
-deterministic random token sequences (the tiny models' word vocabulary has no natural text). The reference is
-compressed-tensors' own NVFP4 dequantization of every packed weight (`write_reference`), saved in float32.
+SCHEME is an llm-compressor preset ("NVFP4" = W4A4, "NVFP4A16" = weight-only) or "MIXED": NVFP4 on the
+MLPs/experts and FP8_DYNAMIC (FP8 per-channel weights, dynamic per-token activations) on attention, passed to
+llm-compressor as its own `{preset: targets}` form, which it writes as two config groups with format
+`mixed-precision`. The calibration set is a few deterministic random token sequences (the tiny models' word
+vocabulary has no natural text). The reference is compressed-tensors' own dequantization of every NVFP4 and
+FP8 weight (`write_reference`), saved in float32.
 Prints one JSON line `PRODUCED={...}` with the output directory, the versions and llm-compressor's per-module
 decision (module -> scheme name) read from the quantized model.
 """
@@ -28,19 +31,41 @@ def _calibration(vocab_size: int, samples: int = 8, seq_len: int = 32):
     return datasets.Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * seq_len for _ in ids]})
 
 
+# Attention and GDN projections are what NVIDIA's mixed releases keep in FP8; everything else under the
+# Linear target (MLPs, routed and shared experts) gets NVFP4.
+MIXED_SCHEME = {
+    "FP8_DYNAMIC": ["re:.*self_attn\\..*", "re:.*linear_attn\\..*"],
+    "NVFP4": ["re:.*mlp\\..*"],
+}
+
+
+def _recipe_scheme(scheme: str) -> str | dict[str, list[str]]:
+    if scheme in ("NVFP4", "NVFP4A16"):
+        return scheme
+    if scheme == "MIXED":
+        return MIXED_SCHEME
+    raise SystemExit(f"unknown scheme {scheme!r} (NVFP4, NVFP4A16 or MIXED)")
+
+
 def _decisions(model: torch.nn.Module) -> dict[str, str]:
-    """module name -> "nvfp4" (weights and input activations FP4) or "nvfp4_w4a16", from each module's
-    `quantization_scheme` (what llm-compressor attached and compressed-tensors serialises)."""
+    """module name -> "nvfp4" (weights and input activations FP4), "nvfp4_w4a16", or "fp8" / "fp8_channel"
+    (FP8 weights per tensor / per output channel), from each module's `quantization_scheme` (what
+    llm-compressor attached and compressed-tensors serialises)."""
     out = {}
     for name, module in model.named_modules():
         scheme = getattr(module, "quantization_scheme", None)
         if scheme is None or scheme.weights is None:
             continue
         weights = scheme.weights
-        if weights.num_bits != 4 or weights.type != "float" or weights.group_size != 16:
+        if weights.type != "float":
             raise SystemExit(f"unexpected weight scheme on {name}: {weights}")
-        acts = scheme.input_activations
-        out[name] = "nvfp4" if acts is not None and acts.num_bits == 4 else "nvfp4_w4a16"
+        if weights.num_bits == 4 and weights.group_size == 16:
+            acts = scheme.input_activations
+            out[name] = "nvfp4" if acts is not None and acts.num_bits == 4 else "nvfp4_w4a16"
+        elif weights.num_bits == 8 and weights.strategy in ("tensor", "channel"):
+            out[name] = "fp8" if weights.strategy == "tensor" else "fp8_channel"
+        else:
+            raise SystemExit(f"unexpected weight scheme on {name}: {weights}")
     return out
 
 
@@ -48,7 +73,8 @@ def write_reference(source: Path, out: Path, reference: Path) -> None:
     """A float32 HF checkpoint of `out`: every `weight_packed` dequantized by compressed-tensors' own NVFP4
     functions (`unpack_fp4_from_uint8` + `dequantize` with the checkpoint's QuantizationArgs, the steps of
     `NVFP4PackedCompressor.decompress`, run in float32 rather than its bf16 default so no rounding is added),
-    the source's config and tokenizer."""
+    every FP8 `weight` by the same `dequantize` with its FP8 group's QuantizationArgs (the float-quantized
+    decompressor's step), the source's config and tokenizer."""
     from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
     from compressed_tensors.quantization import QuantizationArgs
     from compressed_tensors.quantization.lifecycle.forward import dequantize
@@ -57,10 +83,14 @@ def write_reference(source: Path, out: Path, reference: Path) -> None:
     from producers import read_tensors, write_float32_reference
 
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
-    groups = list(qcfg["config_groups"].values())
-    if len(groups) != 1:
-        raise SystemExit(f"expected one config group, got {len(groups)}")
-    args = QuantizationArgs.model_validate(groups[0]["weights"])
+    # One group per weight precision (what the recipes above write), so the stored tensors tell the group:
+    # a packed uint8 weight is the 4-bit group's, an fp8 weight the 8-bit group's.
+    args_by_bits: dict[int, QuantizationArgs] = {}
+    for group in qcfg["config_groups"].values():
+        args = QuantizationArgs.model_validate(group["weights"])
+        if args.num_bits in args_by_bits:
+            raise SystemExit(f"two config groups with {args.num_bits}-bit weights")
+        args_by_bits[args.num_bits] = args
     tensors = read_tensors(out)
     weights = {}
     for key, value in tensors.items():
@@ -71,11 +101,18 @@ def write_reference(source: Path, out: Path, reference: Path) -> None:
             weights[f"{module}.weight"] = dequantize(
                 x_q=codes,
                 scale=tensors[f"{module}.weight_scale"].to(torch.float32),
-                args=args,
+                args=args_by_bits[4],
                 global_scale=tensors[f"{module}.weight_global_scale"].to(torch.float32),
                 dtype=torch.float32,
             )
-        elif suffix in ("weight_scale", "weight_global_scale", "input_global_scale"):
+        elif suffix == "weight" and value.dtype == torch.float8_e4m3fn:
+            weights[key] = dequantize(
+                x_q=value.to(torch.float32),
+                scale=tensors[f"{module}.weight_scale"].to(torch.float32),
+                args=args_by_bits[8],
+                dtype=torch.float32,
+            )
+        elif suffix in ("weight_scale", "weight_global_scale", "input_global_scale", "input_scale"):
             continue
         else:
             weights[key] = value.float()
@@ -96,7 +133,7 @@ def main(source: str, out: str, reference: str, scheme: str) -> None:
     # `per_layer_model_projection` to a ~0 weight global scale (3.5e-12, input global 1.8e31), which our
     # validator then rejects ("global scale is zero") -- see docs/checkpoint.md.
     ignore = ["lm_head", "re:.*mlp.gate$", "re:.*router.*", "re:.*per_layer.*"]
-    recipe = QuantizationModifier(targets="Linear", scheme=scheme, ignore=ignore)
+    recipe = QuantizationModifier(targets="Linear", scheme=_recipe_scheme(scheme), ignore=ignore)
     model = oneshot(
         model=source,
         recipe=recipe,
