@@ -161,14 +161,14 @@ class QuantConfig:
                         return kind, scheme
         return None
 
-    def quantized_by_class_target_only(self, module: str) -> bool:
-        """Whether only a compressed-tensors class-name target (e.g. "Linear") makes `module` quantized: the
-        class cannot be checked from tensor names, so the stored tensors decide (a Conv1d such as Qwen3.5's
-        GDN `conv1d` is not an nn.Linear, and llm-compressor leaves it BF16)."""
+    def quantized_by_targets(self, module: str) -> bool:
+        """Whether a compressed-tensors target (name, regex or class such as "Linear") makes `module` quantized.
+        compressed-tensors quantizes only the nn.Linear (and nn.Embedding) modules its targets match
+        (`apply_quantization_config`), so for a module of another kind the stored tensors decide: Qwen3.5's
+        GDN `conv1d` (an nn.Conv1d) stays BF16 under "Linear" or under `re:.*linear_attn.*`."""
         if self.producer != "compressed-tensors" or self.excluded_by(module) is not None:
             return False
-        match = self._target_match(module)
-        return match is not None and match[0] == "class"
+        return self._target_match(module) is not None
 
     @property
     def is_nvfp4(self) -> bool:
