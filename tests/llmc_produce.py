@@ -31,11 +31,11 @@ def _calibration(vocab_size: int, samples: int = 8, seq_len: int = 32):
     return datasets.Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * seq_len for _ in ids]})
 
 
-# Attention and GDN projections are what NVIDIA's mixed releases keep in FP8; everything else under the
-# Linear target (MLPs, routed and shared experts) gets NVFP4.
+# Attention and GDN projections are what NVIDIA's mixed releases keep in FP8; MLPs, routed and shared experts
+# get NVFP4.
 MIXED_SCHEME = {
     "FP8_DYNAMIC": ["re:.*self_attn\\..*", "re:.*linear_attn\\..*"],
-    "NVFP4": ["re:.*mlp\\..*"],
+    "NVFP4": ["re:.*mlp\\..*", "re:.*experts\\..*"],  # Gemma 4's experts sit beside its dense mlp
 }
 
 
@@ -52,7 +52,9 @@ def _decisions(model: torch.nn.Module) -> dict[str, str]:
     (FP8 weights per tensor / per output channel), from each module's `quantization_scheme` (what
     llm-compressor attached and compressed-tensors serialises)."""
     out = {}
-    for name, module in model.named_modules():
+    # Every name of a shared module (DiffusionGemma's encoder and decoder share their text layers, and the
+    # checkpoint stores both copies).
+    for name, module in model.named_modules(remove_duplicate=False):
         scheme = getattr(module, "quantization_scheme", None)
         if scheme is None or scheme.weights is None:
             continue
@@ -129,13 +131,20 @@ def main(source: str, out: str, reference: str, scheme: str) -> None:
 
     config = AutoConfig.from_pretrained(source)
     vocab = config.get_text_config().vocab_size
+    # The model object of the checkpoint's own architecture: `oneshot(model=path)` loads AutoModelForCausalLM,
+    # which refuses DiffusionGemma ("Unrecognized configuration class ... DiffusionGemmaConfig"); with a
+    # model object llm-compressor also wants the tokenizer passed in.
+    model = getattr(transformers, config.architectures[0]).from_pretrained(source, dtype="auto")
+    tokenizer = AutoTokenizer.from_pretrained(source)
     # Gemma 4's per-layer-embedding projections stay BF16: llm-compressor 0.14 sometimes calibrates
     # `per_layer_model_projection` to a ~0 weight global scale (3.5e-12, input global 1.8e31), which our
     # validator then rejects ("global scale is zero") -- see docs/checkpoint.md.
-    ignore = ["lm_head", "re:.*mlp.gate$", "re:.*router.*", "re:.*per_layer.*"]
+    # DiffusionGemma's vision tower stays BF16 as in NVIDIA's release (and as nvfp4-ext quantize keeps it).
+    ignore = ["lm_head", "re:.*mlp.gate$", "re:.*router.*", "re:.*per_layer.*", "re:.*vision.*"]
     recipe = QuantizationModifier(targets="Linear", scheme=_recipe_scheme(scheme), ignore=ignore)
     model = oneshot(
-        model=source,
+        model=model,
+        processor=tokenizer,
         recipe=recipe,
         dataset=_calibration(vocab),
         num_calibration_samples=8,
@@ -143,7 +152,7 @@ def main(source: str, out: str, reference: str, scheme: str) -> None:
     )
     decisions = _decisions(model)
     model.save_pretrained(out, save_compressed=True)
-    AutoTokenizer.from_pretrained(source).save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
     write_reference(Path(source), Path(out), Path(reference))
     print(

@@ -10,8 +10,10 @@ As with ModelOpt, the W4A4 (NVFP4) checkpoint runs weight-only on CPU, so its re
 the FP8 layers of the mixed checkpoints run W8A16 and their reference is compressed-tensors' FP8 dequantization.
 
 Families: Gemma 4 MoE (llm-compressor unfuses the 3-D experts into per-expert Linears and writes them per
-expert), dense Gemma 4, Qwen3-MoE, dense Qwen3 and Qwen3.5 (GDN hybrid; its engine runs in the bf16 child
-process of test_producers_qwen3_5.py). DeepseekV3 is in test_producers_llmc_deepseek.py.
+expert), dense Gemma 4, Qwen3-MoE, dense Qwen3, Qwen3.5 (GDN hybrid; its engine runs in the bf16 child
+process of test_producers_qwen3_5.py) and DiffusionGemma (no CPU vLLM path: `nvfp4-ext generate`, HF's
+denoising loop on our dequantization, against HF's `generate` on compressed-tensors' dequantization).
+DeepseekV3 is in test_producers_llmc_deepseek.py.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from producers import assert_inspect_matches, llmc_produce, selected_params
 from test_vllm_helpers import PROMPTS, engine_env, hf_greedy, make_llm, tiny_checkpoint, vllm_greedy
 
@@ -32,6 +35,7 @@ DEFAULT_CASES = [
     ("qwen3-moe", "MIXED"),
     ("gemma4-dense", "NVFP4A16"),
     ("qwen3.5", "NVFP4A16"),
+    ("diffusion-gemma", "NVFP4A16"),
 ]
 SLOW_CASES = [
     ("qwen3-dense", "NVFP4"),
@@ -44,6 +48,8 @@ SLOW_CASES = [
     ("qwen3-dense", "MIXED"),
     ("qwen3.5", "NVFP4"),
     ("qwen3.5", "MIXED"),
+    ("diffusion-gemma", "NVFP4"),
+    ("diffusion-gemma", "MIXED"),
 ]
 
 
@@ -54,8 +60,9 @@ def _id(case: tuple[str, str]) -> str:
 CASES = [pytest.param(c, id=_id(c)) for c in DEFAULT_CASES] + [
     pytest.param(c, id=_id(c), marks=pytest.mark.slow) for c in SLOW_CASES
 ]
-SERVED_IN_PROCESS = [c for c in CASES if c.values[0][0] != "qwen3.5"]
+SERVED_IN_PROCESS = [c for c in CASES if c.values[0][0] not in ("qwen3.5", "diffusion-gemma")]
 SERVED_BF16_CHILD = [c for c in CASES if c.values[0][0] == "qwen3.5"]
+GENERATED_ON_CPU = [c for c in CASES if c.values[0][0] == "diffusion-gemma"]
 # scheme -> (compressed-tensors format of the checkpoint, the schemes llm-compressor attaches)
 WRITTEN = {
     "NVFP4": ("nvfp4-pack-quantized", {"nvfp4"}),
@@ -125,6 +132,28 @@ def test_vllm_serves_llmc_qwen3_5_like_compressed_tensors_dequantized_model(case
     (served,) = _run_engine_jobs(tmp_path, [{"model": str(out), "kwargs": {"quantization": "nvfp4_ext"}}])
     assert "tokens" in served, served
     assert served["tokens"] == hf_greedy(reference, PROMPTS)
+
+
+@pytest.mark.parametrize("case", GENERATED_ON_CPU)
+def test_generate_on_llmc_diffusion_gemma_like_compressed_tensors_dequantized_model(case, llmc_checkpoints, capsys):
+    """llm-compressor writes DiffusionGemma's experts per expert, for the encoder's and the decoder's copy of
+    the shared text layers; `nvfp4-ext generate` (stats hf-exact: HF's random stream) must decode exactly what
+    HF's own `generate` decodes on compressed-tensors' dequantization, with the same seed."""
+    import transformers
+
+    from nvfp4_ext.cli import main
+
+    out, reference, produced = llmc_checkpoints[case]
+    _check_config(case, out, produced)
+    assert any(".decoder.layers.0.experts.0." in name for name in produced["decisions"])
+    args = ["--prompt-ids", "2,17,5", "--seed", "3", "--max-new-tokens", "32", "--max-denoising-steps", "2"]
+    capsys.readouterr()
+    assert main(["generate", str(out), *args, "--stats", "hf-exact", "--json"]) == 0
+    tokens = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["token_ids"]
+    model = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(reference).eval()
+    torch.manual_seed(3)
+    expected = model.generate(torch.tensor([[2, 17, 5]]), max_new_tokens=32, max_denoising_steps=2)
+    assert tokens == expected.sequences[0, 3:].tolist()
 
 
 @pytest.mark.parametrize("case", CASES)
