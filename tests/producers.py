@@ -17,6 +17,7 @@ import copy
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ __all__ = [
     "assert_inspect_matches",
     "fuse_experts_like_source",
     "in_ci",
+    "llmc_produce",
     "modelopt_case",
     "modelopt_dequantize",
     "modelopt_export",
@@ -33,6 +35,7 @@ __all__ = [
     "producer_state",
     "producer_state_file",
     "read_tensors",
+    "selected_params",
     "write_float32_reference",
 ]
 
@@ -292,3 +295,47 @@ def modelopt_case(
     if not reference.is_dir():
         modelopt_dequantize(export, source, reference)
     return {"root": root, "source": source, "export": export, "reference": reference}
+
+
+LLMC_PYTHON = Path(__file__).resolve().parents[1] / ".venv" / "llmc" / "bin" / "python"
+
+
+def llmc_produce(jobs: list[tuple[Path, Path, Path, str]]) -> dict[str, dict]:
+    """Run llm-compressor (`tests/llmc_produce.py` in `.venv/llmc`, one subprocess for all jobs) on
+    (source, checkpoint out, reference out, scheme) jobs; returns checkpoint dir -> what it reported
+    (versions, per-module decisions). Without that venv the caller's test skips, or fails under CI=true."""
+    import pytest
+
+    if not LLMC_PYTHON.exists():
+        message = f"llm-compressor venv missing ({LLMC_PYTHON}); run scripts/install.sh"
+        if in_ci():
+            pytest.fail(message)
+        pytest.skip(message)
+    args = [str(item) for job in jobs for item in job]
+    proc = subprocess.run(
+        [str(LLMC_PYTHON), str(Path(__file__).parent / "llmc_produce.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+    )
+    produced = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("PRODUCED="):
+            info = json.loads(line.removeprefix("PRODUCED="))
+            produced[info["out"]] = info
+    assert proc.returncode == 0 and len(produced) == len(jobs), proc.stderr[-4000:]
+    return produced
+
+
+def selected_params(request, module_name: str, param: str) -> set:
+    """The values of parameter `param` of the session's collected, not explicitly skipped tests of one
+    module: what a session fixture that builds every case at once has to build."""
+    return {
+        item.callspec.params[param]
+        for item in request.session.items
+        if item.module.__name__ == module_name
+        and hasattr(item, "callspec")
+        and param in item.callspec.params
+        and not item.get_closest_marker("skip")
+    }

@@ -228,3 +228,25 @@ def test_fp8_weight_within_one_block_follows_the_config(tmp_path: Path, algo: st
     (record,) = ckpt.modules()
     assert record.scheme == scheme
     torch.testing.assert_close(ckpt.dequantized_weight(record.name), w, rtol=1 / 16, atol=w.abs().max() / 448)
+
+
+def test_compressed_tensors_targets_do_not_cover_a_bf16_conv1d(tmp_path: Path) -> None:
+    """compressed-tensors quantizes only the nn.Linear modules its targets match: Qwen3.5's GDN `conv1d`
+    ([C, 1, K], an nn.Conv1d) stays BF16 in llm-compressor 0.14's checkpoints under `targets: ["Linear"]` and
+    under `re:.*linear_attn\\..*` alike. A 2-D BF16 weight under the same target is still a disagreement."""
+    from nvfp4_ext.errors import CheckpointError
+
+    conv = "model.layers.0.linear_attn.conv1d"
+    tensors = dense_nvfp4_tensors(convention="compressed_tensors")
+    tensors[f"{conv}.weight"] = torch.randn(64, 1, 4).bfloat16()
+    regex = ct_nvfp4_config()
+    targets = [r"re:.*self_attn\..*", r"re:.*mlp\..*", r"re:.*linear_attn\..*"]
+    regex["config_groups"]["group_0"]["targets"] = targets
+    for name, config in (("class", ct_nvfp4_config()), ("regex", regex)):
+        ckpt = validate_checkpoint(write_checkpoint(tmp_path / name, tensors, config))
+        record = {r.name: r for r in ckpt.modules()}[conv]
+        assert record.scheme == "unquantized" and "not an nn.Linear (3-D weight)" in (record.reason or "")
+
+    extra = {**tensors, "model.layers.0.mlp.extra_proj.weight": torch.randn(32, 64).bfloat16()}
+    with pytest.raises(CheckpointError, match=r"extra_proj.*config and tensors disagree.*nvfp4 but the"):
+        validate_checkpoint(write_checkpoint(tmp_path / "linear", extra, ct_nvfp4_config()))

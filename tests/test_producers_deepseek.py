@@ -134,3 +134,33 @@ def test_engine_serves_the_modelopt_deepseek_checkpoint(probes):
     vocab = 512
     for tokens in probes["ours"]["tokens"]:
         assert len(tokens) == MAX_TOKENS and all(0 <= t < vocab for t in tokens)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["w4a16", "mixed"])
+def test_modelopt_deepseek_w4a16_and_mixed_modules_equal_modelopt_dequantized(recipe, tmp_path):
+    """W4A16_NVFP4_CFG, and NVFP4 MLP/experts + FP8 attention (MIXED_PRECISION: the MLA projections, kv_b_proj
+    included, FP8 per tensor): the same module-level comparison against ModelOpt's own NVFP4/FP8
+    dequantization, the absorbed MLA weights bit-identical, and the engine serves."""
+    from safetensors import safe_open
+
+    case = modelopt_case(tiny_checkpoint(tmp_path, "deepseek-v3", "source"), tmp_path, recipe)
+    state = json.loads(producer_state_file(case["export"]).read_text())
+    assert_inspect_matches(case["export"], state)
+    attention = "nvfp4_w4a16" if recipe == "w4a16" else "fp8"
+    assert state["model.layers.0.self_attn.kv_b_proj"] == attention
+    ours, ref = _run(case["export"], "nvfp4_ext"), _run(case["reference"], None)
+    config = json.loads((case["source"] / "config.json").read_text())
+    rank, heads = config["kv_lora_rank"], config["num_attention_heads"]
+    nope, v_dim = config["qk_nope_head_dim"], config["v_head_dim"]
+    with safe_open(str(case["reference"] / "model.safetensors"), "pt") as f:
+        for layer in (0, 1):
+            weight = f.get_tensor(f"model.layers.{layer}.self_attn.kv_b_proj.weight")
+            w_uk, w_uv = weight.T.reshape(rank, heads, nope + v_dim).split([nope, v_dim], dim=-1)
+            assert torch.equal(ours[f"{layer}.W_UK_T"], w_uk.permute(1, 2, 0))
+            assert torch.equal(ours[f"{layer}.W_UV"], w_uv.transpose(0, 1))
+    for module in ("0.mlp", "1.moe", "0.fused_qkv_a", "1.fused_qkv_a", "0.q_b", "1.q_b", "0.o", "1.o"):
+        a, b = ours[module].double(), ref[module].double()
+        assert a.shape == b.shape and float(b.abs().max()) > 0
+        assert float((a - b).abs().max()) <= 1e-5 * float(b.abs().max()), module
+    assert all(len(tokens) == MAX_TOKENS for tokens in ours["tokens"])

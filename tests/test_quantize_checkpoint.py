@@ -216,3 +216,29 @@ def test_provenance_records_split_and_errors(outputs):
     assert fused["projections"] == ["gate_proj", "up_proj"] and fused["num_experts"] == 8
     for layer in info["layers"]:
         assert layer["sse"] <= layer["sse_rtn"] * (1 + 1e-6), layer["tensor"]
+
+
+@pytest.mark.skipif(not HAS_MODELOPT, reason="needs nvidia-modelopt")
+def test_dequantize_fuses_a_modelopt_gemma4_export_per_expert_back_into_the_architectures_3d_experts(tmp_path):
+    """ModelOpt exports Gemma 4's fused experts per expert and writes no provenance; transformers has no
+    conversion for Gemma 4, so `dequantize_checkpoint` must fuse them itself, equal to ModelOpt's own
+    dequantization fused by hand (tests/producers.py), or transformers would leave the experts random."""
+    import sys
+
+    import transformers
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from producers import modelopt_case, read_tensors
+
+    from nvfp4_ext.tiny_models import TINY_BUILDERS
+
+    source = TINY_BUILDERS["gemma4-moe"](tmp_path / "source")
+    case = modelopt_case(source, tmp_path, "w4a16")
+    ours = dequantize_checkpoint(case["export"], tmp_path / "ours")
+    mine, reference = read_tensors(ours), read_tensors(case["reference"])
+    assert "model.layers.0.experts.gate_up_proj" in mine and not any(".experts.0." in k for k in mine)
+    assert set(mine) == set(reference)
+    for key, value in reference.items():
+        assert torch.equal(mine[key], value), key
+    _, info = transformers.AutoModelForCausalLM.from_pretrained(ours, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]

@@ -209,6 +209,10 @@ def _reconcile(
         return stored, kept_unquantized(module)
     if stored == "unquantized" and len(info.shape) > 3:
         return stored, f"not a linear layer ({len(info.shape)}-D weight)"
+    if stored == "unquantized" and len(info.shape) != 2 and cfg and cfg.quantized_by_targets(module):
+        # An nn.Linear weight is 2-D; a BF16 3-D weight a target matches is some other module (Conv1d
+        # [C, 1, K]), which compressed-tensors does not quantize whatever its targets say.
+        return stored, f"not an nn.Linear ({len(info.shape)}-D weight): compressed-tensors keeps it as is"
     if configured == "nvfp4_w4a16" and stored == "nvfp4":
         return configured, None  # engines drop the unused activation scale of weight-only layers
     source = cfg.source if cfg else "no quantization config"

@@ -148,13 +148,27 @@ class QuantConfig:
         return {}
 
     def _target_scheme(self, module: str) -> str:
+        match = self._target_match(module)
+        return match[1] if match else "unquantized"
+
+    def _target_match(self, module: str) -> tuple[str, str] | None:
+        """(target kind, scheme) of the compressed-tensors target that covers `module`, or None."""
         # compressed-tensors precedence: exact names, then regexes, then class names such as "Linear".
         for kind in ("name", "regex", "class"):
             for targets, scheme in self.target_schemes:
                 for target in targets:
                     if _target_kind(target) == kind and _target_matches(target, module):
-                        return scheme
-        return "unquantized"
+                        return kind, scheme
+        return None
+
+    def quantized_by_targets(self, module: str) -> bool:
+        """Whether a compressed-tensors target (name, regex or class such as "Linear") covers `module`.
+        compressed-tensors quantizes only the nn.Linear (and nn.Embedding) modules its targets match
+        (`apply_quantization_config`), so for a module of another kind the stored tensors decide: Qwen3.5's
+        GDN `conv1d` (an nn.Conv1d) stays BF16 under "Linear" or under `re:.*linear_attn.*`."""
+        if self.producer != "compressed-tensors" or self.excluded_by(module) is not None:
+            return False
+        return self._target_match(module) is not None
 
     @property
     def is_nvfp4(self) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -138,9 +139,64 @@ def _provenance(root: Path) -> dict:
         raise CheckpointError(f"unreadable provenance file: {exc}", file=str(path)) from None
 
 
+_PER_EXPERT = re.compile(r"^(?P<parent>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)$")
+
+
+def _architecture_fused_experts(reader: QuantizedReader) -> dict[str, dict]:
+    """Fused-expert entries (the provenance file's format) for per-expert modules of other producers
+    (ModelOpt, llm-compressor export `experts.E.gate_proj` ...) when transformers would not load them: the
+    architecture's own parameters are fused 3-D `experts.gate_up_proj` [E, 2I, H] / `experts.down_proj`
+    [E, H, I] and transformers has no checkpoint conversion for the model type (Gemma 4, DiffusionGemma;
+    Qwen3-MoE or DeepseekV3 per-expert tensors are converted by transformers itself, and engines read them
+    per expert). Shapes are taken from the architecture instantiated on the meta device; {} when it cannot be
+    (no config, architecture unknown to transformers)."""
+    groups: dict[str, dict[int, set[str]]] = {}
+    for module in reader.quantized_modules():
+        match = _PER_EXPERT.match(module)
+        if match:
+            groups.setdefault(match["parent"], {}).setdefault(int(match["expert"]), set()).add(match["proj"])
+    if not groups or not (reader.root / "config.json").is_file():
+        return {}
+    try:
+        import transformers
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+        config = transformers.AutoConfig.from_pretrained(reader.root)
+        if get_checkpoint_conversion_mapping(config.model_type) is not None:
+            return {}
+        architecture = getattr(transformers, (config.architectures or [""])[0], None)
+        if architecture is None:
+            return {}
+        with torch.device("meta"):
+            model = architecture._from_config(config)
+        shapes = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
+    except (ImportError, OSError, ValueError, TypeError, AttributeError):
+        return {}
+    fused: dict[str, dict] = {}
+    for parent, experts in groups.items():
+        count = len(experts)
+        if sorted(experts) != list(range(count)):
+            continue
+        for source, projections in ((f"{parent}.gate_up_proj", ("gate_proj", "up_proj")),
+                                    (f"{parent}.down_proj", ("down_proj",))):  # fmt: skip
+            if source not in shapes or any(not set(projections) <= experts[e] for e in range(count)):
+                continue
+            rows = sum(reader.weight_shape(f"{parent}.0.{proj}")[0] for proj in projections)
+            stacked = (count, rows, reader.weight_shape(f"{parent}.0.{projections[0]}")[1])
+            if shapes[source] != stacked:
+                raise CheckpointError(
+                    f"per-expert {', '.join(projections)} stack to {list(stacked)} but "
+                    f"{config.architectures[0]} has {source} {list(shapes[source])}",
+                    file=str(reader.root),
+                )
+            fused[source] = {"parent": parent, "projections": list(projections), "num_experts": count,
+                             "shape": list(stacked)}  # fmt: skip
+    return fused
+
+
 def _jobs(reader: QuantizedReader, dtype: str) -> list[tuple[OutputTensor, Callable[[], torch.Tensor]]]:
     """(output tensor, producer) in name order; fused experts re-assembled from their per-expert modules."""
-    fused = _provenance(reader.root).get("fused_experts", {})
+    fused = _provenance(reader.root).get("fused_experts", {}) or _architecture_fused_experts(reader)
     covered: set[str] = set()
     jobs: list[tuple[OutputTensor, Callable[[], torch.Tensor]]] = []
     for source, info in fused.items():
