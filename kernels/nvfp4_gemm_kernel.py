@@ -25,7 +25,7 @@ import triton.language as tl
 from nvfp4_ext.format import NVFP4_BLOCK_SIZE
 
 from .nvfp4_tile import load_activation_pair_t, load_nvfp4_tile_pair, marlin_global, row_offsets
-from .ops import marlin_decode_selected
+from .ops import marlin_decode_mode
 from .shapes import DIFFUSIONGEMMA_GEMM_SHAPES
 
 __all__ = [
@@ -226,7 +226,7 @@ def nvfp4_gemm_triton(
     """
     m, n, k = _check_inputs(x, weight, weight_scale, global_scale, bias)
     config = config or select_gemm_config(m, n, k)
-    marlin = marlin_decode_selected(x)
+    marlin = marlin_decode_mode(x)
     # A float32 [N] global (what the engine adapters precompute at load) is passed as is: no per-call copy.
     row_global = global_scale.to(torch.float32).reshape(-1).expand(n).contiguous()
     k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), config.block_k) * config.block_k

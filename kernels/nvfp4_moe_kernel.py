@@ -25,7 +25,7 @@ from nvfp4_ext.format import NVFP4_BLOCK_SIZE
 
 from .moe_align import moe_align_block_size
 from .nvfp4_tile import load_activation_pair_t, load_nvfp4_tile_pair, marlin_global, row_offsets
-from .ops import host_may_read_values, marlin_decode_selected
+from .ops import host_may_read_values, marlin_decode_mode
 from .reference import ACTIVATIONS
 from .shapes import DIFFUSIONGEMMA_MOE_SHAPE
 
@@ -309,7 +309,7 @@ def nvfp4_moe_triton(
     if tokens == 0 or top_k == 0:
         return out.to(x.dtype)
     align = moe_align_block_size(topk_ids, config.block_m, experts)
-    marlin = marlin_decode_selected(x)
+    marlin = marlin_decode_mode(x)
     # Per-row float32 globals ([E, 2I] / [E, H], what the engine adapters precompute at load) pass through
     # without a copy; [E] globals (tests, benchmarks) are expanded here.
     g13 = _per_row_global(w13_global, experts, 2 * intermediate)
