@@ -25,7 +25,7 @@ import triton.language as tl
 from nvfp4_ext.format import NVFP4_BLOCK_SIZE
 
 from .nvfp4_tile import load_activation_pair_t, load_nvfp4_tile_pair, marlin_global, row_offsets
-from .ops import marlin_decode_selected
+from .ops import marlin_decode_mode
 from .shapes import DIFFUSIONGEMMA_GEMM_SHAPES
 
 __all__ = [
@@ -62,10 +62,14 @@ class GemmConfig:
 
 # Shapes of work: decode tiles (split-K fills the GPU unless N alone does), a mid-batch tile and a prefill
 # tile. Each is spill-free with both decodes on sm_80/89/90a/100a/120a (tests/test_kernels_aot.py,
-# `nvfp4-ext kernels-report`). BLOCK_K 64 in the decode and mid tiles: with 128 (sm_90a: 5.4 / 6.6 SASS per
-# weight instead of 6.2 / 7.4) the portable decode spills on sm_89 / sm_120a, where ptxas keeps these
-# 4-warp kernels at 128 (decode) or runs out of 255 (mid) registers.
-_DECODE = GemmConfig(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=4)
+# `nvfp4-ext kernels-report`). The split-K decode tile takes 256 K-columns per step: the K loop's fixed
+# work (barriers, activation staging, addresses) spreads over 4x the weights of a 64-column step (sm_90a,
+# Marlin-class decode: 4.7 instead of 6.2 SASS per weight; `kernels/roofline.py` predicts it no slower at
+# M=1 on any of its GPUs, although mlp_down then splits K 4 ways instead of 8). 16x128x128 is
+# cheaper still on sm_90a (4.5) but spills on sm_120a once the split-K epilogue is added; 16x64x128
+# spills with the portable decode on sm_89. The mid tile keeps BLOCK_K 64: with 128 (7.3 -> 6.7) the
+# portable decode runs out of registers on sm_89 / sm_120a.
+_DECODE = GemmConfig(block_m=16, block_n=64, block_k=256, num_warps=4, num_stages=3)
 # When N alone fills the GPU (LM head) no split is needed and a wider tile decodes with fewer instructions
 # per weight (sm_90a, Marlin-class decode: 4.5, no spill).
 _DECODE_WIDE = GemmConfig(block_m=16, block_n=128, block_k=128, num_warps=4, num_stages=4)
@@ -222,7 +226,7 @@ def nvfp4_gemm_triton(
     """
     m, n, k = _check_inputs(x, weight, weight_scale, global_scale, bias)
     config = config or select_gemm_config(m, n, k)
-    marlin = marlin_decode_selected(x)
+    marlin = marlin_decode_mode(x)
     # A float32 [N] global (what the engine adapters precompute at load) is passed as is: no per-call copy.
     row_global = global_scale.to(torch.float32).reshape(-1).expand(n).contiguous()
     k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), config.block_k) * config.block_k

@@ -25,7 +25,7 @@ from nvfp4_ext.format import NVFP4_BLOCK_SIZE
 
 from .moe_align import moe_align_block_size
 from .nvfp4_tile import load_activation_pair_t, load_nvfp4_tile_pair, marlin_global, row_offsets
-from .ops import host_may_read_values, marlin_decode_selected
+from .ops import host_may_read_values, marlin_decode_mode
 from .reference import ACTIVATIONS
 from .shapes import DIFFUSIONGEMMA_MOE_SHAPE
 
@@ -66,8 +66,11 @@ class MoeConfig:
 
 
 # Decode: few tokens per expert, so small M-blocks and gate/up tiles of 64 rows each (8 experts x 704/64 =
-# 88 programs at M=1; 32-row tiles gave twice the programs but 7.9 instead of 5.3 SASS per weight, sm_90a). Prefill: many tokens per expert, so bigger M-blocks amortize each weight tile.
-_DECODE = MoeConfig(16, gate_up=TileConfig(64, 64, 4, 4), down=TileConfig(64, 128, 4, 4))
+# 88 programs at M=1; 32-row tiles gave twice the programs but 7.9 instead of 5.3 SASS per weight, sm_90a).
+# The down tile is 128 rows x 128 K-columns (sm_90a: 4.4 instead of 5.3 SASS per weight at 64 rows; 8 x 22
+# = 176 programs at M=1); a gate/up step of 128 columns (4.3) spills on sm_89. Prefill: many tokens per
+# expert, so bigger M-blocks amortize each weight tile.
+_DECODE = MoeConfig(16, gate_up=TileConfig(64, 64, 4, 4), down=TileConfig(128, 128, 4, 4))
 _MID = MoeConfig(32, gate_up=TileConfig(64, 64, 4, 3), down=TileConfig(64, 128, 4, 3))
 _PREFILL = MoeConfig(64, gate_up=TileConfig(64, 64, 4, 3), down=TileConfig(128, 64, 8, 3))
 
@@ -306,7 +309,7 @@ def nvfp4_moe_triton(
     if tokens == 0 or top_k == 0:
         return out.to(x.dtype)
     align = moe_align_block_size(topk_ids, config.block_m, experts)
-    marlin = marlin_decode_selected(x)
+    marlin = marlin_decode_mode(x)
     # Per-row float32 globals ([E, 2I] / [E, H], what the engine adapters precompute at load) pass through
     # without a copy; [E] globals (tests, benchmarks) are expanded here.
     g13 = _per_row_global(w13_global, experts, 2 * intermediate)

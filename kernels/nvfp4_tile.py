@@ -13,11 +13,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .ops import MARLIN_DECODE_CVT_SCALES
+
 __all__ = [
     "E2M1_FP16_SCALE",
     "e2m1_pair_to_float",
     "e4m3_to_float",
     "E2M1_BF16X2_ASM",
+    "E4M3_MARLIN_SCALE_ASM",
     "MARLIN_GLOBAL_FACTOR",
     "MARLIN_SCALE_FACTOR",
     "load_activation_pair_t",
@@ -101,6 +104,25 @@ fma.rn.bf16x2 $3, bits, scale23, negzero;
 }
 """
 _E2M1_BF16X2_ASM = tl.constexpr(E2M1_BF16X2_ASM)
+
+# A block scale's e4m3 byte -> the fp32 operand E2M1_BF16X2_ASM expects (scale * 2**117, exact), with sm_89's
+# native conversion: F2FP unpack + HADD2.F32 + FMUL in SASS, against 4 integer ops + those two on sm_80
+# (`_e4m3_fp16_bits_to_float`). Input $1 = the byte (int32, 0..255), output $0 = fp32. The e4m3 value is
+# exact in fp16 (subnormals included) and times 2**117 in fp32. tests/test_kernels_launchers.py executes
+# this very string for every byte.
+E4M3_MARLIN_SCALE_ASM = """
+{
+.reg .b16 byte, low, high;
+.reg .b32 halves;
+cvt.u16.u32 byte, $1;
+cvt.rn.f16x2.e4m3x2 halves, byte;
+mov.b32 {low, high}, halves;
+cvt.f32.f16 $0, low;
+mul.f32 $0, $0, 0f7A000000;
+}
+"""
+_E4M3_MARLIN_SCALE_ASM = tl.constexpr(E4M3_MARLIN_SCALE_ASM)
+_MARLIN_DECODE_CVT_SCALES = tl.constexpr(MARLIN_DECODE_CVT_SCALES)
 MARLIN_SCALE_FACTOR = 2.0**117  # block scales enter the PTX as e4m3 * 2**117 (exact in bf16)
 MARLIN_GLOBAL_FACTOR = 512.0  # 2**9: the PTX's values are e2m1 * scale * 2**-9
 _MARLIN_SCALE_FROM_FP16 = tl.constexpr(256.0 * MARLIN_SCALE_FACTOR)  # e4m3_to_float's 2**8, folded in
@@ -144,40 +166,45 @@ def load_activation_pair_t(row_ptrs, mask_rows, k0, k_end, HALF_K: tl.constexpr,
 @triton.jit
 def load_nvfp4_tile_pair(
     w_ptr, scale_ptr, offs_n, mask_n, k0, k_end, stride_wn, stride_sn,
-    BLOCK_N: tl.constexpr, HALF_K: tl.constexpr, DOT_DTYPE: tl.constexpr, MARLIN_DECODE: tl.constexpr = False,
+    BLOCK_N: tl.constexpr, HALF_K: tl.constexpr, DOT_DTYPE: tl.constexpr, MARLIN_DECODE: tl.constexpr = 0,
 ):
     """Dequantized W for K-columns [k0, k0 + 2*HALF_K) of rows `offs_n`: (even-K, odd-K) [BLOCK_N, HALF_K],
     the A operand of `W @ x^T` (weights on the MMA's M side, so a 16-row decode tile still fills it).
 
     `w_ptr` / `scale_ptr` point at one weight matrix (uint8 [N, K/2] and e4m3-as-uint8 [N, K/16]); k0 is a
     multiple of 2*HALF_K (split-K boundaries are), so the packed bytes and scales load as wide vectors.
-    Values carry the block scale but not the global scale. MARLIN_DECODE (bf16 operands on a GPU; the
-    interpreter cannot run PTX) decodes with `E2M1_BF16X2_ASM` and returns values 2**-9 too small, which the
-    caller's global scale makes up; otherwise the portable decode returns exact values.
+    Values carry the block scale but not the global scale. MARLIN_DECODE (`ops.marlin_decode_mode`: bf16
+    operands on a GPU; the interpreter cannot run PTX) decodes with `E2M1_BF16X2_ASM`, its scales with
+    `E4M3_MARLIN_SCALE_ASM` on sm_89+, and returns values 2**-9 too small, which the caller's global scale
+    makes up; otherwise (0) the portable decode returns exact values.
     """
-    SCALES_K: tl.constexpr = HALF_K // 8
     k0 = tl.multiple_of(k0, 2 * HALF_K)
     bytes_k = k0 // 2 + tl.arange(0, HALF_K)
     mask_w = mask_n[:, None] & (bytes_k[None, :] < k_end // 2)
     packed = tl.load(w_ptr + offs_n[:, None] * stride_wn + bytes_k[None, :], mask=mask_w, other=0)
-    blocks_k = k0 // 16 + tl.arange(0, SCALES_K)
+    # The block scale of every packed byte, gathered at the bytes' own shape (8 bytes repeat one address,
+    # and one mask per block, so the compiler loads and decodes it once per block): broadcasting a
+    # [BLOCK_N, K/16] tile instead leaves a register layout that costs ~60 byte shuffles per K step around
+    # the decode in the MoE down tile (sm_90a, 6.1 -> 5.3 SASS per weight).
+    blocks_k = k0 // 16 + tl.arange(0, HALF_K) // 8
     mask_s = mask_n[:, None] & (blocks_k[None, :] < k_end // 16)
     raw_scale = tl.load(scale_ptr + offs_n[:, None] * stride_sn + blocks_k[None, :], mask=mask_s, other=0)
     if MARLIN_DECODE:
         tl.static_assert(tl.bfloat16 == DOT_DTYPE, "the PTX decode produces bf16 operands")
-        scale = _e4m3_fp16_bits_to_float(raw_scale) * _MARLIN_SCALE_FROM_FP16
-        scale = tl.reshape(tl.broadcast_to(tl.reshape(scale, (BLOCK_N, SCALES_K, 1)), (BLOCK_N, SCALES_K, 8)),
-                           (BLOCK_N, HALF_K))
+        if MARLIN_DECODE == _MARLIN_DECODE_CVT_SCALES:
+            scale = tl.inline_asm_elementwise(
+                _E4M3_MARLIN_SCALE_ASM, "=r,r", [raw_scale.to(tl.int32)], dtype=tl.float32, is_pure=True, pack=1
+            )
+        else:
+            scale = _e4m3_fp16_bits_to_float(raw_scale) * _MARLIN_SCALE_FROM_FP16
         w_low, w_high = tl.inline_asm_elementwise(
             _E2M1_BF16X2_ASM, "=r,=r,=r,=r,r,r,r,r,r", [packed, scale],
             dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4,
         )
     else:
-        # Eight packed bytes share one scale block; the scale also carries the decode's 2**14.
-        block_scale = tl.reshape(e4m3_to_float(raw_scale) * _E2M1_FP16_SCALE, (BLOCK_N, SCALES_K, 1))
+        # The scale also carries the decode's 2**14.
+        block_scale = e4m3_to_float(raw_scale) * _E2M1_FP16_SCALE
         w_low, w_high = e2m1_pair_to_float(packed.to(tl.int32))
-        w_low = tl.reshape(tl.reshape(w_low, (BLOCK_N, SCALES_K, 8)) * block_scale, (BLOCK_N, HALF_K))
-        w_high = tl.reshape(tl.reshape(w_high, (BLOCK_N, SCALES_K, 8)) * block_scale, (BLOCK_N, HALF_K))
-        w_low = w_low.to(DOT_DTYPE)
-        w_high = w_high.to(DOT_DTYPE)
+        w_low = (w_low * block_scale).to(DOT_DTYPE)
+        w_high = (w_high * block_scale).to(DOT_DTYPE)
     return w_low, w_high

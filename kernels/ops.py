@@ -23,6 +23,8 @@ from .reference import Activation, fp8_gemm_ref, nvfp4_gemm_ref, nvfp4_moe_ref
 __all__ = [
     "BackendChoice",
     "Fp8BackendChoice",
+    "marlin_decode_mode",
+    "marlin_decode_mode_for",
     "marlin_decode_selected",
     "fp8_gemm",
     "fp8_path",
@@ -53,6 +55,27 @@ def marlin_decode_selected(x: torch.Tensor) -> bool:
     """
     disabled = os.environ.get("NVFP4_EXT_MARLIN_DECODE", "1") in ("", "0")
     return not disabled and x.is_cuda and x.dtype == torch.bfloat16 and not interpreter_enabled()
+
+
+# Values of the kernels' MARLIN_DECODE constexpr: which decode `nvfp4_tile.load_nvfp4_tile_pair` runs.
+MARLIN_DECODE_OFF = 0  # portable decode
+MARLIN_DECODE_INT_SCALES = 1  # PTX weight decode, e4m3 block scales decoded with integer ops (sm_80)
+MARLIN_DECODE_CVT_SCALES = 2  # PTX weight decode, scales by the native `cvt.rn.f16x2.e4m3x2` (sm_89+)
+
+
+def marlin_decode_mode_for(capability: int) -> int:
+    """The PTX decode's MARLIN_DECODE value on compute capability `capability` (e.g. 90): sm_89 added the
+    e4m3 conversion instruction, which decodes a block scale in 4 instead of 7 SASS instructions."""
+    return MARLIN_DECODE_CVT_SCALES if capability >= 89 else MARLIN_DECODE_INT_SCALES
+
+
+def marlin_decode_mode(x: torch.Tensor) -> int:
+    """MARLIN_DECODE for a launch on `x`: `MARLIN_DECODE_OFF` unless `marlin_decode_selected(x)`, else the
+    variant for x's device (a cached property read, no device sync: safe under CUDA-graph capture)."""
+    if not marlin_decode_selected(x):
+        return MARLIN_DECODE_OFF
+    major, minor = torch.cuda.get_device_capability(x.device)
+    return marlin_decode_mode_for(10 * major + minor)
 
 
 def host_may_read_values(t: torch.Tensor) -> bool:

@@ -122,11 +122,16 @@ def compile_variant(variant: KernelVariant, capability: int, workdir: Path) -> C
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from .ops import marlin_decode_mode_for
+
     arch = ARCHES[capability].ptxas
+    constexprs = dict(variant.constexprs)
+    if constexprs.get("MARLIN_DECODE"):  # the PTX decode's flavour follows the target, as at launch
+        constexprs["MARLIN_DECODE"] = marlin_decode_mode_for(capability)
     source = ASTSource(
         fn=variant.fn,
         signature=variant.signature,
-        constexprs=variant.constexprs,
+        constexprs=constexprs,
         attrs=_divisibility_attrs(variant),
     )
     compiled = triton.compile(

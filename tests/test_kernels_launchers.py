@@ -139,6 +139,18 @@ def _float_to_bf16_bits(value: torch.Tensor) -> torch.Tensor:
     return value.float().to(torch.bfloat16).view(torch.int16).long() & 0xFFFF
 
 
+def _f16_bits_to_f32_bits(half: torch.Tensor) -> torch.Tensor:
+    """fp16 patterns (int64, 0..0xFFFF) -> the fp32 pattern of the same value (exact, as `cvt.f32.f16`)."""
+    value = ((half + 0x8000) % 0x10000 - 0x8000).to(torch.int16).view(torch.float16).float()
+    return value.view(torch.int32).long() & 0xFFFFFFFF
+
+
+def _e4m3_byte_to_f16_bits(byte: torch.Tensor) -> torch.Tensor:
+    """e4m3 bytes (int64) -> fp16 patterns of their values (exact: e4m3 subnormals are fp16 normals)."""
+    value = byte.to(torch.uint8).view(torch.float8_e4m3fn).half()
+    return value.view(torch.int16).long() & 0xFFFF
+
+
 class _PtxMachine:
     """Executes the straight-line b32 PTX of `E2M1_BF16X2_ASM` on int64 tensors (one lane per element).
 
@@ -146,7 +158,9 @@ class _PtxMachine:
     cannot silently escape this model. Semantics from the PTX ISA: `prmt.b32` default mode (selector nibble
     k picks byte n & 7 of {b, a} for result byte k; n & 8 replicates that byte's sign bit), `mul.lo.u32`,
     `and.b32`, `mov.b32`, `cvt.rn.bf16x2.f32 d, a, b` (a -> upper half), `fma.rn.bf16x2` (per half, one
-    rounding of the exact a * b + c).
+    rounding of the exact a * b + c); for `E4M3_MARLIN_SCALE_ASM`: `cvt.u16.u32` (low 16 bits),
+    `cvt.rn.f16x2.e4m3x2 d, a` (a's upper byte -> d's upper half; exact), `mov.b32 {lo, hi}, a` (unpack),
+    `cvt.f32.f16` (exact) and `mul.f32` (one rounding; `0f` immediates are fp32 bit patterns).
     """
 
     def __init__(self, operands: dict[str, torch.Tensor]) -> None:
@@ -156,6 +170,8 @@ class _PtxMachine:
         token = token.strip()
         if token in self.registers:
             return self.registers[token]
+        if token.startswith("0f"):  # PTX fp32 immediate, written as its bit pattern
+            return torch.tensor(int(token[2:], 16), dtype=torch.int64)
         return torch.tensor(int(token, 0), dtype=torch.int64)
 
     def run(self, asm: str) -> None:
@@ -166,6 +182,12 @@ class _PtxMachine:
             if not line or line in "{}" or line.startswith(".reg"):
                 continue
             opcode, rest = line.split(None, 1)
+            unpack = re.fullmatch(r"\{\s*(\w+)\s*,\s*(\w+)\s*\}\s*,\s*(\S+)", rest)
+            if opcode == "mov.b32" and unpack:
+                source = self.value(unpack.group(3))
+                self.registers[unpack.group(1)] = source & 0xFFFF
+                self.registers[unpack.group(2)] = (source >> 16) & 0xFFFF
+                continue
             args = [a.strip() for a in rest.split(",")]
             dest, sources = args[0], [self.value(a) for a in args[1:]]
             if opcode in ("mov.b32",):
@@ -193,34 +215,74 @@ class _PtxMachine:
                     a, b, c = (_bf16_to_float((s >> shift) & 0xFFFF) for s in sources)
                     halves.append(_float_to_bf16_bits(a * b + c) << shift)  # fp64: a * b + c is exact
                 result = halves[0] | halves[1]
+            elif opcode == "cvt.u16.u32":
+                result = sources[0] & 0xFFFF
+            elif opcode == "cvt.rn.f16x2.e4m3x2":
+                pair = sources[0]
+                result = (_e4m3_byte_to_f16_bits((pair >> 8) & 0xFF) << 16) | _e4m3_byte_to_f16_bits(pair & 0xFF)
+            elif opcode == "cvt.f32.f16":
+                result = _f16_bits_to_f32_bits(sources[0])
+            elif opcode == "mul.f32":
+                a, b = (s.to(torch.int32).view(torch.float32) for s in torch.broadcast_tensors(*sources))
+                result = (a * b).view(torch.int32).long() & 0xFFFFFFFF
             else:
                 raise AssertionError(f"the PTX model does not know {opcode!r}: extend it with the new code")
             assert re.fullmatch(r"\$?\w+", dest), dest
             self.registers[dest] = result
 
 
-def test_marlin_decode_ptx_reproduces_e2m1_times_scale_for_every_byte_and_scale():
+def _run_scale_ptx(raw: torch.Tensor) -> torch.Tensor:
+    """fp32 bit patterns `E4M3_MARLIN_SCALE_ASM` (the shipped text) produces for e4m3 bytes `raw` (int64)."""
+    from nvfp4_ext.kernels.nvfp4_tile import E4M3_MARLIN_SCALE_ASM
+
+    machine = _PtxMachine({"$1": raw})
+    machine.run(E4M3_MARLIN_SCALE_ASM)
+    return machine.registers["$0"]
+
+
+def test_marlin_scale_ptx_decodes_every_e4m3_byte_times_2_117():
+    """sm_89+'s scale path, `E4M3_MARLIN_SCALE_ASM`, through the PTX model over all 256 bytes: each finite
+    e4m3 value (torch's decoding: signs, subnormals, 448) comes out as exactly value * 2**117 in fp32."""
+    from nvfp4_ext.kernels.nvfp4_tile import MARLIN_SCALE_FACTOR
+
+    raw = torch.arange(256, dtype=torch.int64)
+    expected = raw.to(torch.uint8).view(torch.float8_e4m3fn).double() * MARLIN_SCALE_FACTOR
+    got = _run_scale_ptx(raw).to(torch.int32).view(torch.float32).double()
+    finite = torch.isfinite(expected)
+    assert int(finite.sum()) == 254
+    assert torch.equal(got[finite], expected[finite])
+    assert (got[raw == 0x38] == MARLIN_SCALE_FACTOR).all()  # e4m3 1.0
+
+
+@pytest.mark.parametrize("scale_path", ["sm80-integer", "sm89-cvt-ptx"])
+def test_marlin_decode_ptx_reproduces_e2m1_times_scale_for_every_byte_and_scale(scale_path):
     """Runs the shipped `E2M1_BF16X2_ASM` text (its constants, selectors and operand order, not a copy)
     through a PTX model over every packed byte in every position of the register and every finite e4m3
-    block scale, different per byte; compares with ModelOpt's E2M1 table and torch's e4m3 decoding. Whether
-    the GPU executes PTX as the ISA says is for `pytest -m gpu tests/test_kernels_gpu.py`."""
+    block scale, different per byte; compares with ModelOpt's E2M1 table and torch's e4m3 decoding. The
+    scale operands are e4m3 * 2**117 in fp32 as sm_80's integer decode computes them, or (sm_89+) what the
+    shipped `E4M3_MARLIN_SCALE_ASM` makes of the e4m3 bytes, so byte -> scale -> weight is modelled end to
+    end. Whether the GPU executes PTX as the ISA says is for `pytest -m gpu tests/test_kernels_gpu.py`."""
     from modelopt.torch.quantization.qtensor.nvfp4_tensor import e2m1_values
 
     from nvfp4_ext.kernels.nvfp4_tile import E2M1_BF16X2_ASM, MARLIN_GLOBAL_FACTOR, MARLIN_SCALE_FACTOR
 
     codes = torch.arange(256, dtype=torch.int64)
-    scales = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).double()
+    scale_bytes = torch.arange(256, dtype=torch.int64)
+    scales = scale_bytes.to(torch.uint8).view(torch.float8_e4m3fn).double()
+    scale_bytes = scale_bytes[torch.isfinite(scales)]
     scales = scales[torch.isfinite(scales)]  # 254 values: signs, subnormals, 448
     byte_grid, scale_grid = torch.meshgrid(codes, torch.arange(len(scales)), indexing="ij")
     byte_grid, scale_grid = byte_grid.reshape(-1), scale_grid.reshape(-1)
     # Four different bytes and four different scales per register, so pairing or operand-order mistakes show.
     word_bytes = [(byte_grid * mult + add) % 256 for mult, add in ((1, 0), (37, 11), (101, 200), (223, 77))]
-    word_scales = [
-        scales[(scale_grid * mult + add) % len(scales)] for mult, add in ((1, 0), (7, 3), (13, 100), (29, 41))
-    ]
+    picks = [(scale_grid * mult + add) % len(scales) for mult, add in ((1, 0), (7, 3), (13, 100), (29, 41))]
+    word_scales = [scales[pick] for pick in picks]
     word = word_bytes[0] | (word_bytes[1] << 8) | (word_bytes[2] << 16) | (word_bytes[3] << 24)
     scale_bits = []
-    for scale in word_scales:
+    for scale, pick in zip(word_scales, picks):
+        if scale_path == "sm89-cvt-ptx":
+            scale_bits.append(_run_scale_ptx(scale_bytes[pick]))
+            continue
         as_fp32 = (scale * MARLIN_SCALE_FACTOR).float()
         assert torch.equal(as_fp32.double(), scale * MARLIN_SCALE_FACTOR)  # what the kernel passes, exactly
         scale_bits.append(as_fp32.view(torch.int32).long() & 0xFFFFFFFF)
