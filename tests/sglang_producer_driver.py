@@ -100,6 +100,19 @@ def _kv_pool(model_config, size: int):
     return pool
 
 
+def _router_norm_as_on_cuda(model) -> None:
+    """SGLang's Gemma 4 MoE router folds `scale * hidden_size**-0.5` into the weight of a
+    `Gemma4RMSNorm(with_scale=False)`; its CUDA branch (`rmsnorm(x, weight)`) applies that weight, but its
+    torch branch, which CPU runs, skips the weight when `with_scale` is False, so on CPU the router logits
+    lack that factor and pick other experts than transformers do. Mark the router
+    norms as scaled so the torch branch computes what the CUDA branch does (weight + scale_shift 0.0)."""
+    from sglang.srt.models.gemma4_causal import Gemma4Router
+
+    for module in model.modules():
+        if isinstance(module, Gemma4Router):
+            module.norm.with_scale = True
+
+
 class _Decoder:
     """One request at a time through SGLang's KV pools and torch-native attention backend."""
 
@@ -166,6 +179,7 @@ def run_case(case: dict) -> dict:
         server_args = {**defaults, **case["server_args"]}
         _publish(case["path"], server_args)
         model_config, model = _load(case["path"], server_args["quantization"])
+        _router_norm_as_on_cuda(model)
         methods = sorted(
             {type(m.quant_method).__name__ for m in model.modules() if getattr(m, "quant_method", None)}
         )

@@ -17,11 +17,14 @@ Which SGLang classes run (docs/sglang.md, "Producer checkpoints"):
     SGLang's config parser refuses. SGLang accepts no CPU attention backend for Gemma 4 (its check names
     them), so Gemma 4 runs under a server config naming `triton` while the forward uses the torch-native
     backend.
-  * Refused, with the exact error asserted: Gemma 4 MoE (SGLang's class asks nvfp4_ext for `gelu` experts;
-    Gemma 4's are gelu_tanh), DeepseekV3 (SGLang's CPU rotary embedding takes only `deepseek_yarn`
-    scaling), Qwen3.5 (SGLang's Mamba-cache check, then its config class reading `full_attention_interval`).
-The default run covers W4A16, W4A4 and mixed once each plus llm-compressor NVFP4A16 and every refusal (one
-SGLang process); `-m slow` / NVFP4_EXT_SLOW=1 adds the rest of the matrix.
+  * Gemma 4 MoE (`Gemma4ForCausalLM`, one head size): SGLang's class asks for erf `gelu` experts, nvfp4_ext
+    runs the gelu_tanh the config declares; the helper applies SGLang's router-norm scale on CPU as its CUDA
+    branch does (tests/sglang_producer_driver.py).
+  * Refused, with the exact error asserted: DeepseekV3 (SGLang's CPU rotary embedding takes only
+    `deepseek_yarn` scaling), Qwen3.5 (SGLang's Mamba-cache check, then its config class reading
+    `full_attention_interval`).
+The default run covers W4A16, W4A4 and mixed once each, Gemma 4 MoE W4A16, llm-compressor NVFP4A16 and every
+refusal (one SGLang process); `-m slow` / NVFP4_EXT_SLOW=1 adds the rest of the matrix.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ DEFAULT_CASES = [
     ("qwen3-dense", "modelopt", "w4a16"),
     ("qwen3-moe", "modelopt", "nvfp4"),
     ("gemma4-multimodal", "modelopt", "mixed"),
+    ("gemma4-moe-uniform", "modelopt", "w4a16"),
     ("qwen3-moe", "llmc", "NVFP4A16"),
 ]
 SLOW_CASES = [
@@ -91,17 +95,6 @@ REFUSALS = {
             "Gemma4 only supports trtllm_mha, triton, fa4, ascend, intel_xpu, intel_amx, or aiter attention "
             "backend, got prefill=torch_native, decode=torch_native",
             "sglang/srt/arg_groups/model_hook.py",
-        ),
-    ),
-    "gemma4-moe-uniform-gelu-experts": (
-        "gemma4-moe-uniform",
-        "w4a16",
-        {"attention_backend": "triton"},
-        (
-            "ConfigError",
-            "layer model.layers.0.moe.experts: expert activation 'gelu' is not supported by nvfp4_ext "
-            "(supported: gelu_tanh, silu)",
-            "sglang/srt/models/gemma4_causal.py",
         ),
     ),
     "deepseek-v3-cpu-rope": (

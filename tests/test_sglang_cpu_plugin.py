@@ -27,7 +27,7 @@ pytest.importorskip("sglang")
 from test_sglang_checkpoints import EXCLUDE, quantize_tiny_checkpoint  # noqa: E402
 from tolerances import assert_within_rounding, linear_terms  # noqa: E402
 
-from nvfp4_ext.errors import CheckpointError  # noqa: E402
+from nvfp4_ext.errors import CheckpointError, ConfigError  # noqa: E402
 from nvfp4_ext.format import dequantize_nvfp4, stored_global_scale  # noqa: E402
 from nvfp4_ext.tiny_models import build_tiny_diffusion_gemma, build_tiny_qwen3_moe  # noqa: E402
 
@@ -615,3 +615,58 @@ def test_bf16_checkpoint_loads_as_upstream(plugins_loaded, distributed, checkpoi
     assert ours.load_weights(tensors.items()) == theirs.load_weights(tensors.items())
     experts_ours, experts_theirs = ours.model.layers[0].moe.experts, theirs.model.layers[0].moe.experts
     assert torch.equal(experts_ours.w13_weight, experts_theirs.w13_weight)
+
+
+# ------------------------------------------------------------------------------------- expert activation
+def _gemma4_hf_config(hidden_activation: str, multimodal: bool):
+    """A transformers Gemma 4 config, as SGLang's `get_quant_config` hands it to `from_config`."""
+    from transformers import Gemma4Config, Gemma4TextConfig
+
+    text = Gemma4TextConfig(hidden_activation=hidden_activation, enable_moe_block=True)
+    return Gemma4Config(text_config=text.to_dict()) if multimodal else text
+
+
+def _moe_runner_activation(hf_config, prefixes: tuple[str, ...]) -> list[str]:
+    """The activation our MoE method runs for SGLang's runner config asking for erf "gelu" (the default of
+    `FusedMoE(activation=...)`, which SGLang's Gemma 4 causal class leaves in place)."""
+    from sglang.srt.layers.moe.moe_runner.base import MoeRunnerConfig
+
+    from nvfp4_ext.engines.sglang.config import Nvfp4ExtConfig
+    from nvfp4_ext.engines.sglang.moe import Nvfp4ExtMoEMethod
+
+    checkpoint = {"quant_method": "modelopt", "quant_algo": "NVFP4", "packed_modules_mapping": {}}
+    if hf_config is not None:
+        checkpoint["hf_config"] = hf_config
+    config = Nvfp4ExtConfig.from_config(checkpoint)
+    activations = []
+    for prefix in prefixes:
+        method = Nvfp4ExtMoEMethod(config, "nvfp4_w4a16", prefix)
+        method.create_moe_runner(torch.nn.Module(), MoeRunnerConfig(activation="gelu", is_gated=True))
+        activations.append(method.activation)
+    return activations
+
+
+@pytest.mark.parametrize("multimodal", [False, True], ids=["text-config", "multimodal-text-config"])
+def test_gelu_request_runs_gelu_tanh_when_the_config_declares_it(plugins_loaded, caplog, multimodal) -> None:
+    """Gemma 4 declares `hidden_activation: gelu_pytorch_tanh` (top level, or in `text_config` for the
+    multimodal form): the experts run gelu_tanh, logged once per model, naming the first layer and why."""
+    prefixes = ("model.layers.0.moe.experts", "model.layers.1.moe.experts")
+    with caplog.at_level("WARNING", logger="nvfp4_ext"):
+        activations = _moe_runner_activation(_gemma4_hf_config("gelu_pytorch_tanh", multimodal), prefixes)
+    assert activations == ["gelu_tanh", "gelu_tanh"]
+    logged = [r.getMessage() for r in caplog.records if "hidden_activation" in r.getMessage()]
+    assert len(logged) == 1
+    assert "layer model.layers.0.moe.experts" in logged[0] and "'gelu_pytorch_tanh'" in logged[0]
+
+
+@pytest.mark.parametrize("declared", ["gelu", None], ids=["erf-gelu-config", "no-config"])
+def test_erf_gelu_experts_are_still_refused(plugins_loaded, declared) -> None:
+    """A model whose config declares erf GELU (or whose config SGLang did not pass) is refused: nvfp4_ext
+    has no erf-GELU expert kernel and must not compute a different function."""
+    hf_config = _gemma4_hf_config(declared, multimodal=False) if declared else None
+    with pytest.raises(ConfigError) as info:
+        _moe_runner_activation(hf_config, ("model.layers.0.moe.experts",))
+    assert str(info.value) == (
+        "layer model.layers.0.moe.experts: expert activation 'gelu' is not supported by nvfp4_ext "
+        "(supported: gelu_tanh, silu)"
+    )

@@ -21,7 +21,7 @@ from nvfp4_ext.checkpoint.config import QuantConfig, parse_quant_config
 from nvfp4_ext.errors import CheckpointError, ConfigError
 from nvfp4_ext.format import FP8_BLOCK
 
-__all__ = ["QUANT_NAME", "Nvfp4ExtConfig", "checkpoint_is_claimable"]
+__all__ = ["QUANT_NAME", "Nvfp4ExtConfig", "checkpoint_is_claimable", "declared_hidden_activation"]
 
 logger = logging.getLogger("nvfp4_ext")
 
@@ -53,6 +53,19 @@ def _identity(name: str) -> str:
     return name
 
 
+def declared_hidden_activation(hf_config: Any) -> str | None:
+    """The MLP/expert activation the checkpoint's HF config declares (`hidden_activation`, read from
+    `text_config` for multimodal configs such as Gemma 4's), or None when the config names none."""
+    if hf_config is None:
+        return None
+    text_config = getattr(hf_config, "text_config", None)
+    for candidate in (text_config, hf_config):
+        activation = getattr(candidate, "hidden_activation", None)
+        if isinstance(activation, str):
+            return activation
+    return None
+
+
 class Nvfp4ExtConfig(QuantizationConfig):
     """`--quantization nvfp4_ext`: NVFP4 (W4A4/W4A16) and FP8 layers through nvfp4_ext's kernels.
 
@@ -62,11 +75,18 @@ class Nvfp4ExtConfig(QuantizationConfig):
     """
 
     def __init__(
-        self, quant: QuantConfig, packed_modules_mapping: dict[str, list[str]] | None = None
+        self,
+        quant: QuantConfig,
+        packed_modules_mapping: dict[str, list[str]] | None = None,
+        hidden_activation: str | None = None,
     ) -> None:
         super().__init__()
         self.quant = quant
         self.packed_modules_mapping = packed_modules_mapping or {}
+        # What the model's HF config declares (None if SGLang handed no config): lets the MoE method tell
+        # a model-class default ("gelu") from what the checkpoint's model computes.
+        self.hidden_activation = hidden_activation
+        self.logged_gelu_tanh_override = False  # the MoE method logs that correction once per model
         # SGLang prefix -> checkpoint (HF) module name; a model class whose prefixes differ from the
         # checkpoint's (DiffusionGemma: model.layers.* vs model.decoder.layers.*) installs its own.
         self.module_name_mapper: Callable[[str], str] = _identity
@@ -103,7 +123,8 @@ class Nvfp4ExtConfig(QuantizationConfig):
                 f"NVFP4 "
                 "layers; serve it with SGLang's own method for that format"
             )
-        return cls(quant, dict(packed) if isinstance(packed, dict) else None)
+        hidden_activation = declared_hidden_activation(config.get("hf_config"))
+        return cls(quant, dict(packed) if isinstance(packed, dict) else None, hidden_activation)
 
     @classmethod
     def override_quantization_method(cls, hf_quant_cfg: Any, user_quant: str | None) -> str | None:

@@ -10,6 +10,8 @@ tensor parallelism on whole NVFP4 blocks and skips experts another expert-parall
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from sglang.srt.layers.quantization.base_config import FusedMoEMethodBase
 
@@ -26,8 +28,12 @@ from nvfp4_ext.format import NVFP4_BLOCK_SIZE, global_multiplier
 
 __all__ = ["SUPPORTED_ACTIVATIONS", "Nvfp4ExtMoEMethod"]
 
+logger = logging.getLogger("nvfp4_ext")
+
 SUPPORTED_ACTIVATIONS = ("gelu_tanh", "silu")
 _SHARD_COLUMN = {"w1": 0, "w3": 1}
+# HF `hidden_activation` values that mean tanh-approximated GELU (transformers' ACT2FN name).
+_TANH_GELU_DECLARED = ("gelu_pytorch_tanh",)
 
 
 class Nvfp4ExtMoEMethod(FusedMoEMethodBase):
@@ -146,7 +152,9 @@ class Nvfp4ExtMoEMethod(FusedMoEMethodBase):
 
     # ---------------------------------------------------------------------------------------- execution
     def create_moe_runner(self, layer: torch.nn.Module, moe_runner_config) -> None:
-        activation = getattr(moe_runner_config.activation, "value", moe_runner_config.activation)
+        activation = self._model_activation(
+            getattr(moe_runner_config.activation, "value", moe_runner_config.activation)
+        )
         if activation not in SUPPORTED_ACTIVATIONS:
             raise ConfigError(
                 f"layer {self.prefix}: expert activation {activation!r} is not supported by nvfp4_ext "
@@ -157,6 +165,25 @@ class Nvfp4ExtMoEMethod(FusedMoEMethodBase):
         self.moe_runner_config = moe_runner_config
         self.activation = activation
         self.runner = None
+
+    def _model_activation(self, requested: str) -> str:
+        """The activation the checkpoint's model defines. SGLang 0.5.23's autoregressive Gemma 4 class
+        builds its experts without `activation=`, so they ask for FusedMoE's default erf "gelu" although
+        Gemma 4 declares `hidden_activation: gelu_pytorch_tanh` (as its diffusion class passes). Only that
+        declared mismatch is corrected; an erf-GELU model, or one whose config we did not see, is refused."""
+        declared = self.config.hidden_activation
+        if requested != "gelu" or declared not in _TANH_GELU_DECLARED:
+            return requested
+        if not self.config.logged_gelu_tanh_override:
+            self.config.logged_gelu_tanh_override = True
+            logger.warning(
+                "nvfp4_ext: layer %s (and every other expert layer of this model): SGLang's model class asks "
+                "for erf 'gelu' experts, but the model config declares hidden_activation %r; running "
+                "gelu_tanh, as the checkpoint's model defines it",
+                self.prefix,
+                declared,
+            )
+        return "gelu_tanh"
 
     def get_moe_runner_backend(self, layer: torch.nn.Module):
         return None  # direct kernel: standard top-k output, local expert ids
