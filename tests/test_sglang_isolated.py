@@ -21,8 +21,8 @@ pytestmark = pytest.mark.sglang
 
 REPO = Path(__file__).resolve().parents[1]
 SUITE = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_sglang_cpu_*.py"))
-# test_sglang_cpu_plugin.py (26) + test_sglang_cpu_dllm.py (17) + test_sglang_cpu_capture.py (4), some slack
-MIN_PASSED = 46
+# 54 collected: plugin 33 (incl. the Gemma 4 gelu cases), dllm 17, capture 4; slack for machine-dependent skips
+MIN_PASSED = 50
 
 
 def rerun_hint(command: list[str]) -> str:
