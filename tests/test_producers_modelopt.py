@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from producers import assert_inspect_matches, modelopt_case, producer_state_file
+from producers import assert_inspect_matches, modelopt_case, modelopt_export, producer_state_file
 from safetensors import safe_open
 from test_vllm_helpers import PROMPTS, engine_env, hf_greedy, make_llm, tiny_checkpoint, vllm_greedy
 
@@ -53,6 +53,7 @@ SLOW_CASES = [
     ("qwen3-moe", "mlp-only", False),
     ("qwen3-dense", "nvfp4", False),
     ("qwen3-dense", "mixed", True),
+    ("gemma4-dense", "mlp-only", False),
 ]
 
 
@@ -195,6 +196,16 @@ def test_modelopt_fp8_only_export_is_refused_with_the_method_named(producer_root
     assert json.loads((export / "hf_quant_config.json").read_text())["quantization"]["quant_algo"] == "FP8"
     with pytest.raises(ValueError, match=r"quantization method is 'modelopt' \(quant_algo 'FP8'\)"):
         ModelConfig(model=str(export), quantization="nvfp4_ext")
+
+
+@pytest.mark.parametrize("family", ["gemma4-dense", "qwen3.5"])
+def test_modelopt_refuses_experts_only_on_a_dense_model(family, producer_root, tmp_path):
+    """NVFP4_EXPERTS_ONLY_CFG on a model without routed experts (dense Gemma 4, Qwen3.5): ModelOpt itself
+    stops in `mtq.quantize`, so there is no checkpoint to serve."""
+    source = tiny_checkpoint(producer_root, family, "source")
+    with pytest.raises(RuntimeError, match="asks for weight quantization but no weight quantizer is enabled"):
+        modelopt_export(source, tmp_path / "export", "experts-only")
+    assert not (tmp_path / "export").exists()
 
 
 def test_fp8_reference_is_modelopt_fp8_dequantization(producer_root):
