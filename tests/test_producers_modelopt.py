@@ -12,8 +12,9 @@ declaration removed, and the export as written is served with the FP8 KV cache (
 k/v scales checked.
 
 The default run covers Gemma 4 MoE and dense and Qwen3-MoE with W4A4 + FP8 KV scales, W4A16, experts-only and
-NVFP4+FP8 mixed; `NVFP4_EXT_SLOW=1` (or `-m slow`) adds the rest of the family x recipe matrix (incl. dense
-Qwen3).
+NVFP4+FP8 mixed, ModelOpt's refusal of experts-only on dense models, and DiffusionGemma W4A16 through
+`nvfp4-ext generate` (vLLM's DiffusionGemma is GPU-only); `NVFP4_EXT_SLOW=1` (or `-m slow`) adds the rest of
+the family x recipe matrix (incl. dense Qwen3).
 """
 
 from __future__ import annotations
