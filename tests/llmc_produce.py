@@ -8,8 +8,8 @@ SCHEME is an llm-compressor preset ("NVFP4" = W4A4, "NVFP4A16" = weight-only, "F
 "FP8_BLOCK" = pure FP8) or "MIXED": NVFP4 on the MLPs/experts and FP8_DYNAMIC (FP8 per-channel weights,
 dynamic per-token activations) on attention, passed to llm-compressor as its own `{preset: targets}` form,
 which it writes as two config groups with format `mixed-precision`. A "-KVFP8" suffix adds llm-compressor's
-`kv_cache_scheme` (FP8 KV cache, calibrated per-tensor k/v scales). The calibration set is a few deterministic random token sequences (the tiny models' word
-vocabulary has no natural text). The reference is compressed-tensors' own dequantization of every NVFP4 and
+`kv_cache_scheme` (FP8 KV cache, calibrated per-tensor k/v scales). The calibration set is a few
+deterministic random token sequences (the tiny models' word vocabulary has no natural text). The reference is compressed-tensors' own dequantization of every NVFP4 and
 FP8 weight (`write_reference`), saved in float32.
 Prints one JSON line `PRODUCED={...}` with the output directory, the versions and llm-compressor's per-module
 decision (module -> scheme name) read from the quantized model.

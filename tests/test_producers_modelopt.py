@@ -211,7 +211,8 @@ def test_modelopt_refuses_experts_only_on_a_dense_model(family, producer_root, t
 
 
 @pytest.mark.parametrize(
-    "recipe", ["w4a16", pytest.param("nvfp4", marks=pytest.mark.slow), pytest.param("mixed", marks=pytest.mark.slow)]
+    "recipe",
+    ["w4a16", pytest.param("nvfp4", marks=pytest.mark.slow), pytest.param("mixed", marks=pytest.mark.slow)],
 )
 def test_generate_on_modelopt_diffusion_gemma_like_modelopt_dequantized_model(recipe, producer_root, capsys):
     """DiffusionGemma quantized by ModelOpt (the model object of its own class: AutoModelForCausalLM refuses

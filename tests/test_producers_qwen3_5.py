@@ -186,7 +186,12 @@ def test_fused_layer_scheme_comes_from_its_checkpoint_shards():
 
 
 # recipe -> the schemes ModelOpt must have decided (mlp-only: the MLPs only, GDN and attention stay BF16)
-SLOW_RECIPES = {"nvfp4": {"nvfp4"}, "mixed": {"nvfp4", "fp8"}, "mlp-only": {"nvfp4"}, "w4a16-kvfp8": {"nvfp4_w4a16"}}
+SLOW_RECIPES = {
+    "nvfp4": {"nvfp4"},
+    "mixed": {"nvfp4", "fp8"},
+    "mlp-only": {"nvfp4"},
+    "w4a16-kvfp8": {"nvfp4_w4a16"},
+}
 # The engine runs in bf16, the reference in fp32: with the default seed, mlp-only's reference has a near tie
 # (top-2 logits 0.5078 / 0.5059 at prompt 0, token 8: equal in bf16, where transformers bf16 picks the same
 # token as fp32 but vLLM bf16 the other), so that recipe uses a source without a tie below bf16's resolution.
@@ -215,7 +220,9 @@ def test_vllm_serves_modelopt_qwen3_5_w4a4_and_mixed_like_modelopt_dequantized_m
     state = json.loads(producer_state_file(case["export"]).read_text())
     assert_inspect_matches(case["export"], state)
     assert set(state.values()) == SLOW_RECIPES[recipe]
-    served_dir = without_kv_cache_quantization(case["export"], root / f"{recipe}-kvauto") if kv else case["export"]
+    served_dir = case["export"]
+    if kv:
+        served_dir = without_kv_cache_quantization(case["export"], root / f"{recipe}-kvauto")
     jobs = [{"model": str(served_dir), "kwargs": {"quantization": "nvfp4_ext"}}]
     if kv:
         quant = json.loads((case["export"] / "hf_quant_config.json").read_text())["quantization"]
