@@ -4,11 +4,12 @@ itself.
 
     .venv/llmc/bin/python tests/llmc_produce.py SOURCE_DIR OUT_DIR REFERENCE_DIR SCHEME [...]
 
-SCHEME is an llm-compressor preset ("NVFP4" = W4A4, "NVFP4A16" = weight-only) or "MIXED": NVFP4 on the
-MLPs/experts and FP8_DYNAMIC (FP8 per-channel weights, dynamic per-token activations) on attention, passed to
-llm-compressor as its own `{preset: targets}` form, which it writes as two config groups with format
-`mixed-precision`. The calibration set is a few deterministic random token sequences (the tiny models' word
-vocabulary has no natural text). The reference is compressed-tensors' own dequantization of every NVFP4 and
+SCHEME is an llm-compressor preset ("NVFP4" = W4A4, "NVFP4A16" = weight-only, "FP8" / "FP8_DYNAMIC" /
+"FP8_BLOCK" = pure FP8) or "MIXED": NVFP4 on the MLPs/experts and FP8_DYNAMIC (FP8 per-channel weights,
+dynamic per-token activations) on attention, passed to llm-compressor as its own `{preset: targets}` form,
+which it writes as two config groups with format `mixed-precision`. A "-KVFP8" suffix adds llm-compressor's
+`kv_cache_scheme` (FP8 KV cache, calibrated per-tensor k/v scales). The calibration set is a few
+deterministic random token sequences (the tiny models' word vocabulary has no natural text). The reference is compressed-tensors' own dequantization of every NVFP4 and
 FP8 weight (`write_reference`), saved in float32.
 Prints one JSON line `PRODUCED={...}` with the output directory, the versions and llm-compressor's per-module
 decision (module -> scheme name) read from the quantized model.
@@ -39,12 +40,19 @@ MIXED_SCHEME = {
 }
 
 
+# llm-compressor's own presets used as they are; FP8 / FP8_DYNAMIC / FP8_BLOCK make pure FP8 checkpoints
+# (per-tensor / per-channel / 128x128-block weights), which are not NVFP4.
+PRESETS = ("NVFP4", "NVFP4A16", "FP8", "FP8_DYNAMIC", "FP8_BLOCK")
+# "<preset>-KVFP8": the preset plus llm-compressor's `kv_cache_scheme` (static per-tensor FP8 k/v scales).
+KV_CACHE_SCHEME = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
+
+
 def _recipe_scheme(scheme: str) -> str | dict[str, list[str]]:
-    if scheme in ("NVFP4", "NVFP4A16"):
+    if scheme in PRESETS:
         return scheme
     if scheme == "MIXED":
         return MIXED_SCHEME
-    raise SystemExit(f"unknown scheme {scheme!r} (NVFP4, NVFP4A16 or MIXED)")
+    raise SystemExit(f"unknown scheme {scheme!r} ({', '.join(PRESETS)} or MIXED, optionally with -KVFP8)")
 
 
 def _decisions(model: torch.nn.Module) -> dict[str, str]:
@@ -64,8 +72,8 @@ def _decisions(model: torch.nn.Module) -> dict[str, str]:
         if weights.num_bits == 4 and weights.group_size == 16:
             acts = scheme.input_activations
             out[name] = "nvfp4" if acts is not None and acts.num_bits == 4 else "nvfp4_w4a16"
-        elif weights.num_bits == 8 and weights.strategy in ("tensor", "channel"):
-            out[name] = "fp8" if weights.strategy == "tensor" else "fp8_channel"
+        elif weights.num_bits == 8 and weights.strategy in ("tensor", "channel", "block"):
+            out[name] = {"tensor": "fp8", "channel": "fp8_channel", "block": "fp8_block"}[weights.strategy]
         else:
             raise SystemExit(f"unexpected weight scheme on {name}: {weights}")
     return out
@@ -114,7 +122,9 @@ def write_reference(source: Path, out: Path, reference: Path) -> None:
                 args=args_by_bits[8],
                 dtype=torch.float32,
             )
-        elif suffix in ("weight_scale", "weight_global_scale", "input_global_scale", "input_scale"):
+        elif suffix in (
+            "weight_scale", "weight_global_scale", "input_global_scale", "input_scale", "k_scale", "v_scale"
+        ):
             continue
         else:
             weights[key] = value.float()
@@ -141,7 +151,9 @@ def main(source: str, out: str, reference: str, scheme: str) -> None:
     # validator then rejects ("global scale is zero") -- see docs/checkpoint.md.
     # DiffusionGemma's vision tower stays BF16 as in NVIDIA's release (and as nvfp4-ext quantize keeps it).
     ignore = ["lm_head", "re:.*mlp.gate$", "re:.*router.*", "re:.*per_layer.*", "re:.*vision.*"]
-    recipe = QuantizationModifier(targets="Linear", scheme=_recipe_scheme(scheme), ignore=ignore)
+    preset = scheme.removesuffix("-KVFP8")
+    kv_cache = {"kv_cache_scheme": dict(KV_CACHE_SCHEME)} if scheme.endswith("-KVFP8") else {}
+    recipe = QuantizationModifier(targets="Linear", scheme=_recipe_scheme(preset), ignore=ignore, **kv_cache)
     model = oneshot(
         model=model,
         processor=tokenizer,

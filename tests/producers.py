@@ -95,6 +95,11 @@ def calibration_batches(vocab_size: int, *, batches: int = 4, seq_len: int = 24,
     return [torch.randint(4, vocab_size, (1, seq_len), generator=gen) for _ in range(batches)]
 
 
+# Architectures AutoModelForCausalLM refuses ("Unrecognized configuration class ... DiffusionGemmaConfig"):
+# the model object of the checkpoint's own class is built and handed to ModelOpt instead.
+OWN_CLASS_ARCHITECTURES = ("DiffusionGemmaForBlockDiffusion",)
+
+
 def modelopt_export(
     source_dir: str | Path, out_dir: str | Path, recipe: str, *, kv_fp8: bool = False
 ) -> Path:
@@ -102,12 +107,17 @@ def modelopt_export(
     `export_hf_checkpoint`, plus the source's tokenizer files, and record ModelOpt's per-module decisions
     (`producer_state`) in `producer_state_file(out_dir)`. Returns `out_dir`."""
     import modelopt.torch.quantization as mtq
+    import transformers
     from modelopt.torch.export import export_hf_checkpoint
-    from transformers import AutoModelForCausalLM
 
     source, out = Path(source_dir), Path(out_dir)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).eval()
     architectures = json.loads((source / "config.json").read_text())["architectures"]
+    loader = (
+        getattr(transformers, architectures[0])
+        if architectures[0] in OWN_CLASS_ARCHITECTURES
+        else transformers.AutoModelForCausalLM
+    )
+    model = loader.from_pretrained(source, dtype=torch.bfloat16).eval()
     batches = calibration_batches(model.config.get_text_config().vocab_size)
 
     def forward_loop(m: torch.nn.Module) -> None:

@@ -136,20 +136,44 @@ def test_engine_serves_the_modelopt_deepseek_checkpoint(probes):
         assert len(tokens) == MAX_TOKENS and all(0 <= t < vocab for t in tokens)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["w4a16", "mixed"])
-def test_modelopt_deepseek_w4a16_and_mixed_modules_equal_modelopt_dequantized(recipe, tmp_path):
-    """W4A16_NVFP4_CFG, and NVFP4 MLP/experts + FP8 attention (MIXED_PRECISION: the MLA projections, kv_b_proj
-    included, FP8 per tensor): the same module-level comparison against ModelOpt's own NVFP4/FP8
-    dequantization, the absorbed MLA weights bit-identical, and the engine serves."""
-    from safetensors import safe_open
+# recipe -> what ModelOpt decides for kv_b_proj, the shared expert and the dense MLP (None: left BF16)
+SLOW_RECIPES = {
+    "w4a16": ("nvfp4_w4a16", "nvfp4_w4a16", "nvfp4_w4a16"),
+    "mixed": ("fp8", "nvfp4", "nvfp4"),
+    "experts-only": (None, None, None),
+    "mlp-only": (None, "nvfp4", "nvfp4"),
+    "nvfp4-kvfp8": ("nvfp4", "nvfp4", "nvfp4"),
+}
 
-    case = modelopt_case(tiny_checkpoint(tmp_path, "deepseek-v3", "source"), tmp_path, recipe)
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", list(SLOW_RECIPES))
+def test_modelopt_deepseek_w4a16_and_mixed_modules_equal_modelopt_dequantized(recipe, tmp_path):
+    """W4A16_NVFP4_CFG, NVFP4 MLP/experts + FP8 attention (MIXED_PRECISION: the MLA projections, kv_b_proj
+    included, FP8 per tensor), NVFP4_EXPERTS_ONLY_CFG (routed experts only), NVFP4_MLP_ONLY_CFG (dense MLP,
+    routed and shared experts) and NVFP4_DEFAULT_CFG with FP8_KV_CFG's entries (ModelOpt writes
+    `self_attn.k_proj.k_scale` / `v_proj.v_scale`; compared with the KV declaration removed): the same
+    module-level comparison against ModelOpt's own NVFP4/FP8 dequantization, the absorbed MLA weights
+    bit-identical, and the engine serves."""
+    from safetensors import safe_open
+    from test_producers_modelopt import without_kv_cache_quantization
+
+    base, kv = recipe.removesuffix("-kvfp8"), recipe.endswith("-kvfp8")
+    source = tiny_checkpoint(tmp_path, "deepseek-v3", "source")
+    case = modelopt_case(source, tmp_path, base, kv_fp8=kv, name=recipe)
     state = json.loads(producer_state_file(case["export"]).read_text())
     assert_inspect_matches(case["export"], state)
-    attention = "nvfp4_w4a16" if recipe == "w4a16" else "fp8"
-    assert state["model.layers.0.self_attn.kv_b_proj"] == attention
-    ours, ref = _run(case["export"], "nvfp4_ext"), _run(case["reference"], None)
+    kv_b, shared, dense = SLOW_RECIPES[recipe]
+    assert state.get("model.layers.0.self_attn.kv_b_proj") == kv_b
+    assert state.get("model.layers.1.mlp.shared_experts.gate_proj") == shared
+    assert state.get("model.layers.0.mlp.gate_proj") == dense
+    assert state["model.layers.1.mlp.experts.0.down_proj"].startswith("nvfp4")
+    served = case["export"]
+    if kv:
+        quant = json.loads((served / "hf_quant_config.json").read_text())["quantization"]
+        assert quant["kv_cache_quant_algo"] == "FP8"
+        served = without_kv_cache_quantization(served, tmp_path / f"modelopt-{recipe}-kvauto")
+    ours, ref = _run(served, "nvfp4_ext"), _run(case["reference"], None)
     config = json.loads((case["source"] / "config.json").read_text())
     rank, heads = config["kv_lora_rank"], config["num_attention_heads"]
     nope, v_dim = config["qk_nope_head_dim"], config["v_head_dim"]

@@ -37,6 +37,7 @@ DEFAULT_CASES = [
     ("gemma4-dense", "NVFP4A16"),
     ("qwen3.5", "NVFP4A16"),
     ("diffusion-gemma", "NVFP4A16"),
+    ("qwen3-dense", "FP8_DYNAMIC"),
 ]
 SLOW_CASES = [
     ("qwen3-dense", "NVFP4"),
@@ -49,6 +50,9 @@ SLOW_CASES = [
     ("qwen3-dense", "MIXED"),
     ("qwen3.5", "NVFP4"),
     ("qwen3.5", "MIXED"),
+    ("qwen3-dense", "FP8"),
+    ("qwen3-dense", "FP8_BLOCK"),
+    ("qwen3-dense", "NVFP4A16-KVFP8"),
 ]
 # Not here: DiffusionGemma with NVFP4 / MIXED. llm-compressor 0.14 writes the encoder's copy of the shared text
 # layers with never-calibrated scales (docs/checkpoint.md), which nvfp4_ext refuses.
@@ -61,7 +65,14 @@ def _id(case: tuple[str, str]) -> str:
 CASES = [pytest.param(c, id=_id(c)) for c in DEFAULT_CASES] + [
     pytest.param(c, id=_id(c), marks=pytest.mark.slow) for c in SLOW_CASES
 ]
-SERVED_IN_PROCESS = [c for c in CASES if c.values[0][0] not in ("qwen3.5", "diffusion-gemma")]
+# Pure FP8 presets (not NVFP4: refused, inspected) and the llm-compressor `kv_cache_scheme` case.
+FP8_ONLY = [c for c in CASES if c.values[0][1].startswith("FP8")]
+KV_CACHE = [c for c in CASES if c.values[0][1].endswith("-KVFP8")]
+SERVED_IN_PROCESS = [
+    c
+    for c in CASES
+    if c.values[0][0] not in ("qwen3.5", "diffusion-gemma") and c not in FP8_ONLY and c not in KV_CACHE
+]
 SERVED_BF16_CHILD = [c for c in CASES if c.values[0][0] == "qwen3.5"]
 GENERATED_ON_CPU = [c for c in CASES if c.values[0][0] == "diffusion-gemma"]
 # scheme -> (compressed-tensors format of the checkpoint, the schemes llm-compressor attaches)
@@ -69,6 +80,10 @@ WRITTEN = {
     "NVFP4": ("nvfp4-pack-quantized", {"nvfp4"}),
     "NVFP4A16": ("nvfp4-pack-quantized", {"nvfp4_w4a16"}),
     "MIXED": ("mixed-precision", {"nvfp4", "fp8_channel"}),
+    "NVFP4A16-KVFP8": ("nvfp4-pack-quantized", {"nvfp4_w4a16"}),
+    "FP8": ("float-quantized", {"fp8"}),
+    "FP8_DYNAMIC": ("float-quantized", {"fp8_channel"}),
+    "FP8_BLOCK": ("float-quantized", {"fp8_block"}),
 }
 
 
@@ -157,6 +172,44 @@ def test_generate_on_llmc_diffusion_gemma_like_compressed_tensors_dequantized_mo
     torch.manual_seed(3)
     expected = model.generate(torch.tensor([[2, 17, 5]]), max_new_tokens=32, max_denoising_steps=2)
     assert tokens == expected.sequences[0, 3:].tolist()
+
+
+@pytest.mark.parametrize("case", FP8_ONLY)
+def test_llmc_fp8_only_checkpoint_is_refused_with_the_method_named(case, llmc_checkpoints):
+    """llm-compressor's FP8 / FP8_DYNAMIC / FP8_BLOCK presets write a pure FP8 compressed-tensors checkpoint
+    (format float-quantized), which vLLM serves with its own `compressed-tensors` method: our flag names it
+    instead of serving it (inspect reads it: the test below)."""
+    from vllm.config import ModelConfig
+
+    from nvfp4_ext.engines.vllm import register
+
+    out, _, produced = llmc_checkpoints[case]
+    _check_config(case, out, produced)
+    register()
+    with pytest.raises(
+        ValueError, match=r"quantization method is 'compressed-tensors' \(format 'float-quantized'\)"
+    ):
+        ModelConfig(model=str(out), quantization="nvfp4_ext")
+
+
+@pytest.mark.parametrize("case", KV_CACHE)
+def test_vllm_serves_llmc_kv_cache_scheme_like_compressed_tensors_dequantized_model(case, llmc_checkpoints):
+    """NVFP4A16 with llm-compressor's `kv_cache_scheme` (FP8, calibrated `self_attn.k_scale` / `v_scale`).
+    Unlike for ModelOpt, vLLM does not pick an FP8 KV cache by itself for a compressed-tensors checkpoint:
+    as written it serves with the model-dtype KV cache, greedy == transformers on compressed-tensors'
+    dequantization; with `kv_cache_dtype="fp8"` every attention layer carries the file's k/v scales (CPUs
+    with AVX-512/AMX; elsewhere vLLM's own refusal), as for ModelOpt's FP8_KV_CFG."""
+    from test_producers_modelopt import _check_fp8_kv_cache_export, _serve
+
+    out, reference, produced = llmc_checkpoints[case]
+    _check_config(case, out, produced)
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["kv_cache_scheme"]["num_bits"] == 8 and config["kv_cache_scheme"]["type"] == "float"
+    result = _serve(out)
+    assert result["cache_dtype"] == "auto"
+    assert result["methods"].get("Nvfp4ExtLinearMethod", 0) > 0, result["methods"]
+    assert result["tokens"] == hf_greedy(reference, PROMPTS)
+    _check_fp8_kv_cache_export(out, kv_cache_dtype="fp8")
 
 
 @pytest.mark.parametrize("case", CASES)

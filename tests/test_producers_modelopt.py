@@ -12,8 +12,9 @@ declaration removed, and the export as written is served with the FP8 KV cache (
 k/v scales checked.
 
 The default run covers Gemma 4 MoE and dense and Qwen3-MoE with W4A4 + FP8 KV scales, W4A16, experts-only and
-NVFP4+FP8 mixed; `NVFP4_EXT_SLOW=1` (or `-m slow`) adds the rest of the family x recipe matrix (incl. dense
-Qwen3).
+NVFP4+FP8 mixed, ModelOpt's refusal of experts-only on dense models, and DiffusionGemma W4A16 through
+`nvfp4-ext generate` (vLLM's DiffusionGemma is GPU-only); `NVFP4_EXT_SLOW=1` (or `-m slow`) adds the rest of
+the family x recipe matrix (incl. dense Qwen3).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from producers import assert_inspect_matches, modelopt_case, producer_state_file
+from producers import assert_inspect_matches, modelopt_case, modelopt_export, producer_state_file
 from safetensors import safe_open
 from test_vllm_helpers import PROMPTS, engine_env, hf_greedy, make_llm, tiny_checkpoint, vllm_greedy
 
@@ -53,6 +54,7 @@ SLOW_CASES = [
     ("qwen3-moe", "mlp-only", False),
     ("qwen3-dense", "nvfp4", False),
     ("qwen3-dense", "mixed", True),
+    ("gemma4-dense", "mlp-only", False),
 ]
 
 
@@ -102,9 +104,9 @@ def _loaded_layers(model) -> dict:
     return {"methods": methods, "kv_scales": kv_scales}
 
 
-def _serve(model_dir: Path) -> dict:
+def _serve(model_dir: Path, **engine_args) -> dict:
     with engine_env():
-        llm = make_llm(model_dir)
+        llm = make_llm(model_dir, **engine_args)
         try:
             return {
                 "tokens": vllm_greedy(llm, PROMPTS),
@@ -165,18 +167,19 @@ def test_vllm_serves_modelopt_export_like_modelopt_dequantized_model(case, produ
         _check_fp8_kv_cache_export(export)
 
 
-def _check_fp8_kv_cache_export(export: Path) -> None:
+def _check_fp8_kv_cache_export(export: Path, **engine_args) -> None:
     """The export as ModelOpt wrote it (kv_cache_quant_algo FP8): on a CPU with AVX-512/AMX vLLM serves it
     with an FP8 KV cache and every attention layer carries the k/v scales ModelOpt calibrated; elsewhere
-    vLLM stops with its own message."""
+    vLLM stops with its own message. `engine_args` go to the engine (llm-compressor's kv_cache_scheme needs
+    `kv_cache_dtype="fp8"`: vLLM picks an FP8 KV cache by itself for ModelOpt checkpoints only)."""
     k_file = _file_tensors(export, ".k_scale")
     v_file = _file_tensors(export, ".v_scale")
     assert len(k_file) == len(v_file) > 0
     if not _cpu_has_fp8_kv_cache():
         with pytest.raises(Exception, match="FP8 KV cache on CPU requires"):
-            _serve(export)
+            _serve(export, **engine_args)
         return
-    result = _serve(export)
+    result = _serve(export, **engine_args)
     assert result["cache_dtype"].startswith("fp8")
     assert len(result["kv_scales"]) == len(k_file)
     assert sorted(k for k, _ in result["kv_scales"].values()) == sorted(k_file.values())
@@ -195,6 +198,53 @@ def test_modelopt_fp8_only_export_is_refused_with_the_method_named(producer_root
     assert json.loads((export / "hf_quant_config.json").read_text())["quantization"]["quant_algo"] == "FP8"
     with pytest.raises(ValueError, match=r"quantization method is 'modelopt' \(quant_algo 'FP8'\)"):
         ModelConfig(model=str(export), quantization="nvfp4_ext")
+
+
+@pytest.mark.parametrize("family", ["gemma4-dense", "qwen3.5"])
+def test_modelopt_refuses_experts_only_on_a_dense_model(family, producer_root, tmp_path):
+    """NVFP4_EXPERTS_ONLY_CFG on a model without routed experts (dense Gemma 4, Qwen3.5): ModelOpt itself
+    stops in `mtq.quantize`, so there is no checkpoint to serve."""
+    source = tiny_checkpoint(producer_root, family, "source")
+    with pytest.raises(RuntimeError, match="asks for weight quantization but no weight quantizer is enabled"):
+        modelopt_export(source, tmp_path / "export", "experts-only")
+    assert not (tmp_path / "export").exists()
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    ["w4a16", pytest.param("nvfp4", marks=pytest.mark.slow), pytest.param("mixed", marks=pytest.mark.slow)],
+)
+def test_generate_on_modelopt_diffusion_gemma_like_modelopt_dequantized_model(recipe, producer_root, capsys):
+    """DiffusionGemma quantized by ModelOpt (the model object of its own class: AutoModelForCausalLM refuses
+    its config) and exported by `export_hf_checkpoint`, which writes the shared text layers' experts per
+    expert once (the encoder's copy is a tied alias). vLLM's DiffusionGemma is GPU-only, so `nvfp4-ext
+    generate` (stats hf-exact: HF's random stream; W4A4 runs weight-only on CPU) must decode exactly what
+    HF's own `generate` decodes on ModelOpt's `NVFP4QTensor`/`FP8QTensor` dequantization, same seed."""
+    import transformers
+
+    from nvfp4_ext.cli import main
+
+    source = tiny_checkpoint(producer_root, "diffusion-gemma", "source")
+    case = modelopt_case(source, producer_root / "diffusion-gemma", recipe)
+    state = json.loads(producer_state_file(case["export"]).read_text())
+    # ModelOpt quantizes the encoder's and the decoder's modules (which share their weights) alike and the
+    # exporter writes the decoder's names only.
+    written = {}
+    for name, scheme in state.items():
+        if name.startswith("model.encoder.language_model.layers."):
+            assert state["model.decoder." + name.removeprefix("model.encoder.language_model.")] == scheme
+        else:
+            written[name] = scheme
+    assert any(".decoder.layers.0.experts.0." in name for name in written), sorted(written)[:5]
+    assert_inspect_matches(case["export"], written)
+    args = ["--prompt-ids", "2,17,5", "--seed", "3", "--max-new-tokens", "32", "--max-denoising-steps", "2"]
+    capsys.readouterr()
+    assert main(["generate", str(case["export"]), *args, "--stats", "hf-exact", "--json"]) == 0
+    tokens = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["token_ids"]
+    model = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(case["reference"]).eval()
+    torch.manual_seed(3)
+    expected = model.generate(torch.tensor([[2, 17, 5]]), max_new_tokens=32, max_denoising_steps=2)
+    assert tokens == expected.sequences[0, 3:].tolist()
 
 
 def test_fp8_reference_is_modelopt_fp8_dequantization(producer_root):
