@@ -27,8 +27,8 @@ Which SGLang classes run (docs/sglang.md, "Producer checkpoints"):
     wants a named backend, so `triton` is named while the forward uses the torch-native backend).
   * Refused, with the exact error asserted: DeepseekV3 without rope scaling (SGLang's CPU rotary embedding
     takes only `deepseek_yarn` scaling), DeepseekV3 with an NVFP4 `kv_b_proj` (SGLang's absorbed MLA reads
-    the packed FP4 `kv_b_proj.weight` as its `w_kc`), Qwen3.5 (SGLang's Mamba-cache check, then its config class reading
-    `full_attention_interval`).
+    the packed FP4 `kv_b_proj.weight` as its `w_kc`), Qwen3.5 (SGLang's Mamba-cache check, then its config
+    class reading `full_attention_interval`).
 The default run covers W4A16, W4A4 and mixed once each, Gemma 4 MoE W4A16, llm-compressor NVFP4A16 and every
 refusal (one SGLang process); `-m slow` / NVFP4_EXT_SLOW=1 adds the rest of the matrix.
 """
@@ -344,7 +344,7 @@ def sglang_runs(tmp_path_factory, request) -> dict:
     for name in refusals:
         family, recipe, args, _ = REFUSALS[name]
         export = modelopt_case(_source(root, family), root / family, recipe)["export"]
-        # One token of one prompt: some refusals (DeepseekV3's NVFP4 kv_b_proj) come only at the first forward.
+        # One token of one prompt: some refusals (DeepseekV3's NVFP4 kv_b_proj) come at the first forward.
         prompt = AutoTokenizer.from_pretrained(export)(PROMPTS[0]).input_ids
         manifest.append(
             {"id": name, "path": str(export), "prompts": [prompt], "max_tokens": 1, "server_args": args}
