@@ -75,9 +75,21 @@ def _kv_pool(model_config, size: int):
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
     from sglang.srt.mem_cache.swa_memory_pool import SWAKVPool
 
+    from sglang.srt.configs.model_config import AttentionArch
+    from sglang.srt.mem_cache.memory_pool import MLATokenToKVPool
+
     text = model_config.hf_text_config
-    full = dict(head_num=model_config.get_num_kv_heads(1), head_dim=model_config.head_dim)
     common = dict(page_size=1, device="cpu", enable_memory_saver=False)
+    if model_config.attention_arch == AttentionArch.MLA:  # DeepseekV3: one latent + rope-key row per token
+        return MLATokenToKVPool(
+            size=size,
+            dtype=torch.float32,
+            kv_lora_rank=model_config.kv_lora_rank,
+            qk_rope_head_dim=model_config.qk_rope_head_dim,
+            layer_num=model_config.num_hidden_layers,
+            **common,
+        )
+    full = dict(head_num=model_config.get_num_kv_heads(1), head_dim=model_config.head_dim)
     swa_dim = getattr(text, "swa_head_dim", None)
     if swa_dim is None or swa_dim == full["head_dim"]:
         layers = model_config.num_hidden_layers

@@ -20,9 +20,15 @@ Which SGLang classes run (docs/sglang.md, "Producer checkpoints"):
   * Gemma 4 MoE (`Gemma4ForCausalLM`, one head size): SGLang's class asks for erf `gelu` experts, nvfp4_ext
     runs the gelu_tanh the config declares; the helper applies SGLang's router-norm scale on CPU as its CUDA
     branch does (tests/sglang_producer_driver.py).
-  * Refused, with the exact error asserted: DeepseekV3 (SGLang's CPU rotary embedding takes only
-    `deepseek_yarn` scaling), Qwen3.5 (SGLang's Mamba-cache check, then its config class reading
-    `full_attention_interval`).
+  * DeepseekV3 (`DeepseekV3ForCausalLM`) as Kimi-K2 / DeepSeek-V3 are published: YaRN rope scaling and
+    `moe_layer_freq` in the config (`kimi_like_deepseek`), ModelOpt NVFP4 on the MLPs and experts (attention
+    bf16). SGLang's DeepseekV3 prefills through MHA on an MLA latent pool, which the torch-native backend
+    cannot read, so the case asks for deterministic inference (absorbed MLA for prefill too; SGLang's check
+    wants a named backend, so `triton` is named while the forward uses the torch-native backend).
+  * Refused, with the exact error asserted: DeepseekV3 without rope scaling (SGLang's CPU rotary embedding
+    takes only `deepseek_yarn` scaling), DeepseekV3 with an NVFP4 `kv_b_proj` (SGLang's absorbed MLA reads
+    the packed FP4 `kv_b_proj.weight` as its `w_kc`), Qwen3.5 (SGLang's Mamba-cache check, then its config
+    class reading `full_attention_interval`).
 The default run covers W4A16, W4A4 and mixed once each, Gemma 4 MoE W4A16, llm-compressor NVFP4A16 and every
 refusal (one SGLang process); `-m slow` / NVFP4_EXT_SLOW=1 adds the rest of the matrix.
 """
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -71,7 +78,12 @@ SLOW_CASES = [
     ("qwen3-dense", "llmc", "NVFP4"),
     ("qwen3-dense", "llmc", "NVFP4A16"),
     ("qwen3-moe", "llmc", "NVFP4"),
+    ("deepseek-v3-kimi", "modelopt", "mlp-only"),
 ]
+
+# SGLang's DeepseekV3 prefills with MHA over an MLA latent pool unless deterministic inference asks for the
+# absorbed MLA path, the one the torch-native backend computes (see the module docstring).
+DEEPSEEK_ARGS = {"attention_backend": "triton", "enable_deterministic_inference": True}
 
 # id -> (family, ModelOpt recipe, SGLang server arguments, (error type, start of the exact message, a line of
 # the traceback that places it)). Each is the first thing that stops the checkpoint: SGLang's message or ours.
@@ -102,6 +114,16 @@ REFUSALS = {
         "nvfp4",
         {},
         ("AssertionError", "", "assert rope_scaling is not None"),
+    ),
+    "deepseek-v3-kimi-nvfp4-kv-b-proj": (
+        "deepseek-v3-kimi",
+        "nvfp4",
+        DEEPSEEK_ARGS,
+        (
+            "RuntimeError",
+            "expected m1 and m2 to have the same dtype, but got: float != unsigned char",
+            "q_nope_out = torch.bmm(q_nope.transpose(0, 1), self.w_kc)",
+        ),
     ),
     "qwen3.5-mamba-cache": (
         "qwen3.5",
@@ -211,7 +233,34 @@ def multimodal_gemma4(root: Path) -> Path:
     return out
 
 
+def kimi_like_deepseek(root: Path) -> Path:
+    """The project's tiny DeepseekV3 with the config fields Kimi-K2 / DeepSeek-V3 are published with and the
+    tiny config lacks: YaRN rope scaling (factor and original context scaled down to the tiny model's 512
+    positions; beta_fast 32, beta_slow 1, mscale 1.0 as published), `moe_layer_freq` 1 and sigmoid scoring.
+    Same weights (rope scaling has none)."""
+    out = root / "deepseek-v3-kimi" / "source"
+    if out.is_dir():
+        return out
+    shutil.copytree(tiny_checkpoint(root, "deepseek-v3", "source"), out)
+    config = json.loads((out / "config.json").read_text())
+    config["rope_parameters"] = {
+        "rope_type": "yarn",
+        "rope_theta": config["rope_parameters"]["rope_theta"],
+        "factor": 4.0,
+        "original_max_position_embeddings": 128,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+    }
+    config.update(moe_layer_freq=1, scoring_func="sigmoid")
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
 def _source(root: Path, family: str) -> Path:
+    if family == "deepseek-v3-kimi":
+        return kimi_like_deepseek(root)
     if family == "gemma4-multimodal":
         return multimodal_gemma4(root)
     if family.endswith("-uniform"):
@@ -286,15 +335,19 @@ def sglang_runs(tmp_path_factory, request) -> dict:
                 "prompts": [tokenizer(prompt).input_ids for prompt in PROMPTS],
                 "max_tokens": MAX_TOKENS,
                 # SGLang's argument check accepts no CPU attention backend for Gemma 4 (see REFUSALS).
-                "server_args": {"attention_backend": "triton" if "gemma4" in case[0] else "torch_native"},
+                "server_args": DEEPSEEK_ARGS
+                if case[0].startswith("deepseek")
+                else {"attention_backend": "triton" if "gemma4" in case[0] else "torch_native"},
             }
         )
         references[_id(case)] = hf_greedy(reference, PROMPTS)
     for name in refusals:
         family, recipe, args, _ = REFUSALS[name]
         export = modelopt_case(_source(root, family), root / family, recipe)["export"]
+        # One token of one prompt: some refusals (DeepseekV3's NVFP4 kv_b_proj) come at the first forward.
+        prompt = AutoTokenizer.from_pretrained(export)(PROMPTS[0]).input_ids
         manifest.append(
-            {"id": name, "path": str(export), "prompts": [], "max_tokens": 0, "server_args": args}
+            {"id": name, "path": str(export), "prompts": [prompt], "max_tokens": 1, "server_args": args}
         )
     manifest_file, results_file = root / "manifest.json", root / "results.json"
     manifest_file.write_text(json.dumps(manifest))
@@ -321,6 +374,7 @@ def test_sglang_model_class_decodes_producer_checkpoint_like_producer_dequantize
         "qwen3-dense": "Qwen3ForCausalLM",
         "qwen3-moe": "Qwen3MoeForCausalLM",
         "gemma4-multimodal": "Gemma4ForConditionalGeneration",
+        "deepseek-v3-kimi": "DeepseekV3ForCausalLM",
     }
     assert result["model_class"] == expected_class.get(family, "Gemma4ForCausalLM")
     # The quant methods SGLang built follow the producer's own per-module decisions.

@@ -220,9 +220,10 @@ class Nvfp4ExtMoEMethod(FusedMoEMethodBase):
             layer.nvfp4_w13_input_global,
             layer.nvfp4_w2_input_global,
         )
-        factor = getattr(self.moe_runner_config, "routed_scaling_factor", None)
-        if factor is not None and factor != 1.0:
-            out = out * factor
+        # No routed_scaling_factor here: SGLang's MoE blocks (DeepseekV2MoE) scale the routed output
+        # themselves unless the layer fuses the factor into top-k
+        # (`should_fuse_routed_scaling_factor_in_topk`, False for this method); applying it here too scaled
+        # DeepseekV3's experts twice.
         return StandardCombineInput(hidden_states=out)
 
 
