@@ -111,7 +111,7 @@ REFUSALS = {
     ),
     "deepseek-v3-cpu-rope": (
         "deepseek-v3",
-        "nvfp4",
+        "mlp-only",
         {},
         ("AssertionError", "", "assert rope_scaling is not None"),
     ),
@@ -120,9 +120,10 @@ REFUSALS = {
         "nvfp4",
         DEEPSEEK_ARGS,
         (
-            "RuntimeError",
-            "expected m1 and m2 to have the same dtype, but got: float != unsigned char",
-            "q_nope_out = torch.bmm(q_nope.transpose(0, 1), self.w_kc)",
+            "ConfigError",
+            "layer model.layers.0.self_attn.kv_b_proj: an NVFP4 kv_b_proj is not supported under SGLang (its "
+            "MLA reads the raw weight into w_kc/w_vc)",
+            "nvfp4_ext/engines/sglang/config.py",
         ),
     ),
     "qwen3.5-mamba-cache": (

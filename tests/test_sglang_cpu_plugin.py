@@ -543,17 +543,10 @@ def test_fp8_block_shards_off_the_block_grid_are_refused(plugins_loaded, distrib
         )
 
 
-def test_moe_tensor_parallel_shards_sum_to_the_full_layer(plugins_loaded) -> None:
-    """Two TP ranks load their slices of the intermediate dimension from full checkpoint tensors; the sum
-    of their outputs (SGLang's all-reduce) equals the unsplit layer's output."""
-    from types import SimpleNamespace
-
-    from nvfp4_ext.engines.sglang.config import Nvfp4ExtConfig
-    from nvfp4_ext.engines.sglang.moe import Nvfp4ExtMoEMethod
+def _tiny_expert_checkpoint(experts: int, hidden: int, inter: int) -> dict:
+    """Per-expert NVFP4 gate/up/down tensors as a ModelOpt export stores them, keyed by (expert, proj)."""
     from nvfp4_ext.format import quantize_nvfp4
 
-    experts, hidden, inter = 4, 64, 64
-    config = Nvfp4ExtConfig.from_config({"quant_method": "modelopt", "quant_algo": "NVFP4"})
     torch.manual_seed(5)
     ckpt = {}
     for e in range(experts):
@@ -568,27 +561,47 @@ def test_moe_tensor_parallel_shards_sum_to_the_full_layer(plugins_loaded) -> Non
                 "weight_scale": q.scale,
                 "weight_scale_2": q.global_scale.reshape(()),
             }
+    return ckpt
+
+
+def _load_expert_layer(ckpt: dict, experts: int, hidden: int, inter: int, tp_size: int = 1, rank: int = 0,
+                       routed_scaling_factor: float | None = None) -> torch.nn.Module:
+    """Our SGLang MoE method on a bare module, loaded through its own weight loaders (rank's TP slice)."""
+    from sglang.srt.layers.moe.moe_runner import MoeRunnerConfig
+
+    from nvfp4_ext.engines.sglang.config import Nvfp4ExtConfig
+    from nvfp4_ext.engines.sglang.moe import Nvfp4ExtMoEMethod
+
+    config = Nvfp4ExtConfig.from_config({"quant_method": "modelopt", "quant_algo": "NVFP4"})
+    layer = torch.nn.Module()
+    layer.moe_tp_rank = rank
+    method = Nvfp4ExtMoEMethod(config, "nvfp4_w4a16", f"experts.tp{tp_size}.rank{rank}")
+    method.create_weights(
+        layer, experts, hidden, inter // tp_size, torch.float32, moe_intermediate_size=inter
+    )
+    method.create_moe_runner(
+        layer, MoeRunnerConfig(activation="silu", is_gated=True, routed_scaling_factor=routed_scaling_factor)
+    )
+    shard_of = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+    for (e, proj), tensors in ckpt.items():
+        prefix = "w2" if proj == "down_proj" else "w13"
+        for suffix, tensor in tensors.items():
+            param = getattr(layer, f"{prefix}_{suffix}")
+            param.weight_loader(param, tensor, f"{prefix}_{suffix}", shard_of[proj], e)
+    method.process_weights_after_loading(layer)
+    layer.quant_method = method
+    return layer
+
+
+def test_moe_tensor_parallel_shards_sum_to_the_full_layer(plugins_loaded) -> None:
+    """Two TP ranks load their slices of the intermediate dimension from full checkpoint tensors; the sum
+    of their outputs (SGLang's all-reduce) equals the unsplit layer's output."""
+    experts, hidden, inter = 4, 64, 64
+    ckpt = _tiny_expert_checkpoint(experts, hidden, inter)
     named = {f"experts.{e}.{proj}.{k}": v for (e, proj), t in ckpt.items() for k, v in t.items()}
 
     def build(tp_size: int, rank: int):
-        layer = torch.nn.Module()
-        layer.moe_tp_rank = rank
-        method = Nvfp4ExtMoEMethod(config, "nvfp4_w4a16", f"experts.tp{tp_size}.rank{rank}")
-        method.create_weights(
-            layer, experts, hidden, inter // tp_size, torch.float32, moe_intermediate_size=inter
-        )
-        method.create_moe_runner(
-            layer, SimpleNamespace(activation="silu", is_gated=True, routed_scaling_factor=None)
-        )
-        shard_of = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
-        for (e, proj), tensors in ckpt.items():
-            prefix = "w2" if proj == "down_proj" else "w13"
-            for suffix, tensor in tensors.items():
-                param = getattr(layer, f"{prefix}_{suffix}")
-                param.weight_loader(param, tensor, f"{prefix}_{suffix}", shard_of[proj], e)
-        method.process_weights_after_loading(layer)
-        layer.quant_method = method
-        return layer
+        return _load_expert_layer(ckpt, experts, hidden, inter, tp_size, rank)
 
     x = torch.randn(5, hidden)
     topk_ids = torch.randint(0, experts, (5, 2), dtype=torch.int32)
@@ -598,6 +611,27 @@ def test_moe_tensor_parallel_shards_sum_to_the_full_layer(plugins_loaded) -> Non
     terms = _routed_reference(x, topk_weights, topk_ids, named, "experts", None, magnitude=True)
     assert_within_rounding(split, full, terms)
     assert full.abs().max() > 0
+
+
+@pytest.mark.parametrize("on_cuda", [False, True], ids=["cpu-model-scales", "cuda-method-scales"])
+def test_routed_scaling_factor_is_applied_once(plugins_loaded, monkeypatch, on_cuda: bool) -> None:
+    """SGLang's DeepseekV2MoE multiplies the experts' output by routed_scaling_factor itself only off CUDA;
+    on CUDA its Triton runner does it in the expert sum. Our method must do what the runner does there
+    and nothing on CPU, so DeepseekV3/Kimi experts are scaled exactly once on both."""
+    import sglang.srt.utils as sglang_utils
+
+    monkeypatch.setattr(sglang_utils, "is_cuda", lambda: on_cuda)
+    experts, hidden, inter = 4, 64, 64
+    ckpt = _tiny_expert_checkpoint(experts, hidden, inter)
+    x = torch.randn(5, hidden)
+    topk_ids = torch.randint(0, experts, (5, 2), dtype=torch.int32)
+    topk_weights = torch.rand(5, 2)
+    plain = _run_experts(_load_expert_layer(ckpt, experts, hidden, inter), x, topk_weights, topk_ids)
+    scaled = _run_experts(
+        _load_expert_layer(ckpt, experts, hidden, inter, routed_scaling_factor=2.5), x, topk_weights, topk_ids
+    )
+    assert plain.abs().max() > 0
+    torch.testing.assert_close(scaled, plain * 2.5 if on_cuda else plain, rtol=0, atol=0)
 
 
 def test_bf16_checkpoint_loads_as_upstream(plugins_loaded, distributed, checkpoints) -> None:

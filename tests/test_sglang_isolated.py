@@ -21,7 +21,7 @@ pytestmark = pytest.mark.sglang
 
 REPO = Path(__file__).resolve().parents[1]
 SUITE = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_sglang_cpu_*.py"))
-# 54 collected: plugin 33 (incl. the Gemma 4 gelu cases), dllm 17, capture 4; slack for machine-dependent skips
+# 56 collected: plugin 35 (incl. the Gemma 4 gelu and routed-scaling cases), dllm 17, capture 4; slack for machine-dependent skips
 MIN_PASSED = 50
 
 

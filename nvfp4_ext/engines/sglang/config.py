@@ -143,6 +143,14 @@ class Nvfp4ExtConfig(QuantizationConfig):
 
         if isinstance(layer, LinearBase):
             scheme = self.linear_scheme(prefix)
+            if scheme in ("nvfp4", "nvfp4_w4a16") and prefix.rpartition(".")[2] == "kv_b_proj":
+                # SGLang's MLA copies kv_b_proj.weight into w_kc/w_vc after loading and dequantizes only
+                # AWQ/FP8/INT8 there, so packed FP4 bytes would reach its bmm at the first request.
+                raise ConfigError(
+                    f"layer {prefix}: an NVFP4 kv_b_proj is not supported under SGLang (its MLA reads the raw "
+                    f"weight into w_kc/w_vc); serve this checkpoint with vLLM (`vllm serve ... --quantization "
+                    f"{QUANT_NAME}` dequantizes kv_b_proj), or export it with kv_b_proj kept BF16"
+                )
             if scheme in ("nvfp4", "nvfp4_w4a16"):
                 return Nvfp4ExtLinearMethod(self, scheme, prefix)
             if scheme.startswith("fp8"):

@@ -164,6 +164,9 @@ class Nvfp4ExtMoEMethod(FusedMoEMethodBase):
             raise ConfigError(f"layer {self.prefix}: non-gated experts are not supported by nvfp4_ext")
         self.moe_runner_config = moe_runner_config
         self.activation = activation
+        factor = getattr(moe_runner_config, "routed_scaling_factor", None)
+        owned = factor is not None and factor != 1.0 and _runner_owns_routed_scaling()
+        self.routed_scaling_factor = float(factor) if owned else None
         self.runner = None
 
     def _model_activation(self, requested: str) -> str:
@@ -220,11 +223,20 @@ class Nvfp4ExtMoEMethod(FusedMoEMethodBase):
             layer.nvfp4_w13_input_global,
             layer.nvfp4_w2_input_global,
         )
-        # No routed_scaling_factor here: SGLang's MoE blocks (DeepseekV2MoE) scale the routed output
-        # themselves unless the layer fuses the factor into top-k
-        # (`should_fuse_routed_scaling_factor_in_topk`, False for this method); applying it here too scaled
-        # DeepseekV3's experts twice.
+        if self.routed_scaling_factor is not None:
+            out = out * self.routed_scaling_factor
         return StandardCombineInput(hidden_states=out)
+
+
+def _runner_owns_routed_scaling() -> bool:
+    """Whether the fused-MoE method, not the model, applies `routed_scaling_factor`. SGLang 0.5.23's
+    DeepseekV2MoE multiplies the experts' output by it itself only off CUDA/MUSA/XPU (deepseek_v2.py,
+    `if not _is_cuda and not _is_musa ...: final_hidden_states *= self.routed_scaling_factor`); on those
+    devices its Triton runner applies it in the expert sum. We follow the same split, so the factor is
+    applied exactly once on a GPU and on CPU."""
+    from sglang.srt.utils import is_cuda, is_musa, is_xpu
+
+    return is_cuda() or is_musa() or is_xpu()
 
 
 def _local_expert(layer: torch.nn.Module, expert_id: int) -> int:
