@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 __all__ = [
+    "TINY_GEMMA4_VISION_CONFIG",
     "TINY_BUILDERS",
     "build_tiny_deepseek_v3",
     "build_tiny_diffusion_gemma",
@@ -30,6 +31,19 @@ __all__ = [
     "write_tokenizer",
 ]
 
+# A one-layer Gemma 4 vision tower: DiffusionGemma and the multimodal Gemma 4 configs carry one.
+TINY_GEMMA4_VISION_CONFIG = dict(
+    model_type="gemma4_vision",
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    head_dim=8,
+    patch_size=16,
+    pooling_kernel_size=3,
+    position_embedding_size=64,
+)
 SPECIAL_TOKENS = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<|turn>": 105, "<turn|>": 106}
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|turn> {{ m['content'] }} <turn|> {% endfor %}"
@@ -309,18 +323,7 @@ def tiny_diffusion_gemma_model(
         bos_token_id=2,
         eos_token_id=1,
     )
-    vision_config = dict(
-        model_type="gemma4_vision",
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        head_dim=8,
-        patch_size=16,
-        pooling_kernel_size=3,
-        position_embedding_size=64,
-    )
+    vision_config = dict(TINY_GEMMA4_VISION_CONFIG)
     config = DiffusionGemmaConfig(
         text_config=text_config,
         vision_config=vision_config,

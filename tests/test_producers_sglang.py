@@ -44,7 +44,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from producers import in_ci, modelopt_case, producer_state_file
+from producers import in_ci, modelopt_case, producer_state_file, selected_params
 from test_vllm_helpers import MAX_TOKENS, PROMPTS, free_port, hf_greedy, tiny_checkpoint
 
 pytestmark = pytest.mark.sglang
@@ -199,24 +199,13 @@ def multimodal_gemma4(root: Path) -> Path:
     drops as a tied alias unloaded, and only logs it)."""
     from transformers import Gemma4Config, Gemma4ForConditionalGeneration
 
-    from nvfp4_ext.tiny_models import write_tokenizer
+    from nvfp4_ext.tiny_models import TINY_GEMMA4_VISION_CONFIG, write_tokenizer
 
     out = root / "gemma4-multimodal" / "source"
     if out.is_dir():
         return out
     text = {**_gemma4_text_fields(root, "gemma4-dense"), "tie_word_embeddings": True}
-    vision = dict(
-        model_type="gemma4_vision",
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        head_dim=8,
-        patch_size=16,
-        pooling_kernel_size=3,
-        position_embedding_size=64,
-    )
+    vision = dict(TINY_GEMMA4_VISION_CONFIG)
     vocab = text["vocab_size"]  # image / begin-image / end-image: the top three word ids
     config = Gemma4Config(
         text_config=text,
@@ -299,16 +288,7 @@ def _llmc_checkpoints(root: Path, cases: list[tuple]) -> dict[tuple, tuple[Path,
 
 
 def _selected(request, param: str) -> list:
-    return sorted(
-        {
-            item.callspec.params[param]
-            for item in request.session.items
-            if item.module.__name__ == __name__
-            and hasattr(item, "callspec")
-            and param in item.callspec.params
-            and not item.get_closest_marker("skip")
-        }
-    )
+    return sorted(selected_params(request, __name__, param))
 
 
 @pytest.fixture(scope="session")
