@@ -44,13 +44,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from producers import in_ci, modelopt_case, producer_state_file, selected_params
+from producers import llmc_produce, modelopt_case, producer_state_file, selected_params
 from test_vllm_helpers import MAX_TOKENS, PROMPTS, free_port, hf_greedy, tiny_checkpoint
 
 pytestmark = pytest.mark.sglang
 
 REPO = Path(__file__).resolve().parents[1]
-LLMC_PYTHON = REPO / ".venv" / "llmc" / "bin" / "python"
 
 # (family, producer, recipe). "gemma4-multimodal": the tiny dense Gemma 4 as Gemma-4-31B is published
 # (`multimodal_gemma4`); "gemma4-dense-uniform": a text-only Gemma 4 with one head size
@@ -263,27 +262,12 @@ def _llmc_checkpoints(root: Path, cases: list[tuple]) -> dict[tuple, tuple[Path,
     decisions, one subprocess for all."""
     if not cases:
         return {}
-    if not LLMC_PYTHON.exists():
-        message = f"llm-compressor venv missing ({LLMC_PYTHON}); run scripts/install.sh"
-        if in_ci():
-            pytest.fail(message)
-        pytest.skip(message)
     jobs, built = [], {}
     for family, _, scheme in cases:
         out, ref = root / family / f"llmc-{scheme}", root / family / f"llmc-{scheme}-dequantized"
-        jobs += [str(_source(root, family)), str(out), str(ref), scheme]
+        jobs.append((_source(root, family), out, ref, scheme))
         built[(family, "llmc", scheme)] = (out, ref)
-    proc = subprocess.run(
-        [str(LLMC_PYTHON), str(REPO / "tests" / "llmc_produce.py"), *jobs],
-        capture_output=True,
-        text=True,
-        timeout=1800,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
-    )
-    marker = "PRODUCED="
-    lines = [line.removeprefix(marker) for line in proc.stdout.splitlines() if line.startswith(marker)]
-    produced = {info["out"]: info["decisions"] for info in map(json.loads, lines)}
-    assert proc.returncode == 0 and len(produced) == len(built), proc.stderr[-4000:]
+    produced = {out: info["decisions"] for out, info in llmc_produce(jobs).items()}
     return {case: (out, ref, produced[str(out)]) for case, (out, ref) in built.items()}
 
 
