@@ -24,6 +24,7 @@ import torch
 
 __all__ = [
     "MODELOPT_RECIPES",
+    "assert_generate_matches_hf",
     "assert_inspect_matches",
     "fuse_experts_like_source",
     "in_ci",
@@ -349,3 +350,20 @@ def selected_params(request, module_name: str, param: str) -> set:
         and param in item.callspec.params
         and not item.get_closest_marker("skip")
     }
+
+
+def assert_generate_matches_hf(checkpoint: Path, reference: Path, capsys) -> None:
+    """`nvfp4-ext generate --stats hf-exact` on a quantized DiffusionGemma decodes exactly the tokens HF's own
+    `generate` decodes on the producer-dequantized `reference`, same prompt and seed."""
+    import transformers
+
+    from nvfp4_ext.cli import main
+
+    args = ["--prompt-ids", "2,17,5", "--seed", "3", "--max-new-tokens", "32", "--max-denoising-steps", "2"]
+    capsys.readouterr()
+    assert main(["generate", str(checkpoint), *args, "--stats", "hf-exact", "--json"]) == 0
+    tokens = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["token_ids"]
+    model = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(reference).eval()
+    torch.manual_seed(3)
+    expected = model.generate(torch.tensor([[2, 17, 5]]), max_new_tokens=32, max_denoising_steps=2)
+    assert tokens == expected.sequences[0, 3:].tolist()

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from producers import assert_inspect_matches, llmc_produce, selected_params
+from producers import assert_generate_matches_hf, assert_inspect_matches, llmc_produce, selected_params
 from test_vllm_helpers import PROMPTS, engine_env, hf_greedy, make_llm, tiny_checkpoint, vllm_greedy
 
 pytestmark = pytest.mark.vllm
@@ -157,21 +157,10 @@ def test_generate_on_llmc_diffusion_gemma_like_compressed_tensors_dequantized_mo
     """llm-compressor writes DiffusionGemma's experts per expert, for the encoder's and the decoder's copy of
     the shared text layers; `nvfp4-ext generate` (stats hf-exact: HF's random stream) must decode exactly what
     HF's own `generate` decodes on compressed-tensors' dequantization, with the same seed."""
-    import transformers
-
-    from nvfp4_ext.cli import main
-
     out, reference, produced = llmc_checkpoints[case]
     _check_config(case, out, produced)
     assert any(".decoder.layers.0.experts.0." in name for name in produced["decisions"])
-    args = ["--prompt-ids", "2,17,5", "--seed", "3", "--max-new-tokens", "32", "--max-denoising-steps", "2"]
-    capsys.readouterr()
-    assert main(["generate", str(out), *args, "--stats", "hf-exact", "--json"]) == 0
-    tokens = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["token_ids"]
-    model = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(reference).eval()
-    torch.manual_seed(3)
-    expected = model.generate(torch.tensor([[2, 17, 5]]), max_new_tokens=32, max_denoising_steps=2)
-    assert tokens == expected.sequences[0, 3:].tolist()
+    assert_generate_matches_hf(out, reference, capsys)
 
 
 @pytest.mark.parametrize("case", FP8_ONLY)

@@ -25,7 +25,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from producers import assert_inspect_matches, modelopt_case, modelopt_export, producer_state_file
+from producers import (
+    assert_generate_matches_hf,
+    assert_inspect_matches,
+    modelopt_case,
+    modelopt_export,
+    producer_state_file,
+)
 from safetensors import safe_open
 from test_vllm_helpers import PROMPTS, engine_env, hf_greedy, make_llm, tiny_checkpoint, vllm_greedy
 
@@ -220,10 +226,6 @@ def test_generate_on_modelopt_diffusion_gemma_like_modelopt_dequantized_model(re
     expert once (the encoder's copy is a tied alias). vLLM's DiffusionGemma is GPU-only, so `nvfp4-ext
     generate` (stats hf-exact: HF's random stream; W4A4 runs weight-only on CPU) must decode exactly what
     HF's own `generate` decodes on ModelOpt's `NVFP4QTensor`/`FP8QTensor` dequantization, same seed."""
-    import transformers
-
-    from nvfp4_ext.cli import main
-
     source = tiny_checkpoint(producer_root, "diffusion-gemma", "source")
     case = modelopt_case(source, producer_root / "diffusion-gemma", recipe)
     state = json.loads(producer_state_file(case["export"]).read_text())
@@ -237,14 +239,7 @@ def test_generate_on_modelopt_diffusion_gemma_like_modelopt_dequantized_model(re
             written[name] = scheme
     assert any(".decoder.layers.0.experts.0." in name for name in written), sorted(written)[:5]
     assert_inspect_matches(case["export"], written)
-    args = ["--prompt-ids", "2,17,5", "--seed", "3", "--max-new-tokens", "32", "--max-denoising-steps", "2"]
-    capsys.readouterr()
-    assert main(["generate", str(case["export"]), *args, "--stats", "hf-exact", "--json"]) == 0
-    tokens = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["token_ids"]
-    model = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(case["reference"]).eval()
-    torch.manual_seed(3)
-    expected = model.generate(torch.tensor([[2, 17, 5]]), max_new_tokens=32, max_denoising_steps=2)
-    assert tokens == expected.sequences[0, 3:].tolist()
+    assert_generate_matches_hf(case["export"], case["reference"], capsys)
 
 
 def test_fp8_reference_is_modelopt_fp8_dequantization(producer_root):
