@@ -25,6 +25,7 @@ import triton.language as tl
 from nvfp4_ext.format import NVFP4_BLOCK_SIZE
 
 from .nvfp4_tile import load_activation_pair_t, load_nvfp4_tile_pair, marlin_global, row_offsets
+from .nvfp4_words import is_packed, pack_nvfp4_weights
 from .ops import marlin_decode_mode
 from .shapes import DIFFUSIONGEMMA_GEMM_SHAPES
 
@@ -179,16 +180,22 @@ def _check_inputs(x, weight, weight_scale, global_scale, bias) -> tuple[int, int
         raise ValueError(f"expected K to be a multiple of {NVFP4_BLOCK_SIZE}, got K={k}")
     if x.stride(1) != 1:
         raise ValueError(f"expected x with unit stride along K, got strides {x.stride()}")
-    if weight.dtype != torch.uint8 or weight.dim() != 2 or weight.shape[1] != k // 2:
-        raise ValueError(f"expected weight uint8 [N, {k // 2}], got {weight.dtype} {tuple(weight.shape)}")
+    packed = is_packed(weight)
+    per_row = k // 8 if packed else k // 2
+    if weight.dim() != 2 or weight.shape[1] != per_row or weight.dtype not in (torch.uint8, torch.int32):
+        raise ValueError(
+            f"expected weight uint8 [N, {k // 2}] (checkpoint bytes) or int32 [N, {k // 8}] (pack_nvfp4_weights), "
+            f"got {weight.dtype} {tuple(weight.shape)}"
+        )
     n = weight.shape[0]
     if not weight.is_contiguous():
         raise ValueError("expected a contiguous weight, got a strided view")
     expected_scale = (n, k // NVFP4_BLOCK_SIZE)
-    if weight_scale.dtype != torch.float8_e4m3fn or tuple(weight_scale.shape) != expected_scale:
+    scale_dtype = torch.uint8 if packed else torch.float8_e4m3fn
+    if weight_scale.dtype != scale_dtype or tuple(weight_scale.shape) != expected_scale:
         raise ValueError(
-            f"expected weight_scale float8_e4m3fn {list(expected_scale)}, got {weight_scale.dtype} "
-            f"{list(weight_scale.shape)}"
+            f"expected weight_scale {str(scale_dtype).removeprefix('torch.')} {list(expected_scale)} for a "
+            f"{weight.dtype} weight, got {weight_scale.dtype} {list(weight_scale.shape)}"
         )
     if not weight_scale.is_contiguous():
         raise ValueError("expected a contiguous weight_scale, got a strided view")
@@ -215,7 +222,9 @@ def nvfp4_gemm_triton(
 
     Args:
         x: [M, K] fp16/bf16 (fp32 for tests) activations, unit stride along K; K a multiple of 16.
-        weight: uint8 [N, K/2]; weight_scale: float8_e4m3fn [N, K/16]; both contiguous.
+        weight, weight_scale: int32 [N, K/8] words and uint8 [N, K/16] scale codes from
+            `nvfp4_words.pack_nvfp4_weights` (what the engine adapters store), or the checkpoint's uint8
+            [N, K/2] / float8_e4m3fn [N, K/16], packed here on every call (tests, benchmarks). Contiguous.
         global_scale: float32 multiplier, 0-d or [N].
         bias: optional [N].
         config: force a launch configuration (default `select_gemm_config(M, N, K)`).
@@ -225,6 +234,8 @@ def nvfp4_gemm_triton(
         ValueError: a dtype, shape, stride or device mismatch, naming the argument.
     """
     m, n, k = _check_inputs(x, weight, weight_scale, global_scale, bias)
+    if not is_packed(weight):
+        weight, weight_scale = pack_nvfp4_weights(weight, weight_scale)
     config = config or select_gemm_config(m, n, k)
     marlin = marlin_decode_mode(x)
     # A float32 [N] global (what the engine adapters precompute at load) is passed as is: no per-call copy.
@@ -237,7 +248,7 @@ def nvfp4_gemm_triton(
     target = out if split_k == 1 else torch.zeros((m, n), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), split_k)
     _nvfp4_gemm_kernel[grid](
-        x, weight, weight_scale.view(torch.uint8), row_global,
+        x, weight, weight_scale, row_global,
         bias if bias is not None else row_global, target,
         m, n, k, k_per_split,
         x.stride(0), weight.stride(0), weight_scale.stride(0), target.stride(0), target.stride(1),

@@ -25,6 +25,7 @@ from nvfp4_ext.format import NVFP4_BLOCK_SIZE
 
 from .moe_align import moe_align_block_size
 from .nvfp4_tile import load_activation_pair_t, load_nvfp4_tile_pair, marlin_global, row_offsets
+from .nvfp4_words import is_packed, pack_nvfp4_weights
 from .ops import host_may_read_values, marlin_decode_mode
 from .reference import ACTIVATIONS
 from .shapes import DIFFUSIONGEMMA_MOE_SHAPE
@@ -67,10 +68,10 @@ class MoeConfig:
 
 # Decode: few tokens per expert, so small M-blocks and gate/up tiles of 64 rows each (8 experts x 704/64 =
 # 88 programs at M=1; 32-row tiles gave twice the programs but 7.9 instead of 5.3 SASS per weight, sm_90a).
-# The down tile is 128 rows x 128 K-columns (sm_90a: 4.4 instead of 5.3 SASS per weight at 64 rows; 8 x 22
-# = 176 programs at M=1); a gate/up step of 128 columns (4.3) spills on sm_89. Prefill: many tokens per
-# expert, so bigger M-blocks amortize each weight tile.
-_DECODE = MoeConfig(16, gate_up=TileConfig(64, 64, 4, 4), down=TileConfig(128, 128, 4, 4))
+# The down tile is 128 rows x 128 K-columns (8 x 22 = 176 programs at M=1). Gate/up steps take 128 K-columns
+# since the word decode freed registers (sm_90a: 3.4 instead of 4.1 SASS per weight at 64; no spill on any
+# target). Prefill: many tokens per expert, so bigger M-blocks amortize each weight tile.
+_DECODE = MoeConfig(16, gate_up=TileConfig(64, 128, 4, 4), down=TileConfig(128, 128, 4, 4))
 _MID = MoeConfig(32, gate_up=TileConfig(64, 64, 4, 3), down=TileConfig(64, 128, 4, 3))
 _PREFILL = MoeConfig(64, gate_up=TileConfig(64, 64, 4, 3), down=TileConfig(128, 64, 8, 3))
 
@@ -221,17 +222,20 @@ _DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.flo
 
 
 def _check_expert_weight(name, qdata, scale, global_scale, experts, rows, k) -> None:
-    expected = (experts, rows, k // 2)
-    if qdata.dtype != torch.uint8 or tuple(qdata.shape) != expected or not qdata.is_contiguous():
+    packed = is_packed(qdata)
+    expected = (experts, rows, k // 8 if packed else k // 2)
+    if qdata.dtype not in (torch.uint8, torch.int32) or tuple(qdata.shape) != expected or not qdata.is_contiguous():
         raise ValueError(
-            f"expected {name} contiguous uint8 {list(expected)}, got {qdata.dtype} {list(qdata.shape)}"
+            f"expected {name} contiguous uint8 [{experts}, {rows}, {k // 2}] (checkpoint bytes) or int32 "
+            f"[{experts}, {rows}, {k // 8}] (pack_nvfp4_weights), got {qdata.dtype} {list(qdata.shape)}"
         )
     expected_scale = (experts, rows, k // NVFP4_BLOCK_SIZE)
-    scale_ok = scale.dtype == torch.float8_e4m3fn and tuple(scale.shape) == expected_scale
+    scale_dtype = torch.uint8 if packed else torch.float8_e4m3fn
+    scale_ok = scale.dtype == scale_dtype and tuple(scale.shape) == expected_scale
     if not (scale_ok and scale.is_contiguous()):
         raise ValueError(
-            f"expected {name}_scale contiguous float8_e4m3fn {list(expected_scale)}, got {scale.dtype} "
-            f"{list(scale.shape)}"
+            f"expected {name}_scale contiguous {str(scale_dtype).removeprefix('torch.')} {list(expected_scale)} "
+            f"for a {qdata.dtype} {name}, got {scale.dtype} {list(scale.shape)}"
         )
     if tuple(global_scale.shape) not in ((experts,), (experts, rows)):
         raise ValueError(
@@ -289,9 +293,11 @@ def nvfp4_moe_triton(
     """Launch the fused NVFP4 MoE: alignment, gate/up GEMM + activation, down GEMM + router weights + top-k.
 
     Args:
-        x: [T, H] fp16/bf16 (fp32 for tests); w13: uint8 [E, 2I, H/2] (gate rows first);
-        w13_scale: e4m3 [E, 2I, H/16]; w13_global: float32 [E] or [E, 2I]; w2: uint8 [E, H, I/2];
-        w2_scale: e4m3 [E, H, I/16]; w2_global: float32 [E] or [E, H]; topk_weights: [T, k];
+        x: [T, H] fp16/bf16 (fp32 for tests); w13: int32 [E, 2I, H/8] words (gate rows first) with
+        w13_scale: uint8 codes [E, 2I, H/16] from `nvfp4_words.pack_nvfp4_weights` (what the adapters
+        store), or the checkpoint's uint8 [E, 2I, H/2] / e4m3 [E, 2I, H/16], packed here on every call;
+        w13_global: float32 [E] or [E, 2I]; w2 / w2_scale: [E, H, I/8] / [E, H, I/16] likewise (or
+        [E, H, I/2] / e4m3); w2_global: float32 [E] or [E, H]; topk_weights: [T, k];
         topk_ids: int [T, k] in [0, E) (checked with one host sync, skipped during CUDA-graph capture).
         activation: "gelu_tanh" or "silu".
         config: force a launch configuration (default `select_moe_config`).
@@ -303,6 +309,10 @@ def nvfp4_moe_triton(
     tokens, hidden, intermediate, experts = _check_inputs(
         x, w13, w13_scale, w13_global, w2, w2_scale, w2_global, topk_weights, topk_ids, activation
     )
+    if not is_packed(w13):
+        w13, w13_scale = pack_nvfp4_weights(w13, w13_scale, "w13")
+    if not is_packed(w2):
+        w2, w2_scale = pack_nvfp4_weights(w2, w2_scale, "w2")
     top_k = topk_ids.shape[1]
     config = config or select_moe_config(tokens, experts, top_k)
     out = torch.zeros((tokens, hidden), dtype=torch.float32, device=x.device)
@@ -320,7 +330,7 @@ def nvfp4_moe_triton(
     tile = config.gate_up
     grid = (align.max_blocks * triton.cdiv(intermediate, tile.block_n),)
     _moe_gate_up_kernel[grid](
-        x, w13, w13_scale.view(torch.uint8), g13,
+        x, w13, w13_scale, g13,
         align.sorted_ids, align.expert_ids, align.num_padded, hidden_act,
         align.num_pairs, intermediate, hidden, top_k,
         x.stride(0), w13.stride(0), w13.stride(1), w13_scale.stride(0), w13_scale.stride(1), g13.stride(0),
@@ -334,7 +344,7 @@ def nvfp4_moe_triton(
     tile = config.down
     grid = (align.max_blocks * triton.cdiv(hidden, tile.block_n),)
     _moe_down_kernel[grid](
-        hidden_act, w2, w2_scale.view(torch.uint8), g2, router, align.sorted_ids, align.expert_ids,
+        hidden_act, w2, w2_scale, g2, router, align.sorted_ids, align.expert_ids,
         align.num_padded, out,
         align.num_pairs, hidden, intermediate, top_k,
         hidden_act.stride(0), w2.stride(0), w2.stride(1), w2_scale.stride(0), w2_scale.stride(1),

@@ -1,11 +1,12 @@
 """Triton device functions shared by the NVFP4 kernels: E2M1/E4M3 decoding and loading a dequantized tile.
 
-Reference for the decode: `nvfp4_ext.format.dequantize_nvfp4`. The kernels compute `W @ x^T` (weights as
-the MMA's A operand: a 16-row decode tile still fills Hopper's 64-row wgmma, whose A operand then comes
-straight from the decode registers). The tile loader returns W split into even-K and odd-K halves,
-because packed byte j of a row holds K-elements 2j (low nibble) and 2j+1 (high nibble): pairing them
-with the even and odd activation columns avoids interleaving nibbles in registers. Every operand value is e2m1 * e4m3 block scale, which has at most 6 significant bits and lies in
-[2**-10, 2688], so it is exact in fp16 and bf16; global scales are applied to the fp32 accumulator.
+Reference for the decode: `nvfp4_ext.format.dequantize_nvfp4` (weights in the `nvfp4_words` layout are
+first unpacked by `nvfp4_words.unpack_nvfp4_weights`). The kernels compute `W @ x^T` (weights as the MMA's
+A operand: a 16-row decode tile still fills Hopper's 64-row wgmma). The tile loader returns W split into
+even-K and odd-K halves, the two dots per K step, because a word's operand registers pair weights (0, 2),
+(4, 6) and (1, 3), (5, 7): each register then lands whole in one half. Every operand value is
+e2m1 * e4m3 block scale (times 2**-9 in the PTX decode), which has at most 6 significant bits and lies in
+bf16's normal range, so it is exact in fp16 and bf16; global scales are applied to the fp32 accumulator.
 """
 
 from __future__ import annotations
@@ -13,16 +14,19 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .ops import MARLIN_DECODE_CVT_SCALES
+from .nvfp4_words import (
+    OPERAND_MASK,
+    SCALE_CODE_EXPONENT_BIAS,
+    SCALE_PAIR_BIAS,
+    SCALE_PAIR_MULTIPLIER,
+    WORD_DECODE_ASM,
+)
 
 __all__ = [
     "E2M1_FP16_SCALE",
     "e2m1_pair_to_float",
     "e4m3_to_float",
-    "E2M1_BF16X2_ASM",
-    "E4M3_MARLIN_SCALE_ASM",
     "MARLIN_GLOBAL_FACTOR",
-    "MARLIN_SCALE_FACTOR",
     "load_activation_pair_t",
     "load_nvfp4_tile_pair",
     "marlin_global",
@@ -69,64 +73,16 @@ def row_offsets(rows, stride):
     return rows.to(tl.int64) * stride
 
 
-# Marlin-class decode: PTX over one 32-bit register of four packed bytes (eight E2M1 codes), bf16 operands.
-# `prmt` pairs bytes 0-1 / 2-3 into the 16-bit halves of a register; per half, (c & 0xF) * 0x1040 & 0x81C0
-# moves an E2M1 code's sign to bit 15 and its exponent/mantissa to bits 6-8 (bf16 bits of value * 2**-126,
-# 0.5 a bf16 subnormal); one `fma.rn.bf16x2` by the block scale * 2**117 (`cvt` packs two per register)
-# yields e2m1 * scale * 2**-9 for two weights at once, exactly (<= 6 significant bits). Callers fold 2**9
-# into the global scale (MARLIN_GLOBAL_FACTOR). Inputs: $4 = 4 bytes, $5..$8 = fp32 scales of bytes 0..3.
-# Outputs: $0/$1 = low-nibble values of bytes 0-1/2-3, $2/$3 = high-nibble values (elementwise, as
-# `inline_asm_elementwise` requires). tests/test_kernels_launchers.py executes this very string bit by bit.
-E2M1_BF16X2_ASM = """
-{
-.reg .b32 pair01, pair23, bits, scale01, scale23, negzero;
-mov.b32 negzero, 0x80008000;
-cvt.rn.bf16x2.f32 scale01, $6, $5;
-cvt.rn.bf16x2.f32 scale23, $8, $7;
-prmt.b32 pair01, $4, 0, 0x4140;
-prmt.b32 pair23, $4, 0, 0x4342;
-and.b32 bits, pair01, 0x000F000F;
-mul.lo.u32 bits, bits, 0x1040;
-and.b32 bits, bits, 0x81C081C0;
-fma.rn.bf16x2 $0, bits, scale01, negzero;
-and.b32 bits, pair23, 0x000F000F;
-mul.lo.u32 bits, bits, 0x1040;
-and.b32 bits, bits, 0x81C081C0;
-fma.rn.bf16x2 $1, bits, scale23, negzero;
-and.b32 bits, pair01, 0x00F000F0;
-mul.lo.u32 bits, bits, 0x104;
-and.b32 bits, bits, 0x81C081C0;
-fma.rn.bf16x2 $2, bits, scale01, negzero;
-and.b32 bits, pair23, 0x00F000F0;
-mul.lo.u32 bits, bits, 0x104;
-and.b32 bits, bits, 0x81C081C0;
-fma.rn.bf16x2 $3, bits, scale23, negzero;
-}
-"""
-_E2M1_BF16X2_ASM = tl.constexpr(E2M1_BF16X2_ASM)
-
-# A block scale's e4m3 byte -> the fp32 operand E2M1_BF16X2_ASM expects (scale * 2**117, exact), with sm_89's
-# native conversion: F2FP unpack + HADD2.F32 + FMUL in SASS, against 4 integer ops + those two on sm_80
-# (`_e4m3_fp16_bits_to_float`). Input $1 = the byte (int32, 0..255), output $0 = fp32. The e4m3 value is
-# exact in fp16 (subnormals included) and times 2**117 in fp32. tests/test_kernels_launchers.py executes
-# this very string for every byte.
-E4M3_MARLIN_SCALE_ASM = """
-{
-.reg .b16 byte, low, high;
-.reg .b32 halves;
-cvt.u16.u32 byte, $1;
-cvt.rn.f16x2.e4m3x2 halves, byte;
-mov.b32 {low, high}, halves;
-cvt.f32.f16 $0, low;
-mul.f32 $0, $0, 0f7A000000;
-}
-"""
-_E4M3_MARLIN_SCALE_ASM = tl.constexpr(E4M3_MARLIN_SCALE_ASM)
-_MARLIN_DECODE_CVT_SCALES = tl.constexpr(MARLIN_DECODE_CVT_SCALES)
-MARLIN_SCALE_FACTOR = 2.0**117  # block scales enter the PTX as e4m3 * 2**117 (exact in bf16)
-MARLIN_GLOBAL_FACTOR = 512.0  # 2**9: the PTX's values are e2m1 * scale * 2**-9
-_MARLIN_SCALE_FROM_FP16 = tl.constexpr(256.0 * MARLIN_SCALE_FACTOR)  # e4m3_to_float's 2**8, folded in
+# The PTX decode leaves values 2**-9 too small (`nvfp4_words`): made up in the fp32 epilogue.
+MARLIN_GLOBAL_FACTOR = 512.0
 _MARLIN_GLOBAL_FACTOR = tl.constexpr(MARLIN_GLOBAL_FACTOR)
+_WORD_DECODE_ASM = tl.constexpr(WORD_DECODE_ASM)
+_SCALE_PAIR_MULTIPLIER = tl.constexpr(SCALE_PAIR_MULTIPLIER)
+_SCALE_PAIR_BIAS = tl.constexpr(SCALE_PAIR_BIAS)
+# fp32 bits of a scale code's value: (code + (127 - 9) << 3) << 20 puts its exponent field and 3-bit mantissa
+# in place; times 2**14, the portable E2M1 decode's factor.
+_SCALE_CODE_FP32_OFFSET = tl.constexpr((127 - SCALE_CODE_EXPONENT_BIAS) << 3)
+_OPERAND_MASK = tl.constexpr(OPERAND_MASK)
 
 
 @triton.jit
@@ -136,14 +92,6 @@ def marlin_global(row_global, MARLIN_DECODE: tl.constexpr):
     if MARLIN_DECODE:
         row_global = row_global * _MARLIN_GLOBAL_FACTOR
     return row_global
-
-
-@triton.jit
-def _e4m3_fp16_bits_to_float(raw):
-    """e4m3 bytes -> float32 value * 2**-8 (fp16 bit placement as in `e4m3_to_float`, one multiply saved)."""
-    raw = raw.to(tl.int32)
-    bits = ((raw & 0x7F) << 7) | ((raw & 0x80) << 8)
-    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
 @triton.jit
@@ -164,6 +112,28 @@ def load_activation_pair_t(row_ptrs, mask_rows, k0, k_end, HALF_K: tl.constexpr,
 
 
 @triton.jit
+def _rotl(word, bits: tl.constexpr):
+    if bits == 0:
+        return word
+    return (word << bits) | (word >> (32 - bits))
+
+
+@triton.jit
+def _operand_codes(operand):
+    """A bf16x2 operand register's two E2M1 codes as one checkpoint-style byte (low | high << 4)."""
+    low = ((operand >> 6) & 0x7) | ((operand >> 12) & 0x8)
+    high = ((operand >> 22) & 0x7) | ((operand >> 28) & 0x8)
+    return (low | (high << 4)).to(tl.int32)
+
+
+@triton.jit
+def _interleave4(a, b, c, d, BLOCK_N: tl.constexpr, HALF_K: tl.constexpr):
+    """[BLOCK_N, W] x 4 -> [BLOCK_N, 4W] with a, b, c, d as elements 4w .. 4w + 3 (tl.join's new dimension
+    is the minor one, so the outer join pairs (a, c) with (b, d))."""
+    return tl.reshape(tl.join(tl.join(a, c), tl.join(b, d)), (BLOCK_N, HALF_K))
+
+
+@triton.jit
 def load_nvfp4_tile_pair(
     w_ptr, scale_ptr, offs_n, mask_n, k0, k_end, stride_wn, stride_sn,
     BLOCK_N: tl.constexpr, HALF_K: tl.constexpr, DOT_DTYPE: tl.constexpr, MARLIN_DECODE: tl.constexpr = 0,
@@ -171,40 +141,51 @@ def load_nvfp4_tile_pair(
     """Dequantized W for K-columns [k0, k0 + 2*HALF_K) of rows `offs_n`: (even-K, odd-K) [BLOCK_N, HALF_K],
     the A operand of `W @ x^T` (weights on the MMA's M side, so a 16-row decode tile still fills it).
 
-    `w_ptr` / `scale_ptr` point at one weight matrix (uint8 [N, K/2] and e4m3-as-uint8 [N, K/16]); k0 is a
-    multiple of 2*HALF_K (split-K boundaries are), so the packed bytes and scales load as wide vectors.
-    Values carry the block scale but not the global scale. MARLIN_DECODE (`ops.marlin_decode_mode`: bf16
-    operands on a GPU; the interpreter cannot run PTX) decodes with `E2M1_BF16X2_ASM`, its scales with
-    `E4M3_MARLIN_SCALE_ASM` on sm_89+, and returns values 2**-9 too small, which the caller's global scale
-    makes up; otherwise (0) the portable decode returns exact values.
+    `w_ptr` / `scale_ptr` point at one weight matrix in `nvfp4_words` layout (int32 words [N, K/8], uint8
+    scale codes [N, K/16]; `stride_wn` counts words); k0 is a multiple of 2*HALF_K (split-K boundaries
+    are). Values carry the block scale but not the global scale. MARLIN_DECODE (`ops.marlin_decode_mode`:
+    bf16 operands on a GPU; the interpreter cannot run PTX) decodes with `WORD_DECODE_ASM` and returns
+    values 2**-9 too small, which the caller's global scale makes up (`marlin_global`); otherwise (0) the
+    portable decode recovers each operand's codes with integer ops and returns exact values.
     """
+    WORDS: tl.constexpr = HALF_K // 4
     k0 = tl.multiple_of(k0, 2 * HALF_K)
-    bytes_k = k0 // 2 + tl.arange(0, HALF_K)
-    mask_w = mask_n[:, None] & (bytes_k[None, :] < k_end // 2)
-    packed = tl.load(w_ptr + offs_n[:, None] * stride_wn + bytes_k[None, :], mask=mask_w, other=0)
-    # The block scale of every packed byte, gathered at the bytes' own shape (8 bytes repeat one address,
-    # and one mask per block, so the compiler loads and decodes it once per block): broadcasting a
-    # [BLOCK_N, K/16] tile instead leaves a register layout that costs ~60 byte shuffles per K step around
-    # the decode in the MoE down tile (sm_90a, 6.1 -> 5.3 SASS per weight).
-    blocks_k = k0 // 16 + tl.arange(0, HALF_K) // 8
+    words_k = k0 // 8 + tl.arange(0, WORDS)
+    mask_w = mask_n[:, None] & (words_k[None, :] < k_end // 8)
+    words = tl.load(w_ptr + offs_n[:, None] * stride_wn + words_k[None, :], mask=mask_w, other=0)
+    # Each word's block scale gathered at the words' shape (two words share an address, which the compiler
+    # loads once): broadcasting a [BLOCK_N, K/16] tile instead costs register shuffles around the decode.
+    blocks_k = k0 // 16 + tl.arange(0, WORDS) // 2
     mask_s = mask_n[:, None] & (blocks_k[None, :] < k_end // 16)
-    raw_scale = tl.load(scale_ptr + offs_n[:, None] * stride_sn + blocks_k[None, :], mask=mask_s, other=0)
+    codes = tl.load(scale_ptr + offs_n[:, None] * stride_sn + blocks_k[None, :], mask=mask_s, other=0)
+    codes = codes.to(tl.int32)
     if MARLIN_DECODE:
         tl.static_assert(tl.bfloat16 == DOT_DTYPE, "the PTX decode produces bf16 operands")
-        if MARLIN_DECODE == _MARLIN_DECODE_CVT_SCALES:
-            scale = tl.inline_asm_elementwise(
-                _E4M3_MARLIN_SCALE_ASM, "=r,r", [raw_scale.to(tl.int32)], dtype=tl.float32, is_pure=True, pack=1
-            )
-        else:
-            scale = _e4m3_fp16_bits_to_float(raw_scale) * _MARLIN_SCALE_FROM_FP16
-        w_low, w_high = tl.inline_asm_elementwise(
-            _E2M1_BF16X2_ASM, "=r,=r,=r,=r,r,r,r,r,r", [packed, scale],
-            dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4,
+        scale_pair = codes * _SCALE_PAIR_MULTIPLIER + _SCALE_PAIR_BIAS
+        w0, w2, w4, w6, w1, w3, w5, w7 = tl.inline_asm_elementwise(
+            _WORD_DECODE_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [words, scale_pair],
+            dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1,
         )
     else:
-        # The scale also carries the decode's 2**14.
-        block_scale = e4m3_to_float(raw_scale) * _E2M1_FP16_SCALE
-        w_low, w_high = e2m1_pair_to_float(packed.to(tl.int32))
-        w_low = (w_low * block_scale).to(DOT_DTYPE)
-        w_high = (w_high * block_scale).to(DOT_DTYPE)
-    return w_low, w_high
+        # Same operand registers as the PTX (WORD_OPERAND_SOURCES), their codes decoded like checkpoint bytes.
+        q = words.to(tl.uint32, bitcast=True)
+        mask = _OPERAND_MASK
+        pairs = (
+            _operand_codes((_rotl(q, 20) ^ _rotl(q, 30)) & mask),
+            _operand_codes((_rotl(q, 10) ^ _rotl(q, 30)) & mask),
+            _operand_codes((_rotl(q, 20) ^ _rotl(q, 8)) & mask),
+            _operand_codes(q & mask),
+        )
+        # The scale code's value as fp32 bits, times the E2M1 decode's 2**14.
+        block_scale = ((codes + _SCALE_CODE_FP32_OFFSET) << 20).to(tl.float32, bitcast=True) * _E2M1_FP16_SCALE
+        w0, w2 = e2m1_pair_to_float(pairs[0])
+        w4, w6 = e2m1_pair_to_float(pairs[1])
+        w1, w3 = e2m1_pair_to_float(pairs[2])
+        w5, w7 = e2m1_pair_to_float(pairs[3])
+        w0, w2, w4, w6 = (w0 * block_scale).to(DOT_DTYPE), (w2 * block_scale).to(DOT_DTYPE), \
+            (w4 * block_scale).to(DOT_DTYPE), (w6 * block_scale).to(DOT_DTYPE)
+        w1, w3, w5, w7 = (w1 * block_scale).to(DOT_DTYPE), (w3 * block_scale).to(DOT_DTYPE), \
+            (w5 * block_scale).to(DOT_DTYPE), (w7 * block_scale).to(DOT_DTYPE)
+    w_even = _interleave4(w0, w2, w4, w6, BLOCK_N, HALF_K)
+    w_odd = _interleave4(w1, w3, w5, w7, BLOCK_N, HALF_K)
+    return w_even, w_odd

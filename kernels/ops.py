@@ -47,11 +47,12 @@ def interpreter_enabled() -> bool:
 
 
 def marlin_decode_selected(x: torch.Tensor) -> bool:
-    """Whether the NVFP4 kernels decode weights with the Marlin-class PTX (`nvfp4_tile.E2M1_BF16X2_ASM`).
+    """Whether the NVFP4 kernels decode weights with the Marlin-class PTX (`nvfp4_words.WORD_DECODE_ASM`).
 
-    The default for bf16 activations on CUDA (~4 instead of ~12 SASS instructions per weight in the sm_90
-    decode tiles). The portable decode runs instead for fp16/fp32 activations, under the interpreter
-    (which cannot run PTX) and when `NVFP4_EXT_MARLIN_DECODE=0`. Read at call time.
+    The default for bf16 activations on CUDA (1.5 SASS instructions per weight for the bit decode; 3.3-3.6
+    per weight in the whole sm_90a K loop of the decode tiles). The portable decode runs instead for
+    fp16/fp32 activations, under the interpreter (which cannot run PTX) and when
+    `NVFP4_EXT_MARLIN_DECODE=0`. Read at call time.
     """
     disabled = os.environ.get("NVFP4_EXT_MARLIN_DECODE", "1") in ("", "0")
     return not disabled and x.is_cuda and x.dtype == torch.bfloat16 and not interpreter_enabled()
@@ -59,23 +60,20 @@ def marlin_decode_selected(x: torch.Tensor) -> bool:
 
 # Values of the kernels' MARLIN_DECODE constexpr: which decode `nvfp4_tile.load_nvfp4_tile_pair` runs.
 MARLIN_DECODE_OFF = 0  # portable decode
-MARLIN_DECODE_INT_SCALES = 1  # PTX weight decode, e4m3 block scales decoded with integer ops (sm_80)
-MARLIN_DECODE_CVT_SCALES = 2  # PTX weight decode, scales by the native `cvt.rn.f16x2.e4m3x2` (sm_89+)
+MARLIN_DECODE_PTX = 1  # `nvfp4_words.WORD_DECODE_ASM` (sm_80+: shf, lop3, fma.rn.bf16x2)
 
 
 def marlin_decode_mode_for(capability: int) -> int:
-    """The PTX decode's MARLIN_DECODE value on compute capability `capability` (e.g. 90): sm_89 added the
-    e4m3 conversion instruction, which decodes a block scale in 4 instead of 7 SASS instructions."""
-    return MARLIN_DECODE_CVT_SCALES if capability >= 89 else MARLIN_DECODE_INT_SCALES
+    """The PTX decode's MARLIN_DECODE value on compute capability `capability` (e.g. 90): one flavour for
+    every target since the block scales became integer codes (`nvfp4_words`)."""
+    del capability
+    return MARLIN_DECODE_PTX
 
 
 def marlin_decode_mode(x: torch.Tensor) -> int:
-    """MARLIN_DECODE for a launch on `x`: `MARLIN_DECODE_OFF` unless `marlin_decode_selected(x)`, else the
-    variant for x's device (a cached property read, no device sync: safe under CUDA-graph capture)."""
-    if not marlin_decode_selected(x):
-        return MARLIN_DECODE_OFF
-    major, minor = torch.cuda.get_device_capability(x.device)
-    return marlin_decode_mode_for(10 * major + minor)
+    """MARLIN_DECODE for a launch on `x`: `MARLIN_DECODE_OFF` unless `marlin_decode_selected(x)` (no device
+    query, no sync: safe under CUDA-graph capture)."""
+    return MARLIN_DECODE_PTX if marlin_decode_selected(x) else MARLIN_DECODE_OFF
 
 
 def host_may_read_values(t: torch.Tensor) -> bool:

@@ -31,7 +31,7 @@ class KernelVariant:
 def _gemm_signature(out_fp32: bool) -> dict[str, str]:
     return {
         "x_ptr": "*bf16",
-        "w_ptr": "*u8",
+        "w_ptr": "*i32",
         "scale_ptr": "*u8",
         "global_ptr": "*fp32",
         "bias_ptr": "*bf16",
@@ -130,6 +130,7 @@ def shipped_variants() -> list[KernelVariant]:
             "sorted_ids_ptr": "*i32",
             "expert_ids_ptr": "*i32",
             "num_padded_ptr": "*i32",
+            "w_ptr": "*i32",  # nvfp4_words layout
             "out_ptr": "*fp32" if stage == "down" else "*bf16",
         }
         signature = {a: types.get(a, "*u8") if a in pointers else "i32" for a in fn.arg_names}
