@@ -13,10 +13,19 @@ import torch
 
 from nvfp4_ext.format import dequantize_fp8, dequantize_nvfp4
 
+from .nvfp4_words import is_packed, unpack_nvfp4_weights
+
 __all__ = ["Activation", "apply_gated_activation", "fp8_gemm_ref", "nvfp4_gemm_ref", "nvfp4_moe_ref"]
 
 Activation = Literal["gelu_tanh", "silu"]
 ACTIVATIONS: tuple[str, ...] = ("gelu_tanh", "silu")
+
+
+def _checkpoint_layout(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights the adapters packed for our kernels (`nvfp4_words`) back to checkpoint bytes; others as is."""
+    if is_packed(weight):
+        return unpack_nvfp4_weights(weight, scale)
+    return weight, scale
 
 
 def apply_gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: Activation) -> torch.Tensor:
@@ -42,7 +51,7 @@ def nvfp4_gemm_ref(
 
     Args:
         x: [M, K] activations, any float dtype.
-        weight: uint8 [N, K/2] packed E2M1 codes.
+        weight: uint8 [N, K/2] packed E2M1 codes (or int32 [N, K/8] `nvfp4_words`, with uint8 scale codes).
         weight_scale: float8_e4m3fn [N, K/16] block scales.
         global_scale: float32 multiplier (ModelOpt convention), 0-d or [N] (one per output row, so fused
             qkv/gate_up shards keep their own scale exactly).
@@ -50,7 +59,7 @@ def nvfp4_gemm_ref(
     Returns:
         [M, N] in x.dtype, computed in float32.
     """
-    w = dequantize_nvfp4(weight, weight_scale, global_scale)
+    w = dequantize_nvfp4(*_checkpoint_layout(weight, weight_scale), global_scale)
     y = x.float() @ w.t()
     if bias is not None:
         y = y + bias.float()
@@ -102,12 +111,12 @@ def nvfp4_moe_ref(
         def pick(t: torch.Tensor) -> torch.Tensor:
             return t[expert] if isinstance(expert, int) else t.index_select(0, expert)[0]
 
-        w13_e = dequantize_nvfp4(pick(w13), pick(w13_scale), pick(w13_global))
+        w13_e = dequantize_nvfp4(*_checkpoint_layout(pick(w13), pick(w13_scale)), pick(w13_global))
         gate_up = rows @ w13_e.t()
         del w13_e
         intermediate = gate_up.shape[1] // 2
         act = apply_gated_activation(gate_up[:, :intermediate], gate_up[:, intermediate:], activation)
-        return act @ dequantize_nvfp4(pick(w2), pick(w2_scale), pick(w2_global)).t()
+        return act @ dequantize_nvfp4(*_checkpoint_layout(pick(w2), pick(w2_scale)), pick(w2_global)).t()
 
     if flat_ids.numel() <= num_experts:
         for pair in range(flat_ids.numel()):
