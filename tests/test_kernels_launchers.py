@@ -139,28 +139,15 @@ def _float_to_bf16_bits(value: torch.Tensor) -> torch.Tensor:
     return value.float().to(torch.bfloat16).view(torch.int16).long() & 0xFFFF
 
 
-def _f16_bits_to_f32_bits(half: torch.Tensor) -> torch.Tensor:
-    """fp16 patterns (int64, 0..0xFFFF) -> the fp32 pattern of the same value (exact, as `cvt.f32.f16`)."""
-    value = ((half + 0x8000) % 0x10000 - 0x8000).to(torch.int16).view(torch.float16).float()
-    return value.view(torch.int32).long() & 0xFFFFFFFF
-
-
-def _e4m3_byte_to_f16_bits(byte: torch.Tensor) -> torch.Tensor:
-    """e4m3 bytes (int64) -> fp16 patterns of their values (exact: e4m3 subnormals are fp16 normals)."""
-    value = byte.to(torch.uint8).view(torch.float8_e4m3fn).half()
-    return value.view(torch.int16).long() & 0xFFFF
-
-
 class _PtxMachine:
-    """Executes the straight-line b32 PTX of `E2M1_BF16X2_ASM` on int64 tensors (one lane per element).
+    """Executes the straight-line b32 PTX of `nvfp4_words.WORD_DECODE_ASM` on int64 tensors (one lane per
+    element).
 
     Only the opcodes the shipped string uses are known; anything else fails the test, so an edit to the PTX
-    cannot silently escape this model. Semantics from the PTX ISA: `prmt.b32` default mode (selector nibble
-    k picks byte n & 7 of {b, a} for result byte k; n & 8 replicates that byte's sign bit), `mul.lo.u32`,
-    `and.b32`, `mov.b32`, `cvt.rn.bf16x2.f32 d, a, b` (a -> upper half), `fma.rn.bf16x2` (per half, one
-    rounding of the exact a * b + c); for `E4M3_MARLIN_SCALE_ASM`: `cvt.u16.u32` (low 16 bits),
-    `cvt.rn.f16x2.e4m3x2 d, a` (a's upper byte -> d's upper half; exact), `mov.b32 {lo, hi}, a` (unpack),
-    `cvt.f32.f16` (exact) and `mul.f32` (one rounding; `0f` immediates are fp32 bit patterns).
+    cannot silently escape this model. Semantics from the PTX ISA: `shf.l.wrap.b32 d, a, b, c` (the upper
+    32 bits of {b, a} << (c mod 32)), `lop3.b32 d, a, b, c, lut` (bit i of d = bit (a_i << 2 | b_i << 1 |
+    c_i)... of lut, with a, b, c weighted 0xF0, 0xCC, 0xAA), `and.b32`, `mov.b32` (also `{lo, hi}` unpack)
+    and `fma.rn.bf16x2` (per half, one rounding of the exact a * b + c, subnormals kept).
     """
 
     def __init__(self, operands: dict[str, torch.Tensor]) -> None:
@@ -170,8 +157,6 @@ class _PtxMachine:
         token = token.strip()
         if token in self.registers:
             return self.registers[token]
-        if token.startswith("0f"):  # PTX fp32 immediate, written as its bit pattern
-            return torch.tensor(int(token[2:], 16), dtype=torch.int64)
         return torch.tensor(int(token, 0), dtype=torch.int64)
 
     def run(self, asm: str) -> None:
@@ -182,7 +167,7 @@ class _PtxMachine:
             if not line or line in "{}" or line.startswith(".reg"):
                 continue
             opcode, rest = line.split(None, 1)
-            unpack = re.fullmatch(r"\{\s*(\w+)\s*,\s*(\w+)\s*\}\s*,\s*(\S+)", rest)
+            unpack = re.fullmatch(r"\{\s*([$\w]+)\s*,\s*([$\w]+)\s*\}\s*,\s*(\S+)", rest)
             if opcode == "mov.b32" and unpack:
                 source = self.value(unpack.group(3))
                 self.registers[unpack.group(1)] = source & 0xFFFF
@@ -190,112 +175,100 @@ class _PtxMachine:
                 continue
             args = [a.strip() for a in rest.split(",")]
             dest, sources = args[0], [self.value(a) for a in args[1:]]
-            if opcode in ("mov.b32",):
+            if opcode == "mov.b32":
                 result = sources[0] & 0xFFFFFFFF
             elif opcode == "and.b32":
                 result = sources[0] & sources[1]
-            elif opcode == "mul.lo.u32":
-                result = (sources[0] * sources[1]) & 0xFFFFFFFF
-            elif opcode == "prmt.b32":
-                a, b, selector = sources
-                a, b, selector = torch.broadcast_tensors(a, b, selector)
-                pool = torch.stack([(r >> (8 * i)) & 0xFF for r in (a, b) for i in range(4)])
+            elif opcode == "shf.l.wrap.b32":
+                low, high, shift = torch.broadcast_tensors(*sources)
+                funnel = ((high & 0xFFFFFFFF) << 32) | (low & 0xFFFFFFFF)
+                result = ((funnel << (shift % 32)) >> 32) & 0xFFFFFFFF
+            elif opcode == "lop3.b32":
+                a, b, c, lut = torch.broadcast_tensors(*sources)
                 result = torch.zeros_like(a)
-                for k in range(4):
-                    nibble = (selector >> (4 * k)) & 0xF
-                    picked = pool.gather(0, (nibble & 7)[None]).squeeze(0)
-                    picked = torch.where((nibble & 8) != 0, torch.where(picked >= 0x80, 0xFF, 0), picked)
-                    result = result | (picked << (8 * k))
-            elif opcode == "cvt.rn.bf16x2.f32":
-                high, low = (_float_to_bf16_bits(s.to(torch.int32).view(torch.float32)) for s in sources)
-                result = (high << 16) | low
+                for bit in range(32):
+                    index = (((a >> bit) & 1) << 2) | (((b >> bit) & 1) << 1) | ((c >> bit) & 1)
+                    result |= ((lut >> index) & 1) << bit
             elif opcode == "fma.rn.bf16x2":
                 halves = []
                 for shift in (0, 16):
                     a, b, c = (_bf16_to_float((s >> shift) & 0xFFFF) for s in sources)
                     halves.append(_float_to_bf16_bits(a * b + c) << shift)  # fp64: a * b + c is exact
                 result = halves[0] | halves[1]
-            elif opcode == "cvt.u16.u32":
-                result = sources[0] & 0xFFFF
-            elif opcode == "cvt.rn.f16x2.e4m3x2":
-                pair = sources[0]
-                result = (_e4m3_byte_to_f16_bits((pair >> 8) & 0xFF) << 16) | _e4m3_byte_to_f16_bits(pair & 0xFF)
-            elif opcode == "cvt.f32.f16":
-                result = _f16_bits_to_f32_bits(sources[0])
-            elif opcode == "mul.f32":
-                a, b = (s.to(torch.int32).view(torch.float32) for s in torch.broadcast_tensors(*sources))
-                result = (a * b).view(torch.int32).long() & 0xFFFFFFFF
             else:
                 raise AssertionError(f"the PTX model does not know {opcode!r}: extend it with the new code")
             assert re.fullmatch(r"\$?\w+", dest), dest
             self.registers[dest] = result
 
 
-def _run_scale_ptx(raw: torch.Tensor) -> torch.Tensor:
-    """fp32 bit patterns `E4M3_MARLIN_SCALE_ASM` (the shipped text) produces for e4m3 bytes `raw` (int64)."""
-    from nvfp4_ext.kernels.nvfp4_tile import E4M3_MARLIN_SCALE_ASM
-
-    machine = _PtxMachine({"$1": raw})
-    machine.run(E4M3_MARLIN_SCALE_ASM)
-    return machine.registers["$0"]
-
-
-def test_marlin_scale_ptx_decodes_every_e4m3_byte_times_2_117():
-    """sm_89+'s scale path, `E4M3_MARLIN_SCALE_ASM`, through the PTX model over all 256 bytes: each finite
-    e4m3 value (torch's decoding: signs, subnormals, 448) comes out as exactly value * 2**117 in fp32."""
-    from nvfp4_ext.kernels.nvfp4_tile import MARLIN_SCALE_FACTOR
-
-    raw = torch.arange(256, dtype=torch.int64)
-    expected = raw.to(torch.uint8).view(torch.float8_e4m3fn).double() * MARLIN_SCALE_FACTOR
-    got = _run_scale_ptx(raw).to(torch.int32).view(torch.float32).double()
-    finite = torch.isfinite(expected)
-    assert int(finite.sum()) == 254
-    assert torch.equal(got[finite], expected[finite])
-    assert (got[raw == 0x38] == MARLIN_SCALE_FACTOR).all()  # e4m3 1.0
+def _every_code_in_every_slot_with_every_scale() -> tuple[torch.Tensor, torch.Tensor]:
+    """Checkpoint bytes uint8 [R, 8] (one 16-weight block per row) and e4m3 scales [R, 1]: each of the 16
+    codes in each of the 16 positions under each of the 254 finite scale bytes (signs, subnormals, zero,
+    448), the other positions random."""
+    gen = torch.Generator().manual_seed(0)
+    scale_bytes = torch.arange(256)
+    scale_bytes = scale_bytes[(scale_bytes & 0x7F) != 0x7F]
+    codes = torch.randint(0, 16, (len(scale_bytes), 16, 16, 16), generator=gen)  # [scale, code, slot, 16]
+    for slot in range(16):
+        codes[:, :, slot, slot] = torch.arange(16)
+    codes = codes.reshape(-1, 16)
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)
+    scales = scale_bytes.repeat_interleave(16 * 16).to(torch.uint8).view(torch.float8_e4m3fn)[:, None]
+    return packed, scales
 
 
-@pytest.mark.parametrize("scale_path", ["sm80-integer", "sm89-cvt-ptx"])
-def test_marlin_decode_ptx_reproduces_e2m1_times_scale_for_every_byte_and_scale(scale_path):
-    """Runs the shipped `E2M1_BF16X2_ASM` text (its constants, selectors and operand order, not a copy)
-    through a PTX model over every packed byte in every position of the register and every finite e4m3
-    block scale, different per byte; compares with ModelOpt's E2M1 table and torch's e4m3 decoding. The
-    scale operands are e4m3 * 2**117 in fp32 as sm_80's integer decode computes them, or (sm_89+) what the
-    shipped `E4M3_MARLIN_SCALE_ASM` makes of the e4m3 bytes, so byte -> scale -> weight is modelled end to
-    end. Whether the GPU executes PTX as the ISA says is for `pytest -m gpu tests/test_kernels_gpu.py`."""
+def test_word_decode_ptx_reproduces_e2m1_times_scale_for_every_code_slot_and_scale():
+    """Packs checkpoint bytes with `pack_nvfp4_weights`, runs the shipped `WORD_DECODE_ASM` text (its
+    rotations, LUTs and operand order, not a copy) through a PTX model with the scale operand the kernel
+    computes from the scale code, and compares every output with ModelOpt's E2M1 table times torch's e4m3
+    decoding of the original scale: every code in every position of a word, every finite scale byte
+    (negative and zero scales included, which packing moves into the codes). Whether the GPU executes PTX as
+    the ISA says is for `pytest -m gpu tests/test_kernels_gpu.py`."""
     from modelopt.torch.quantization.qtensor.nvfp4_tensor import e2m1_values
 
-    from nvfp4_ext.kernels.nvfp4_tile import E2M1_BF16X2_ASM, MARLIN_GLOBAL_FACTOR, MARLIN_SCALE_FACTOR
+    from nvfp4_ext.kernels.nvfp4_tile import MARLIN_GLOBAL_FACTOR
+    from nvfp4_ext.kernels.nvfp4_words import (
+        SCALE_PAIR_BIAS,
+        SCALE_PAIR_MULTIPLIER,
+        WORD_DECODE_ASM,
+        pack_nvfp4_weights,
+    )
 
-    codes = torch.arange(256, dtype=torch.int64)
-    scale_bytes = torch.arange(256, dtype=torch.int64)
-    scales = scale_bytes.to(torch.uint8).view(torch.float8_e4m3fn).double()
-    scale_bytes = scale_bytes[torch.isfinite(scales)]
-    scales = scales[torch.isfinite(scales)]  # 254 values: signs, subnormals, 448
-    byte_grid, scale_grid = torch.meshgrid(codes, torch.arange(len(scales)), indexing="ij")
-    byte_grid, scale_grid = byte_grid.reshape(-1), scale_grid.reshape(-1)
-    # Four different bytes and four different scales per register, so pairing or operand-order mistakes show.
-    word_bytes = [(byte_grid * mult + add) % 256 for mult, add in ((1, 0), (37, 11), (101, 200), (223, 77))]
-    picks = [(scale_grid * mult + add) % len(scales) for mult, add in ((1, 0), (7, 3), (13, 100), (29, 41))]
-    word_scales = [scales[pick] for pick in picks]
-    word = word_bytes[0] | (word_bytes[1] << 8) | (word_bytes[2] << 16) | (word_bytes[3] << 24)
-    scale_bits = []
-    for scale, pick in zip(word_scales, picks):
-        if scale_path == "sm89-cvt-ptx":
-            scale_bits.append(_run_scale_ptx(scale_bytes[pick]))
-            continue
-        as_fp32 = (scale * MARLIN_SCALE_FACTOR).float()
-        assert torch.equal(as_fp32.double(), scale * MARLIN_SCALE_FACTOR)  # what the kernel passes, exactly
-        scale_bits.append(as_fp32.view(torch.int32).long() & 0xFFFFFFFF)
-    machine = _PtxMachine({"$4": word, **{f"${5 + j}": scale_bits[j] for j in range(4)}})
-    machine.run(E2M1_BF16X2_ASM)
-    table = e2m1_values.double()
-    # Outputs: $0/$1 = low nibbles of bytes 0-1 / 2-3, $2/$3 = high nibbles (elementwise pack=4 contract).
-    for register, shift, first_byte in (("$0", 0, 0), ("$1", 0, 2), ("$2", 4, 0), ("$3", 4, 2)):
-        for half in (0, 1):
-            byte_index = first_byte + half
-            got = _bf16_to_float((machine.registers[register] >> (16 * half)) & 0xFFFF) * MARLIN_GLOBAL_FACTOR
-            expected = table[(word_bytes[byte_index] >> shift) & 0xF] * word_scales[byte_index]
-            assert torch.equal(got, expected), (register, half)
+    packed, scales = _every_code_in_every_slot_with_every_scale()
+    words, codes = pack_nvfp4_weights(packed, scales)
+    assert words.shape == (packed.shape[0], 2) and codes.shape == scales.shape
+    expected = e2m1_values.double()[torch.stack([packed & 0xF, packed >> 4], -1).reshape(-1, 16).long()]
+    expected = expected * scales.double()
+    scale_pair = codes.long() * SCALE_PAIR_MULTIPLIER + SCALE_PAIR_BIAS
+    for half in range(2):  # the block's two words
+        machine = _PtxMachine({"$8": words[:, half].long() & 0xFFFFFFFF, "$9": scale_pair[:, 0]})
+        machine.run(WORD_DECODE_ASM)
+        for output, weight in enumerate((0, 2, 4, 6, 1, 3, 5, 7)):
+            got = _bf16_to_float(machine.registers[f"${output}"]) * MARLIN_GLOBAL_FACTOR
+            assert torch.equal(got, expected[:, 8 * half + weight]), (half, output)
+
+
+def test_packing_round_trips_and_names_a_nan_scale():
+    """`unpack_nvfp4_weights(pack_nvfp4_weights(...))` dequantizes (ModelOpt's NVFP4 dequantization) to
+    exactly the original values; a NaN block scale is refused naming the tensor and the block."""
+    from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
+
+    from nvfp4_ext.kernels.nvfp4_words import pack_nvfp4_weights, unpack_nvfp4_weights
+
+    packed, scales = _every_code_in_every_slot_with_every_scale()
+    packed, scales = packed.reshape(-1, 16), scales.reshape(-1, 2)  # two blocks per row, K = 32
+    words, codes = pack_nvfp4_weights(packed, scales)
+    back, back_scales = unpack_nvfp4_weights(words, codes)
+
+    def dequantize(qdata, scale):
+        tensor = NVFP4QTensor(torch.Size((qdata.shape[0], 2 * qdata.shape[1])), torch.float32, qdata)
+        return tensor.dequantize(torch.float32, scale=scale, double_scale=torch.tensor(1.0), block_sizes={-1: 16})
+
+    assert torch.equal(dequantize(back, back_scales), dequantize(packed, scales))
+    nan_scales = scales.clone()
+    nan_scales.view(torch.uint8)[3, 1] = 0x7F
+    with pytest.raises(ValueError, match=r"w13: block scale at index \[3, 1\] is NaN"):
+        pack_nvfp4_weights(packed, nan_scales, "w13")
 
 
 class _RecordedLaunch:
