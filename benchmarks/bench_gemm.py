@@ -76,19 +76,22 @@ def bench_shape(
 ) -> list[bench.BenchRow]:
     """Check, then time, every provider at each M for one (N, K)."""
     from nvfp4_ext.kernels import nvfp4_gemm, nvfp4_gemm_ref
+    from nvfp4_ext.kernels.nvfp4_words import pack_nvfp4_weights
 
     from nvfp4_ext.format import dequantize_nvfp4, quantize_nvfp4
 
     w = torch.randn(n, k, device=device, dtype=dtype) / k**0.5
     q = quantize_nvfp4(w)
     w_dense = q.dequantize(dtype)  # the baseline multiplies the same values, at 16 bits each
+    packed = pack_nvfp4_weights(q.qdata, q.scale)
     marlin = make_marlin(q.qdata, q.scale, q.global_scale, n, k, dtype) if device == "cuda" else "needs CUDA"
     providers = {
         DTYPE_NAMES[dtype]: lambda x: torch.nn.functional.linear(x, w_dense),
         "dequant+bf16": lambda x: torch.nn.functional.linear(
             x, dequantize_nvfp4(q.qdata, q.scale, q.global_scale, dtype=dtype)
         ),
-        "nvfp4-triton": lambda x: nvfp4_gemm(x, q.qdata, q.scale, q.global_scale, backend="triton"),
+        # Packed once, as the engine adapters do at load (the launcher would repack checkpoint bytes per call).
+        "nvfp4-triton": lambda x: nvfp4_gemm(x, *packed, q.global_scale, backend="triton"),
     }
     if device == "cuda" and dtype == torch.bfloat16:
         providers["nvfp4-triton-portable"] = bench.with_portable_decode(providers["nvfp4-triton"])

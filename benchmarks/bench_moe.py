@@ -65,6 +65,7 @@ def vllm_fused_experts(activation: str):
 def bench_moe(args: argparse.Namespace, device: str = "cuda") -> list[bench.BenchRow]:
     """Check, then time, every provider at each M."""
     from nvfp4_ext.kernels import nvfp4_moe, nvfp4_moe_ref
+    from nvfp4_ext.kernels.nvfp4_words import pack_nvfp4_weights
 
     from nvfp4_ext.format import dequantize_nvfp4, quantize_nvfp4
 
@@ -90,8 +91,12 @@ def bench_moe(args: argparse.Namespace, device: str = "cuda") -> list[bench.Benc
     if callable(fused):
         providers["bf16-triton"] = lambda x, tw, ids: fused(x, w13_dense, w2_dense, tw, ids)
         providers["dequant-first"] = dequant_first
+    # Packed once, as the engine adapters do at load (the launcher would repack checkpoint bytes per call).
+    w13_words, w13_codes = pack_nvfp4_weights(q13.qdata, q13.scale, "w13")
+    w2_words, w2_codes = pack_nvfp4_weights(q2.qdata, q2.scale, "w2")
+    packed = (w13_words, w13_codes, q13.global_scale, w2_words, w2_codes, q2.global_scale)
     providers["nvfp4-triton"] = lambda x, tw, ids: nvfp4_moe(
-        x, *weights, tw, ids, args.activation, backend="triton"
+        x, *packed, tw, ids, args.activation, backend="triton"
     )
     if device == "cuda" and dtype == torch.bfloat16:
         providers["nvfp4-triton-portable"] = bench.with_portable_decode(providers["nvfp4-triton"])

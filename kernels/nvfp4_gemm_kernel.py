@@ -26,7 +26,7 @@ from nvfp4_ext.format import NVFP4_BLOCK_SIZE
 
 from .nvfp4_tile import load_activation_pair_t, load_nvfp4_tile_pair, marlin_global, row_offsets
 from .nvfp4_words import is_packed, pack_nvfp4_weights
-from .ops import marlin_decode_mode
+from .ops import host_may_read_values, marlin_decode_mode
 from .shapes import DIFFUSIONGEMMA_GEMM_SHAPES
 
 __all__ = [
@@ -235,7 +235,9 @@ def nvfp4_gemm_triton(
     """
     m, n, k = _check_inputs(x, weight, weight_scale, global_scale, bias)
     if not is_packed(weight):
-        weight, weight_scale = pack_nvfp4_weights(weight, weight_scale)
+        weight, weight_scale = pack_nvfp4_weights(
+            weight, weight_scale, check_values=host_may_read_values(weight_scale)
+        )
     config = config or select_gemm_config(m, n, k)
     marlin = marlin_decode_mode(x)
     # A float32 [N] global (what the engine adapters precompute at load) is passed as is: no per-call copy.

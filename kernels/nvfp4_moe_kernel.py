@@ -310,9 +310,9 @@ def nvfp4_moe_triton(
         x, w13, w13_scale, w13_global, w2, w2_scale, w2_global, topk_weights, topk_ids, activation
     )
     if not is_packed(w13):
-        w13, w13_scale = pack_nvfp4_weights(w13, w13_scale, "w13")
+        w13, w13_scale = pack_nvfp4_weights(w13, w13_scale, "w13", check_values=host_may_read_values(w13_scale))
     if not is_packed(w2):
-        w2, w2_scale = pack_nvfp4_weights(w2, w2_scale, "w2")
+        w2, w2_scale = pack_nvfp4_weights(w2, w2_scale, "w2", check_values=host_may_read_values(w2_scale))
     top_k = topk_ids.shape[1]
     config = config or select_moe_config(tokens, experts, top_k)
     out = torch.zeros((tokens, hidden), dtype=torch.float32, device=x.device)

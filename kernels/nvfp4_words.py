@@ -177,7 +177,7 @@ def is_packed(weight: torch.Tensor) -> bool:
 
 
 def pack_nvfp4_weights(
-    weight: torch.Tensor, weight_scale: torch.Tensor, name: str = "weight"
+    weight: torch.Tensor, weight_scale: torch.Tensor, name: str = "weight", *, check_values: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Checkpoint NVFP4 tensors -> the kernels' layout, exactly (same bytes of memory).
 
@@ -185,6 +185,8 @@ def pack_nvfp4_weights(
         weight: uint8 [..., N, K/2] packed E2M1 (byte j = code 2j | code 2j+1 << 4); K a multiple of 16.
         weight_scale: float8_e4m3fn [..., N, K/16] block scales.
         name: the tensor named in errors.
+        check_values: refuse NaN scales (one host sync); the launchers pass False while a CUDA graph is
+            being captured, where a sync is illegal (adapters pack, and check, once at load).
     Returns:
         (int32 [..., N, K/8] words, uint8 [..., N, K/16] scale codes), contiguous, on weight's device.
     Raises:
@@ -200,7 +202,7 @@ def pack_nvfp4_weights(
     raw = weight_scale.contiguous().view(torch.uint8).long()
     magnitude = raw & 0x7F
     nan = magnitude == 0x7F
-    if bool(nan.any()):
+    if check_values and bool(nan.any()):
         first = [int(i) for i in nan.nonzero()[0]]
         raise ValueError(f"{name}: block scale at index {first} is NaN (e4m3 byte 0x{int(raw[tuple(first)]):02X})")
     blocks = weight.contiguous().reshape(*weight.shape[:-1], -1, 8).long()  # 8 bytes = one 16-weight block

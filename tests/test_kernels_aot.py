@@ -54,20 +54,37 @@ def test_decode_variants_compile_for_every_target_without_spills(results):
 
 
 def test_marlin_decode_cuts_the_sm90_decode_loop(results):
-    """The K loops of the sm_90a decode tiles with the default PTX decode (measured, docs/kernels.md): the
-    GEMM's 16x64x256 split-K tile 4.5 and LM-head tile 4.4, MoE gate/up 4.7, down 4.2 instructions per
-    weight (main's portable decode: 11.3-12.0; the previous Marlin-class tiles 6.2 / 4.5 / 5.3 / 6.1). Bounds
-    leave ~10 % for compiler drift, not more."""
+    """Issue 13's goal for the K loops of the sm_90a decode tiles with the default PTX decode: <= 4 SASS
+    instructions per weight. Measured (docs/kernels.md): GEMM 16x64x256 split-K 3.56, LM head 16x128x128
+    3.33, MoE gate/up 16x64x128 3.41, down 3.42 (the byte-layout Marlin-class decode before: 4.5 / 4.4 /
+    4.7 / 4.2; the portable decode: ~9.4)."""
     limits = {
-        ("nvfp4_gemm", "16x64x256 w4 s3 split-K"): 5.0,
-        ("nvfp4_gemm", "16x128x128 w4 s4"): 4.8,
-        ("nvfp4_moe_gate_up", "16x64x64 w4 s4"): 5.2,
-        ("nvfp4_moe_down", "16x128x128 w4 s4"): 4.7,
+        ("nvfp4_gemm", "16x64x256 w4 s3 split-K"),
+        ("nvfp4_gemm", "16x128x128 w4 s4"),
+        ("nvfp4_moe_gate_up", "16x64x128 w4 s4"),
+        ("nvfp4_moe_down", "16x128x128 w4 s4"),
     }
     checked = [r for r in results if r.arch == "sm_90a" and (r.kernel, r.config) in limits]
     assert len(checked) == len(limits)
     for r in checked:
-        assert r.loop_sass_per_weight <= limits[(r.kernel, r.config)], r
+        assert r.loop_sass_per_weight <= 4.0, r
+
+
+def _mid_marlin(variant: report.KernelVariant) -> bool:
+    uses = [int(use.rsplit("M=", 1)[1]) for use in variant.used_by]
+    return "portable" not in variant.config and any(16 < m <= 64 for m in uses) and variant.kernel != "fp8_gemm"
+
+
+def test_marlin_decode_keeps_the_sm90_mid_tiles_within_six_per_weight():
+    """Issue 13's goal for the mid tiles (17-64 tokens) on sm_90a: <= 6 SASS per weight. Measured: GEMM
+    64x64x64 6.00 (split-K and not), MoE gate/up 32x64x64 4.16, down 32x64x128 4.83."""
+    results = report.compile_all((90,), select=_mid_marlin)
+    assert {(r.kernel, r.config) for r in results} >= {
+        ("nvfp4_gemm", "64x64x64 w4 s4"), ("nvfp4_moe_gate_up", "32x64x64 w4 s3"),
+        ("nvfp4_moe_down", "32x64x128 w4 s3"),
+    }
+    for r in results:
+        assert not r.spills and r.loop_sass_per_weight <= 6.0, r
 
 
 @pytest.mark.slow  # ~8 min: 140 compilations (also `nvfp4-ext kernels-report`)
