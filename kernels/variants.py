@@ -31,7 +31,7 @@ class KernelVariant:
 def _gemm_signature(out_fp32: bool) -> dict[str, str]:
     return {
         "x_ptr": "*bf16",
-        "w_ptr": "*i32",
+        "w_ptr": "*i32",  # nvfp4_words layout
         "scale_ptr": "*u8",
         "global_ptr": "*fp32",
         "bias_ptr": "*bf16",
@@ -99,6 +99,7 @@ def shipped_variants() -> list[KernelVariant]:
         signature = {k: v for k, v in variant.signature.items() if k != "global_ptr"}
         signature = {
             **signature,
+            "w_ptr": "*u8",  # e4m3 bytes
             "scale_ptr": "*fp32",
             "stride_sb": "i32",
             "BLOCK_SCALES": "constexpr",
