@@ -196,8 +196,8 @@ def pack_nvfp4_weights(
         raise ValueError(f"{name}: expected uint8 codes and float8_e4m3fn scales, got {weight.dtype} / "
                          f"{weight_scale.dtype}")
     half_k = weight.shape[-1]
-    if half_k % 8 or tuple(weight_scale.shape) != (*weight.shape[:-1], half_k // 8):
-        raise ValueError(f"{name}: expected codes [..., N, K/2] with K % 16 == 0 and scales [..., N, K/16], got "
+    if half_k == 0 or half_k % 8 or tuple(weight_scale.shape) != (*weight.shape[:-1], half_k // 8):
+        raise ValueError(f"{name}: expected codes [..., N, K/2] with K a positive multiple of 16 and scales [..., N, K/16], got "
                          f"{list(weight.shape)} / {list(weight_scale.shape)}")
     raw = weight_scale.contiguous().view(torch.uint8).long()
     magnitude = raw & 0x7F
@@ -205,14 +205,26 @@ def pack_nvfp4_weights(
     if check_values and bool(nan.any()):
         first = [int(i) for i in nan.nonzero()[0]]
         raise ValueError(f"{name}: block scale at index {first} is NaN (e4m3 byte 0x{int(raw[tuple(first)]):02X})")
-    blocks = weight.contiguous().reshape(*weight.shape[:-1], -1, 8).long()  # 8 bytes = one 16-weight block
+    rows = weight.contiguous().reshape(-1, half_k)
+    raw_rows = raw.reshape(-1, half_k // 8)
+    words = torch.empty((rows.shape[0], half_k // 4), dtype=torch.int32, device=weight.device)
+    # Rows in chunks of ~4M bytes: the int64 temporaries stay ~32 MB each, whatever the layer's size (an
+    # expert stack at load would otherwise need several GB on the GPU).
+    step = max(1, (1 << 22) // half_k)
+    for start in range(0, rows.shape[0], step):
+        words[start : start + step] = _pack_rows(rows[start : start + step], raw_rows[start : start + step])
+    codes = _scale_codes(magnitude).to(torch.uint8)
+    return words.reshape(*weight.shape[:-1], half_k // 4), codes.contiguous()
+
+
+def _pack_rows(rows: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [R, K/2] and their e4m3 scale bytes (int64 [R, K/16]) -> int32 words [R, K/8]."""
+    blocks = rows.reshape(rows.shape[0], -1, 8).long()  # 8 bytes = one 16-weight block
     negative = ((raw & 0x80) != 0)[..., None]
     blocks = torch.where(negative, blocks ^ 0x88, blocks)  # the scale's sign moves into the codes
-    blocks = torch.where((magnitude == 0)[..., None], torch.zeros_like(blocks), blocks)
-    canonical = blocks.reshape(weight.shape)
-    words = _apply_columns(_canonical_to_t(canonical), _encode_columns())
-    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-    return words.contiguous(), _scale_codes(magnitude).to(torch.uint8).contiguous()
+    blocks = torch.where(((raw & 0x7F) == 0)[..., None], torch.zeros_like(blocks), blocks)
+    words = _apply_columns(_canonical_to_t(blocks.reshape(rows.shape)), _encode_columns())
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
 def unpack_nvfp4_weights(words: torch.Tensor, scale_codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
