@@ -17,6 +17,7 @@ from nvfp4_ext.engines.common import (
     assert_loaded,
     check_nvfp4_partition,
     nvfp4_linear_forward,
+    pack_for_triton_kernels,
     per_row_global,
     working_tp_sizes,
 )
@@ -171,6 +172,23 @@ def test_assert_loaded_names_the_unfilled_tensor():
         assert_loaded("model.layers.0.mlp.experts", {"w13_weight_scale_2": partly}, "NVFP4 MoE")
     with pytest.raises(CheckpointError, match="finite and positive"):
         assert_loaded("model.layers.0.o_proj", {"weight_scale_2": torch.tensor([-1.0])}, "NVFP4")
+
+
+
+def test_pack_for_triton_kernels_refuses_bad_tensors_before_writing_anything():
+    """A NaN block scale or a checkpoint-shaped mismatch is named, and the parameters keep their bytes (the
+    in-place repack would otherwise leave a half-rewritten layer)."""
+    q = quantize_nvfp4(torch.randn(40, 64))
+    weight = torch.nn.Parameter(q.qdata.clone(), requires_grad=False)
+    scale = torch.nn.Parameter(q.scale.clone(), requires_grad=False)
+    scale.data.view(torch.uint8)[37, 2] = 0x7F  # e4m3 NaN in a late row (a later repack chunk)
+    scale_bytes = scale.data.view(torch.uint8).clone()
+    with pytest.raises(ValueError, match=r"layers\.0\.o_proj\.weight: block scale at index \[37, 2\] is NaN"):
+        pack_for_triton_kernels(weight, scale, "layers.0.o_proj.weight")
+    assert weight.dtype == torch.uint8 and torch.equal(weight, q.qdata)
+    assert scale.dtype == torch.float8_e4m3fn and torch.equal(scale.data.view(torch.uint8), scale_bytes)
+    with pytest.raises(ValueError, match="layers.0.o_proj.weight: expected uint8 codes"):
+        pack_for_triton_kernels(weight, torch.nn.Parameter(q.scale[:, :2].clone()), "layers.0.o_proj.weight")
 
 
 def _write_module(root: Path, tensors: dict[str, torch.Tensor]) -> Path:

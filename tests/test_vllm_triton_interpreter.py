@@ -6,7 +6,8 @@ Models: the Gemma 4 MoE (fused gelu_tanh experts: nvfp4_gemm + nvfp4_moe), dense
 with per-row global scales) and a MIXED_PRECISION Qwen3-MoE (block-FP8 attention through fp8_gemm, silu
 experts). Greedy token ids must equal transformers on the dequantized float32 checkpoint (the torch backend's
 acceptance test asserts the same), and the worker counts launcher calls, so the test fails if the torch
-reference ran instead of a kernel.
+reference ran instead of a kernel. Every NVFP4 weight must be stored in the kernels' packed layout
+(`nvfp4_words`: int32 words, uint8 scale codes), as the adapters leave it at load.
 
 The MoE models run as on a GPU by default: vLLM's fullgraph torch.compile, so a layer whose forward lets
 Dynamo trace into a kernel launcher (instead of an opaque custom op) fails here; the dense model runs
@@ -136,6 +137,10 @@ def test_triton_backend_through_vllm_equals_dequantized_transformers(
     assert run["layer_backends"] and set(run["layer_backends"].values()) == {"triton"}, run["layer_backends"]
     assert not any(run["calls"].get(ref) for ref in REFERENCES), run["calls"]
     assert all(run["calls"].get(launcher, 0) > 0 for launcher in launchers), run["calls"]
+    # The kernels read the layout the adapters packed once at load (int32 words, uint8 scale codes).
+    dtypes = run["nvfp4_weight_dtypes"]
+    assert dtypes and set(dtypes.values()) == {"int32", "uint8"}, dtypes
+    assert all(d == ("uint8" if n.endswith("scale") else "int32") for n, d in dtypes.items()), dtypes
     expected = hf_greedy(checkpoints[case]["reference"], PROMPTS, max_tokens=NEW_TOKENS)
     assert run["tokens"] == expected
 
@@ -167,6 +172,20 @@ def _layer_backends(model) -> dict[str, str]:
     return backends
 
 
+def _nvfp4_weight_dtypes(model) -> dict[str, str]:
+    """dtype of every NVFP4 weight and block-scale parameter (int32 / uint8 once packed for the kernels)."""
+    dtypes = {}
+    for name, module in model.named_modules():
+        method = getattr(module, "quant_method", None)
+        names = getattr(method, "names", None)
+        if names is None or not type(method).__module__.startswith("nvfp4_ext"):
+            continue  # FP8 and unquantized layers
+        for param_name, param in module.named_parameters(recurse=False):
+            if param_name.endswith((names["weight"], names["scale"])):
+                dtypes[f"{name}.{param_name}"] = str(param.dtype).removeprefix("torch.")
+    return dtypes
+
+
 def _worker(argv: list[str]) -> int:
     """Serve each `key=compiled|eager=checkpoint_dir` with vLLM in this (interpreter) process.
 
@@ -193,6 +212,7 @@ def _worker(argv: list[str]) -> int:
             runs[key] = {
                 "tokens": tokens,
                 "layer_backends": llm.apply_model(_layer_backends)[0],
+                "nvfp4_weight_dtypes": llm.apply_model(_nvfp4_weight_dtypes)[0],
                 "calls": dict(calls),
             }
         finally:

@@ -6,6 +6,7 @@
 * tensor-parallel checks: packed nibbles and 16-element block scales can only be split on block boundaries;
 * backend choice per layer kind (logged once per process) and the forward paths that call
   `nvfp4_ext.kernels` (torch reference on CPU, our Triton kernels on CUDA, FlashInfer FP4 on sm >= 100);
+* the load-time repack of a Triton layer's weights into the kernels' layout (`pack_for_triton_kernels`);
 * checks that every scale tensor a method created was filled from the checkpoint (NaN sentinels).
 """
 
@@ -31,8 +32,10 @@ __all__ = [
     "fp8_linear_forward",
     "nvfp4_linear_forward",
     "nvfp4_moe_forward",
+    "pack_for_triton_kernels",
     "per_row_global",
     "nvfp4_param_names",
+    "restore_checkpoint_layout",
     "per_shard_global",
     "swizzle_block_scales",
     "unloaded",
@@ -175,6 +178,79 @@ def backend_for(
     return backend
 
 
+# Weight bytes repacked per step, into the weight's own storage. `pack_nvfp4_weights` on a whole tensor
+# allocates the words next to the checkpoint bytes, plus int64 copies of the scales: for DiffusionGemma's w13
+# (128 x 1408 x 1408 bytes) 1.37 GB above the weight at its peak (measured on CPU), 165 MB in these steps.
+_REPACK_CHUNK_BYTES = 4 << 20
+
+
+def pack_for_triton_kernels(weight: torch.nn.Parameter, scale: torch.nn.Parameter, name: str) -> None:
+    """Store an NVFP4 weight and its block scales in the layout our Triton kernels read, once, at load.
+
+    Why: the Triton launchers also take checkpoint bytes, but then repack them on every call (a pass over
+    the whole weight per forward). `nvfp4_ext.kernels.nvfp4_words.pack_nvfp4_weights` is exact and takes the
+    same bytes, so it is done here in place: row chunk by row chunk into the parameters' own storage, which
+    `.data` then views as int32 words [..., N, K/8] and uint8 scale codes [..., N, K/16]. The Parameter
+    objects (what the forward, vLLM's reload and EPLB hold) stay the same and memory is not doubled.
+    Call it only for layers on the "triton" backend: "torch" accepts either layout, but "flashinfer" and
+    "emulated" read checkpoint bytes. Already packed weights are left alone (processing may run twice).
+
+    Args:
+        weight: uint8 [..., N, K/2] (2-D linear weight or 3-D [E, rows, K/2] experts), K % 16 == 0.
+        scale: float8_e4m3fn [..., N, K/16] block scales.
+        name: the parameter, named in errors.
+    Raises:
+        ValueError: wrong dtypes/shapes or a NaN block scale, naming `name` (before anything is written).
+    """
+    from nvfp4_ext.kernels.nvfp4_words import is_packed, pack_nvfp4_weights
+
+    if is_packed(weight.data):
+        return
+    # Checked whole here, not per chunk: a chunk failing halfway would leave the parameter half rewritten.
+    if weight.dtype != torch.uint8 or scale.dtype != torch.float8_e4m3fn or weight.shape[-1] % 8 or (
+        tuple(scale.shape) != (*weight.shape[:-1], weight.shape[-1] // 8)
+    ):
+        raise ValueError(
+            f"{name}: expected uint8 codes [..., N, K/2] with K % 16 == 0 and float8_e4m3fn scales "
+            f"[..., N, K/16], got {weight.dtype} {list(weight.shape)} / {scale.dtype} {list(scale.shape)}"
+        )
+    nan = (scale.data.view(torch.uint8) & 0x7F) == 0x7F
+    if bool(nan.any()):
+        raise ValueError(f"{name}: block scale at index {nan.nonzero()[0].tolist()} is NaN")
+    def pack_rows(rows: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return pack_nvfp4_weights(rows, scales, name, check_values=False)  # checked above: no sync per step
+
+    _rewrite_rows_in_place(weight, scale, torch.int32, torch.uint8, pack_rows)
+
+
+def restore_checkpoint_layout(weight: torch.nn.Parameter, scale: torch.nn.Parameter) -> None:
+    """Undo `pack_for_triton_kernels` in place, so checkpoint tensors can be loaded into the parameters
+    again (SGLang's `restore_weights_before_loading` before a weight update). The values come back
+    equivalent, not byte-identical: a negative block scale's sign stays in its codes, as at packing."""
+    from nvfp4_ext.kernels.nvfp4_words import is_packed, unpack_nvfp4_weights
+
+    if is_packed(weight.data):
+        _rewrite_rows_in_place(weight, scale, torch.uint8, torch.float8_e4m3fn, unpack_nvfp4_weights)
+
+
+def _rewrite_rows_in_place(weight, scale, weight_dtype, scale_dtype, convert) -> None:
+    """`convert(weight_rows, scale_rows) -> (new weight rows, new scale rows)` of the same bytes, applied in
+    row chunks into the parameters' own storage; then `.data` views that storage in the new dtypes."""
+    old_weight, old_scale = weight.data.contiguous(), scale.data.contiguous()
+    new_weight, new_scale = old_weight.view(weight_dtype), old_scale.view(scale_dtype)
+    rows_in = old_weight.reshape(-1, old_weight.shape[-1])
+    scales_in = old_scale.reshape(-1, old_scale.shape[-1])
+    rows_out = new_weight.reshape(-1, new_weight.shape[-1])
+    scales_out = new_scale.reshape(-1, new_scale.shape[-1])
+    step = max(1, _REPACK_CHUNK_BYTES // max(1, rows_in.shape[1] * rows_in.element_size()))
+    for start in range(0, rows_in.shape[0], step):
+        rows = slice(start, start + step)
+        converted_weight, converted_scale = convert(rows_in[rows], scales_in[rows])
+        # Both results are new tensors, so the chunk's input bytes are free to overwrite now.
+        rows_out[rows], scales_out[rows] = converted_weight, converted_scale
+    weight.data, scale.data = new_weight, new_scale
+
+
 def _flatten(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
     return x.reshape(-1, x.shape[-1]), tuple(x.shape[:-1])
 
@@ -193,7 +269,8 @@ def nvfp4_linear_forward(
     """y = x @ dequant(W).T (+ bias) for an NVFP4 linear layer with per-row global multipliers.
 
     Args:
-        x: [..., K]; weight: uint8 [N, K/2]; weight_scale: e4m3 [N, K/16]; global_per_row: float32 [N].
+        x: [..., K]; weight: uint8 [N, K/2]; weight_scale: e4m3 [N, K/16] (on "triton": int32 words
+            [N, K/8] and uint8 scale codes, `pack_for_triton_kernels`); global_per_row: float32 [N].
         bias: optional [N].
         backend: from `backend_for`: "torch"/"triton" run weight-only (W4A16); "flashinfer" runs W4A4 on
             FP4 tensor cores with the static `input_global` multiplier (GPU only); "emulated" runs the
@@ -339,7 +416,8 @@ def nvfp4_moe_forward(
 
     Args:
         x: [T, H]; w13 uint8 [E, 2I, H/2]; w13_scale e4m3 [E, 2I, H/16]; w13_global float32 [E, 2I] per row;
-        w2 uint8 [E, H, I/2]; w2_scale e4m3 [E, H, I/16]; w2_global float32 [E, H];
+        w2 uint8 [E, H, I/2]; w2_scale e4m3 [E, H, I/16]; w2_global float32 [E, H]; on "triton" the weights
+        and scales are int32 words [..., K/8] and uint8 scale codes (`pack_for_triton_kernels`).
         topk_weights float32 [T, k]; topk_ids int [T, k]; activation "gelu_tanh" or "silu".
         backend: "torch" or "triton" (FlashInfer's FP4 MoE is not wired in; see `backend_for(implemented=)`),
             or "emulated": W4A4, each expert's input and gated activation quantized under its input scale.

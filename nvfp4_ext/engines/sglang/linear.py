@@ -27,8 +27,10 @@ from nvfp4_ext.engines.common import (
     flashinfer_nvfp4_weights,
     fp8_linear_forward,
     nvfp4_param_names,
+    pack_for_triton_kernels,
     per_row_global,
     per_shard_global,
+    restore_checkpoint_layout,
     unloaded,
 )
 from nvfp4_ext.errors import ConfigError
@@ -121,6 +123,18 @@ class Nvfp4ExtLinearMethod(LinearMethodBase):
             )
             weight.data = padded  # replaces the checkpoint-shaped weight: no second copy in memory
             layer.nvfp4_input_global_inv = flashinfer_input_scale_inverse(layer.nvfp4_input_global)
+        elif layer.nvfp4_backend == "triton":
+            scale = getattr(layer, names["scale"])
+            pack_for_triton_kernels(weight, scale, f"{self.prefix}.{names['weight']}")
+
+    def restore_weights_before_loading(self, layer: torch.nn.Module) -> None:
+        """Back to the checkpoint's shapes and dtypes before SGLang loads new weights into this layer
+        (`update_weights_from_disk`, `begin_weight_update`); `process_weights_after_loading` runs after."""
+        weight, scale = getattr(layer, self.names["weight"]), getattr(layer, self.names["scale"])
+        restore_checkpoint_layout(weight, scale)
+        rows, half_k = scale.shape[0], scale.shape[1] * NVFP4_BLOCK_SIZE // 2
+        if tuple(weight.shape) != (rows, half_k):  # FlashInfer's padding (flashinfer_nvfp4_weights)
+            weight.data = weight.data[:rows, :half_k].contiguous()
 
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None

@@ -21,6 +21,8 @@ from nvfp4_ext.engines.common import (
     check_nvfp4_partition,
     nvfp4_moe_forward,
     nvfp4_param_names,
+    pack_for_triton_kernels,
+    restore_checkpoint_layout,
     unloaded,
 )
 from nvfp4_ext.errors import CheckpointError, ConfigError
@@ -149,6 +151,18 @@ class Nvfp4ExtMoEMethod(FusedMoEMethodBase):
         # as) our Triton kernels.
         kind = "nvfp4_moe" if self.scheme == "nvfp4" else "nvfp4_w4a16_moe"
         layer.nvfp4_backend = backend_for(kind, w2_global.device, implemented=("torch", "triton", "emulated"))
+        if layer.nvfp4_backend == "triton":
+            # The kernels' word layout once here, not per call; SGLang's EPLB moves whole experts (dim 0),
+            # which this layout keeps intact.
+            for proj in ("w13", "w2"):
+                name = f"{self.prefix}.{proj}_{names['weight']}"
+                pack_for_triton_kernels(*_projection_params(layer, names, proj), name)
+
+    def restore_weights_before_loading(self, layer: torch.nn.Module) -> None:
+        """Back to the checkpoint's layout before SGLang loads new weights into these experts
+        (`update_weights_from_disk`, `begin_weight_update`); `process_weights_after_loading` runs after."""
+        for proj in ("w13", "w2"):
+            restore_checkpoint_layout(*_projection_params(layer, self.names, proj))
 
     # ---------------------------------------------------------------------------------------- execution
     def create_moe_runner(self, layer: torch.nn.Module, moe_runner_config) -> None:
@@ -237,6 +251,11 @@ def _runner_owns_routed_scaling() -> bool:
     from sglang.srt.utils import is_cuda, is_musa, is_xpu
 
     return is_cuda() or is_musa() or is_xpu()
+
+
+def _projection_params(layer: torch.nn.Module, names: dict[str, str], proj: str):
+    """(weight, block scale) parameters of "w13" or "w2"."""
+    return getattr(layer, f"{proj}_{names['weight']}"), getattr(layer, f"{proj}_{names['scale']}")
 
 
 def _local_expert(layer: torch.nn.Module, expert_id: int) -> int:

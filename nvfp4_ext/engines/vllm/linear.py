@@ -27,6 +27,7 @@ from nvfp4_ext.engines.common import (
     flashinfer_nvfp4_weights,
     fp8_linear_forward,
     nvfp4_param_names,
+    pack_for_triton_kernels,
     per_row_global,
     unloaded,
 )
@@ -129,6 +130,12 @@ class Nvfp4ExtLinearMethod(LinearMethodBase):
             )
             weight.data = padded
             layer.nvfp4_input_global_inv = flashinfer_input_scale_inverse(layer.nvfp4_input_global)
+        elif self.backend == "triton":
+            # The kernels' word layout once here, not per call (vLLM's layerwise reload restores the
+            # checkpoint shapes it recorded at create_weights and runs this again).
+            pack_for_triton_kernels(
+                weight, getattr(layer, self.names["scale"]), f"{self.prefix}.{self.names['weight']}"
+            )
 
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None

@@ -25,6 +25,7 @@ from nvfp4_ext.engines.common import (
     check_nvfp4_partition,
     nvfp4_moe_forward,
     nvfp4_param_names,
+    pack_for_triton_kernels,
     unloaded,
 )
 from nvfp4_ext.errors import ConfigError
@@ -118,6 +119,14 @@ class Nvfp4ExtFusedMoEMethod(FusedMoEMethodBase):
         self.backend = backend_for(
             self.kind, layer.nvfp4_w13_global.device, implemented=("torch", "triton", "emulated")
         )
+        if self.backend == "triton":
+            # The kernels' word layout once here, not per call; EPLB moves whole experts (dim 0), which
+            # this layout keeps intact.
+            w, s = self.names["weight"], self.names["scale"]
+            for proj in ("w13", "w2"):
+                pack_for_triton_kernels(
+                    getattr(layer, f"{proj}_{w}"), getattr(layer, f"{proj}_{s}"), f"{self.prefix}.{proj}_{w}"
+                )
 
     def get_fused_moe_quant_config(self, layer: torch.nn.Module):
         return None
