@@ -65,16 +65,15 @@ class GemmConfig:
 # tile. Each is spill-free with both decodes on sm_80/89/90a/100a/120a (tests/test_kernels_aot.py,
 # `nvfp4-ext kernels-report`). The split-K decode tile takes 256 K-columns per step: the K loop's fixed
 # work (barriers, activation staging, addresses) spreads over 4x the weights of a 64-column step (sm_90a,
-# Marlin-class decode: 4.7 instead of 6.2 SASS per weight; `kernels/roofline.py` predicts it no slower at
-# M=1 on any of its GPUs, although mlp_down then splits K 4 ways instead of 8). 16x128x128 is
-# cheaper still on sm_90a (4.5) but spills on sm_120a once the split-K epilogue is added; 16x64x128
-# spills with the portable decode on sm_89. The mid tile keeps BLOCK_K 64: with 128 (7.3 -> 6.7) the
-# portable decode runs out of registers on sm_89 / sm_120a.
+# words-layout decode: 3.6 SASS per weight; `kernels/roofline.py` predicts it no slower at M=1 on any of
+# its GPUs, although mlp_down then splits K 4 ways instead of 8). The mid tile is 64x128x64 with 8 warps
+# (sm_90a: 5.4 against 6.0 for 64x64x64 w4; 64x128x64 w4 (4.5) and 64x64x128 (5.6) spill with the
+# portable decode on sm_89 / sm_120a).
 _DECODE = GemmConfig(block_m=16, block_n=64, block_k=256, num_warps=4, num_stages=3)
 # When N alone fills the GPU (LM head) no split is needed and a wider tile decodes with fewer instructions
-# per weight (sm_90a, Marlin-class decode: 4.5, no spill).
+# per weight (sm_90a, words-layout decode: 3.3, no spill).
 _DECODE_WIDE = GemmConfig(block_m=16, block_n=128, block_k=128, num_warps=4, num_stages=4)
-_MID = GemmConfig(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=4)
+_MID = GemmConfig(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=4)
 _PREFILL = GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
 _TARGET_PROGRAMS = 264  # two waves on a 132-SM H100; also > 1 wave on A100 (108 SMs)
 
