@@ -160,14 +160,16 @@ def _t_to_canonical(t: torch.Tensor) -> torch.Tensor:
     return torch.stack(parts, dim=-1).reshape(*t.shape[:-1], -1).to(torch.uint8)
 
 
-# e4m3 subnormal mantissas m = 1..7 (value m * 2**-9) as scale codes (exponent field, 3-bit mantissa).
-_SUBNORMAL_CODES = (0, 0, 8, 12, 16, 18, 20, 22)
-
-
 def _scale_codes(magnitude: torch.Tensor) -> torch.Tensor:
-    """e4m3 magnitude bytes (int64, 0..0x7E) -> scale codes; zero maps to 0 (its codes are zeroed)."""
+    """e4m3 magnitude bytes (int64, 0..0x7E) -> scale codes; zero maps to 0 (its codes are zeroed).
+
+    Arithmetic only (no lookup table: a table copied to the GPU would be a host-to-device copy, illegal
+    while a CUDA graph is captured). A subnormal m * 2**-9 (m = 1..7) normalizes to exponent
+    log2(m) - 9 and mantissa bits (m << (3 - log2 m)) & 7.
+    """
     normal = magnitude + 16  # exponent field E -> E + 2 (= E - 7 + SCALE_CODE_EXPONENT_BIAS)
-    subnormal = torch.tensor(_SUBNORMAL_CODES, device=magnitude.device)[magnitude.clamp(max=7)]
+    log2_m = (magnitude >= 2).long() + (magnitude >= 4).long()
+    subnormal = (log2_m << 3) | ((magnitude << (3 - log2_m)) & 7)
     return torch.where(magnitude >= 8, normal, subnormal)
 
 

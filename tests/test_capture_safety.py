@@ -224,3 +224,33 @@ def test_flashinfer_w4a4_host_code_runs_under_fake_tensors(mode, fake, monkeypat
             weight_scale_swizzled=scales[2],
         )
     assert out.shape == (2, 3, 528) and out.dtype == torch.float32
+
+
+def test_packing_for_the_kernels_copies_nothing_from_the_host():
+    """`pack_nvfp4_weights` runs inside the launchers when they get checkpoint bytes, possibly while a CUDA
+    graph is captured, where a host-to-device copy is illegal. On meta tensors (no data, so a host read
+    fails too), no call may build a tensor from Python data (`torch.tensor` of a constant table, copied to
+    the device at every call) or touch a tensor off the weight's device."""
+    from torch.overrides import TorchFunctionMode
+
+    from nvfp4_ext.kernels.nvfp4_words import pack_nvfp4_weights
+
+    seen: list[str] = []
+
+    class HostData(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in (torch.tensor, torch.as_tensor, torch.from_numpy):
+                seen.append(f"{func.__name__}{args[:1]}")
+            for value in torch.utils._pytree.tree_leaves((args, kwargs or {})):
+                if isinstance(value, torch.Tensor) and value.device.type != "meta":
+                    seen.append(f"{func}: {value.device}")
+            return func(*args, **(kwargs or {}))
+
+    weight = torch.empty(64, 32, dtype=torch.uint8, device="meta")
+    scale = torch.empty(64, 4, dtype=torch.float8_e4m3fn, device="meta")
+    with HostData():
+        words, codes = pack_nvfp4_weights(weight, scale, check_values=False)
+    assert (words.dtype, tuple(words.shape), codes.dtype, tuple(codes.shape)) == (
+        torch.int32, (64, 8), torch.uint8, (64, 4),
+    )
+    assert not seen, seen[:3]
