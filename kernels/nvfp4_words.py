@@ -36,6 +36,7 @@ __all__ = [
     "WORD_DECODE_ASM",
     "WORD_OPERAND_SOURCES",
     "WORD_PAIRS",
+    "check_packable",
     "is_packed",
     "pack_nvfp4_weights",
     "unpack_nvfp4_weights",
@@ -178,6 +179,35 @@ def is_packed(weight: torch.Tensor) -> bool:
     return weight.dtype == torch.int32
 
 
+def check_packable(
+    weight: torch.Tensor, weight_scale: torch.Tensor, name: str = "weight", *, check_values: bool = True
+) -> None:
+    """Raise ValueError naming `name` unless `pack_nvfp4_weights` accepts these tensors: uint8 codes
+    [..., N, K/2] with K a positive multiple of 16, float8_e4m3fn scales [..., N, K/16], and (check_values,
+    one host sync) no NaN scale, naming the first bad block."""
+    half_k = weight.shape[-1] if weight.dim() else 0
+    if (
+        weight.dtype != torch.uint8
+        or weight_scale.dtype != torch.float8_e4m3fn
+        or half_k == 0
+        or half_k % 8
+        or tuple(weight_scale.shape) != (*weight.shape[:-1], half_k // 8)
+    ):
+        raise ValueError(
+            f"{name}: expected uint8 codes [..., N, K/2] with K a positive multiple of 16 and float8_e4m3fn "
+            f"scales [..., N, K/16], got {weight.dtype} {list(weight.shape)} / {weight_scale.dtype} "
+            f"{list(weight_scale.shape)}"
+        )
+    if check_values:
+        raw = weight_scale.contiguous().view(torch.uint8)
+        nan = (raw & 0x7F) == 0x7F
+        if bool(nan.any()):
+            first = [int(i) for i in nan.nonzero()[0]]
+            raise ValueError(
+                f"{name}: block scale at index {first} is NaN (e4m3 byte 0x{int(raw[tuple(first)]):02X})"
+            )
+
+
 def pack_nvfp4_weights(
     weight: torch.Tensor, weight_scale: torch.Tensor, name: str = "weight", *, check_values: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,19 +224,9 @@ def pack_nvfp4_weights(
     Raises:
         ValueError: wrong dtypes/shapes, or a NaN block scale (naming `name` and the first bad block).
     """
-    if weight.dtype != torch.uint8 or weight_scale.dtype != torch.float8_e4m3fn:
-        raise ValueError(f"{name}: expected uint8 codes and float8_e4m3fn scales, got {weight.dtype} / "
-                         f"{weight_scale.dtype}")
+    check_packable(weight, weight_scale, name, check_values=check_values)
     half_k = weight.shape[-1]
-    if half_k == 0 or half_k % 8 or tuple(weight_scale.shape) != (*weight.shape[:-1], half_k // 8):
-        raise ValueError(f"{name}: expected codes [..., N, K/2] with K a positive multiple of 16 and scales [..., N, K/16], got "
-                         f"{list(weight.shape)} / {list(weight_scale.shape)}")
     raw = weight_scale.contiguous().view(torch.uint8).long()
-    magnitude = raw & 0x7F
-    nan = magnitude == 0x7F
-    if check_values and bool(nan.any()):
-        first = [int(i) for i in nan.nonzero()[0]]
-        raise ValueError(f"{name}: block scale at index {first} is NaN (e4m3 byte 0x{int(raw[tuple(first)]):02X})")
     rows = weight.contiguous().reshape(-1, half_k)
     raw_rows = raw.reshape(-1, half_k // 8)
     words = torch.empty((rows.shape[0], half_k // 4), dtype=torch.int32, device=weight.device)
@@ -215,7 +235,7 @@ def pack_nvfp4_weights(
     step = max(1, (1 << 22) // half_k)
     for start in range(0, rows.shape[0], step):
         words[start : start + step] = _pack_rows(rows[start : start + step], raw_rows[start : start + step])
-    codes = _scale_codes(magnitude).to(torch.uint8)
+    codes = _scale_codes(raw & 0x7F).to(torch.uint8)
     return words.reshape(*weight.shape[:-1], half_k // 4), codes.contiguous()
 
 

@@ -202,21 +202,13 @@ def pack_for_triton_kernels(weight: torch.nn.Parameter, scale: torch.nn.Paramete
     Raises:
         ValueError: wrong dtypes/shapes or a NaN block scale, naming `name` (before anything is written).
     """
-    from nvfp4_ext.kernels.nvfp4_words import is_packed, pack_nvfp4_weights
+    from nvfp4_ext.kernels.nvfp4_words import check_packable, is_packed, pack_nvfp4_weights
 
     if is_packed(weight.data):
         return
     # Checked whole here, not per chunk: a chunk failing halfway would leave the parameter half rewritten.
-    if weight.dtype != torch.uint8 or scale.dtype != torch.float8_e4m3fn or weight.shape[-1] % 8 or (
-        tuple(scale.shape) != (*weight.shape[:-1], weight.shape[-1] // 8)
-    ):
-        raise ValueError(
-            f"{name}: expected uint8 codes [..., N, K/2] with K % 16 == 0 and float8_e4m3fn scales "
-            f"[..., N, K/16], got {weight.dtype} {list(weight.shape)} / {scale.dtype} {list(scale.shape)}"
-        )
-    nan = (scale.data.view(torch.uint8) & 0x7F) == 0x7F
-    if bool(nan.any()):
-        raise ValueError(f"{name}: block scale at index {nan.nonzero()[0].tolist()} is NaN")
+    check_packable(weight.data, scale.data, name)
+
     def pack_rows(rows: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return pack_nvfp4_weights(rows, scales, name, check_values=False)  # checked above: no sync per step
 
