@@ -127,6 +127,13 @@ def _operand_codes(operand):
 
 
 @triton.jit
+def _scaled_codes(byte, block_scale, DOT_DTYPE: tl.constexpr):
+    """A checkpoint-style byte's two E2M1 codes times the block scale (which carries the decode's 2**14)."""
+    low, high = e2m1_pair_to_float(byte)
+    return (low * block_scale).to(DOT_DTYPE), (high * block_scale).to(DOT_DTYPE)
+
+
+@triton.jit
 def _interleave4(a, b, c, d, BLOCK_N: tl.constexpr, HALF_K: tl.constexpr):
     """[BLOCK_N, W] x 4 -> [BLOCK_N, 4W] with a, b, c, d as elements 4w .. 4w + 3 (tl.join's new dimension
     is the minor one, so the outer join pairs (a, c) with (b, d))."""
@@ -178,14 +185,10 @@ def load_nvfp4_tile_pair(
         )
         # The scale code's value as fp32 bits, times the E2M1 decode's 2**14.
         block_scale = ((codes + _SCALE_CODE_FP32_OFFSET) << 20).to(tl.float32, bitcast=True) * _E2M1_FP16_SCALE
-        w0, w2 = e2m1_pair_to_float(pairs[0])
-        w4, w6 = e2m1_pair_to_float(pairs[1])
-        w1, w3 = e2m1_pair_to_float(pairs[2])
-        w5, w7 = e2m1_pair_to_float(pairs[3])
-        w0, w2, w4, w6 = (w0 * block_scale).to(DOT_DTYPE), (w2 * block_scale).to(DOT_DTYPE), \
-            (w4 * block_scale).to(DOT_DTYPE), (w6 * block_scale).to(DOT_DTYPE)
-        w1, w3, w5, w7 = (w1 * block_scale).to(DOT_DTYPE), (w3 * block_scale).to(DOT_DTYPE), \
-            (w5 * block_scale).to(DOT_DTYPE), (w7 * block_scale).to(DOT_DTYPE)
+        w0, w2 = _scaled_codes(pairs[0], block_scale, DOT_DTYPE)
+        w4, w6 = _scaled_codes(pairs[1], block_scale, DOT_DTYPE)
+        w1, w3 = _scaled_codes(pairs[2], block_scale, DOT_DTYPE)
+        w5, w7 = _scaled_codes(pairs[3], block_scale, DOT_DTYPE)
     w_even = _interleave4(w0, w2, w4, w6, BLOCK_N, HALF_K)
     w_odd = _interleave4(w1, w3, w5, w7, BLOCK_N, HALF_K)
     return w_even, w_odd
